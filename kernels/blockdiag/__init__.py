@@ -1,0 +1,1 @@
+"""See reference.py; ops.py is the dispatch point."""

@@ -1,0 +1,1 @@
+"""The `strata` CLI, the training loop, config loading and run reporting."""

@@ -1,0 +1,38 @@
+"""`strata`: the command-line entry point. Each subcommand is `main(argv) -> int` in its module.
+
+    strata train [--config YAML] [key=value ...]   train (or resume) a model
+    strata prepare --input PATH... --out DIR       tokenize a corpus into shards
+    strata export --checkpoint RUN --format hf --out DIR
+    strata import --format hf --from DIR --out RUN_DIR
+    strata generate --checkpoint RUN --prompt TEXT
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "launcher.train",
+    "prepare": "launcher.prepare",
+    "export": "launcher.export",
+    "import": "launcher.import_hf",
+    "generate": "launcher.generate",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]  # the embedded default: `strata` alone trains configs/tiny.yaml
+    command, rest = argv[0], argv[1:]
+    if command in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[command]).main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""The one config schema: dataclasses from each folder, composed here, loaded from YAML.
+
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=50", "model.d_model=512"])
+
+Unknown keys, wrong types and impossible values raise ConfigError, whose message is
+one line naming the key and the nearest valid one; the CLI prints it and exits 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data.config import DataConfig
+from model.config import ModelConfig
+from parallel.config import CheckpointConfig, ParallelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem; str() is one line naming the key and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    """Directory of the run: checkpoints, TensorBoard events, the resolved config."""
+    seed: int = 1234
+    """Seed of the model's initialisation and of the data order."""
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all data-parallel ranks
+    (= parallel.micro_batch_size x gradient accumulation x data-parallel size)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    warmup_steps: int = 30
+    """Linear warmup steps from 0 to lr."""
+    schedule: str = "cosine"
+    """After warmup: 'cosine' decay to min_lr, or 'wsd' (warmup-stable-decay: constant, then a
+    linear decay to min_lr over the last decay_fraction of the steps)."""
+    decay_fraction: float = 0.2
+    """WSD only: fraction of max_steps spent in the final decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms, biases, embeddings or SSM A/D/dt)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    eval_every: int = 100
+    """Evaluate on held-out data every this many steps (and at the end); 0 only at the end."""
+    eval_batches: int = 8
+    """Held-out batches (of micro_batch_size sequences per rank) per evaluation."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+
+    def validate(self) -> None:
+        for name in ("max_steps", "seq_len", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule: {self.schedule!r} is not one of 'cosine', 'wsd'")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision: {self.precision!r} is not one of 'auto', 'bf16', 'fp32'")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction: must be within (0, 1], got {self.decay_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_batches < 1:
+            raise ValueError("warmup_steps/eval_every: must be >= 0 and eval_batches >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard events under <run_dir>/tensorboard."""
+    log_every: int = 10
+    """Print and record training metrics every this many steps."""
+    progress: str = "auto"
+    """'auto' (a progress bar on a terminal, plain lines otherwise), 'bar' or 'lines'."""
+
+    def validate(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"log_every: must be >= 1, got {self.log_every}")
+        if self.progress not in ("auto", "bar", "lines"):
+            raise ValueError(f"progress: {self.progress!r} is not one of 'auto', 'bar', 'lines'")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model: layer pattern and block settings."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The corpus, tokenizer and loader."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation and the run directory."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The parallel layout: TP, PP, ZeRO, micro-batch."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When to save, how many to keep, whether to resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """TensorBoard and console output."""
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            try:
+                getattr(self, f.name).validate()
+            except ValueError as e:
+                raise ConfigError(f"{f.name}.{e}") from None
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. {DEFAULT_CONFIG}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = build(Config, raw, prefix="")
+    cfg.validate()
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not key=value; write e.g. train.max_steps=50")
+    *parents, leaf = key.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        node[leaf] = value
+
+
+def build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix}{key}{suggest(key, fields, prefix)}")
+        kwargs[key] = coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def suggest(key: str, fields, prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return f"; valid keys: {', '.join(prefix + f for f in fields)}"
+
+
+def coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, prefix=key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, (str, int, float)) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_hint, *_) = typing.get_args(hint) or (typing.Any,)
+        return [coerce(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return coerce(option, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a {hint}")
+    if hint is typing.Any or origin is dict or hint is dict:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is type(None) and value is None:
+        return None
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

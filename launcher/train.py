@@ -1,0 +1,232 @@
+"""The training entry point: one rank of a job, however it was launched.
+
+    strata train                                   # configs/tiny.yaml on one process
+    strata train --config configs/tiny.yaml train.max_steps=50
+    torchrun --nproc-per-node 2 -m launcher.train --config configs/tiny.yaml parallel.zero_stage=2
+    deepspeed --num_gpus 8 launcher/train.py --config configs/hybrid-1b3.yaml
+
+Started again with the same command, a run resumes from its newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+
+import data
+from launcher.config import Config, ConfigError, dump_yaml, load_config
+from launcher.metrics import Reporter
+from model import HybridLM
+from parallel import checkpoint as ckpt
+from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
+from parallel.engine import build_engine, data_parallel_size, grad_accumulation_steps
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="strata train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (default: configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    dist: DistInfo
+    engine: object
+    loader: object
+    eval_batches: list
+    reporter: Reporter
+    run_dir: Path
+    step: int = 0
+
+
+def autocast(cfg: Config, device: torch.device):
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def open_data(cfg: Config, info: DistInfo):
+    if info.is_main:
+        data.ensure_prepared(cfg.data)
+    dist.barrier()
+    corpus = data.open_corpus(cfg.data)
+    vocab = corpus.tokenizer.vocab_size
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab
+    elif cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab}; set model.vocab_size={vocab} (or 0 to follow the tokenizer)")
+    return corpus
+
+
+def setup(cfg: Config, info: DistInfo) -> Run:
+    run_dir = Path(cfg.train.run_dir)
+    dp = data_parallel_size(info.world_size, cfg.parallel)
+    corpus = open_data(cfg, info)
+    torch.manual_seed(cfg.train.seed)
+    model = HybridLM(cfg.model).to(info.device)
+    engine = build_engine(model, cfg.train, cfg.parallel, info.world_size)
+    dp_rank = info.rank % dp
+    loader = data.TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
+                              dp_rank, dp, cfg.train.seed)
+    step = 0
+    newest = ckpt.newest_checkpoint(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if newest is not None:
+        state = ckpt.load_checkpoint(engine, newest, info.rank, info.world_size)
+        loader.load_state_dict(state["data"])
+        step = state["step"]
+    evals = data.eval_batches(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
+                              cfg.train.eval_batches, dp_rank, dp)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    reporter = Reporter(run_dir, cfg.logging, info.is_main, cfg.train.max_steps, step)
+    reporter.text("config", dump_yaml(cfg))
+    n_params = sum(p.numel() for p in model.parameters())
+    reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
+                 f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
+                 f"| {'resumed from ' + newest.name if newest else 'fresh start'} at step {step}")
+    return Run(cfg, info, engine, loader, evals, reporter, run_dir, step)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(run: Run) -> dict:
+    engine, cfg, device = run.engine, run.cfg, run.dist.device
+    start = time.perf_counter()
+    lr = engine.get_lr()[0]
+    losses, data_wait = [], 0.0
+    for _ in range(engine.gradient_accumulation_steps()):
+        batch = to_device(next(run.loader), device)
+        data_wait += run.loader.last_wait_s
+        with autocast(cfg, device):
+            loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+        engine.backward(loss)
+        own_norm = grad_norm_if_engine_has_none(engine)
+        engine.step()
+        losses.append(loss.item())
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = own_norm if grad_norm is None else float(grad_norm)
+    elapsed = time.perf_counter() - start
+    tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    loss = mean_over_ranks(sum(losses) / len(losses), device)
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+            "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens}
+
+
+def grad_norm_if_engine_has_none(engine) -> float:
+    """ZeRO stage 0 clips without recording the norm; at the accumulation boundary
+    (after backward, gradients already all-reduced) it is the norm of the full grads."""
+    if engine.zero_optimization_stage() > 0 or not engine.is_gradient_accumulation_boundary():
+        return float("nan")
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    run.engine.eval()
+    total = 0.0
+    for batch in run.eval_batches:
+        batch = to_device(batch, run.dist.device)
+        with autocast(run.cfg, run.dist.device):
+            total += run.engine(batch["input_ids"], labels=batch["labels"],
+                                position_ids=batch.get("position_ids")).item()
+    run.engine.train()
+    loss = mean_over_ranks(total / max(1, len(run.eval_batches)), run.dist.device)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def save(run: Run) -> None:
+    layout = {"world_size": run.dist.world_size, "tp": run.cfg.parallel.tp, "pp": run.cfg.parallel.pp,
+              "zero_stage": run.cfg.parallel.zero_stage}
+    state = {"step": run.step, "data": run.loader.state_dict(), "layout": layout}
+    ckpt.save_checkpoint(run.engine, run.run_dir / "checkpoints", run.step, state, run.dist.rank,
+                         run.cfg.checkpoint.keep_last)
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def train(cfg: Config, info: DistInfo) -> dict:
+    run = setup(cfg, info)
+    t0, last = time.perf_counter(), cfg.train.max_steps
+    result = {}
+    while run.step < last:
+        metrics = train_step(run)
+        run.step += 1
+        run.reporter.step_done(run.step, metrics)
+        if due(run.step, cfg.train.eval_every, last):
+            result = evaluate(run)
+            run.reporter.scalars(run.step, result, kind="eval")
+            run.reporter.log(f"step {run.step:6d} | eval loss {result['loss']:.4f} | "
+                             f"perplexity {result['perplexity']:.2f}")
+        if due(run.step, cfg.checkpoint.every, last):
+            save(run)
+    if not result:  # resumed at the end: report the final model's eval loss all the same
+        result = evaluate(run)
+    run.reporter.log(f"done: {run.step} steps in {time.perf_counter() - t0:.1f}s | "
+                     f"final eval loss {result['loss']:.4f} (ln vocab {math.log(cfg.model.vocab_size):.3f})")
+    run.reporter.close()
+    run.loader.close()
+    return result
+
+
+def check_layout(cfg: Config, world_size: int) -> None:
+    """Layout errors surface before any process group exists."""
+    par = cfg.parallel
+    if world_size % (par.tp * par.pp):
+        raise ConfigError(f"parallel: tp x pp = {par.tp * par.pp} does not divide the world size {world_size}")
+    try:
+        grad_accumulation_steps(cfg.train.global_batch_size, par, data_parallel_size(world_size, par))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_layout(cfg, rank_environment()[1])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = init_distributed(cfg.parallel.backend)
+    try:
+        train(cfg, info)
+    except (ConfigError, ckpt.CheckpointError, data.DataError) as e:
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

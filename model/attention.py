@@ -1,0 +1,88 @@
+"""Causal self-attention with GQA and optional RoPE, on PyTorch SDPA (FlashAttention on GPU)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import AttentionConfig
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor
+    """(b, n_kv_heads, max_len, head_dim)"""
+    v: torch.Tensor
+    length: int = 0
+    """Positions filled so far."""
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos and sin for positions (b, l) or (l,): (..., l, head_dim), in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, h, l, d); the rotate-half convention of GPT-NeoX / Llama / Bamba."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    if cos.dim() == 3:  # per-sample positions (b, l, d)
+        cos, sin = cos[:, None], sin[:, None]
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: AttentionConfig, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.resolved_kv_heads()
+        self.head_dim = cfg.resolved_head_dim(d_model)
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+
+    def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        b, l, _ = t.shape
+        return t.view(b, l, n, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        b, l, _ = x.shape
+        q = self.heads(self.q_proj(x), self.n_heads)
+        k = self.heads(self.k_proj(x), self.n_kv_heads)
+        v = self.heads(self.v_proj(x), self.n_kv_heads)
+        start = cache.length if cache is not None else 0
+        if self.cfg.rope:
+            if position_ids is None:
+                position_ids = torch.arange(start, start + l, device=x.device)
+            cos, sin = rope_tables(position_ids, self.head_dim, self.cfg.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[:, :, start:start + l] = k
+            cache.v[:, :, start:start + l] = v
+            cache.length = start + l
+            k, v = cache.k[:, :, :cache.length], cache.v[:, :, :cache.length]
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # A single new token attends to everything cached; a block of new tokens is causal
+        # among itself, which SDPA's is_causal expresses only when nothing precedes it.
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif l == 1:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mask = torch.ones(l, start + l, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+
+    def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))

@@ -1,0 +1,106 @@
+"""The hybrid language model, built from a layer pattern (Megatron's / NemotronH's letters).
+
+Each letter is one pre-norm residual block, x + mixer(rmsnorm(x)): 'M' a Mamba2
+mixer, '*' attention, '-' an MLP. Embedding in, final RMSNorm, LM head out
+(optionally tied). With labels, forward returns the mean cross-entropy through
+the fused LM-head loss, never needing the logits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kernels import ops
+from model.attention import Attention
+from model.config import ModelConfig
+from model.mamba2 import Mamba2Mixer
+from model.mlp import MLP
+from model.norm import RMSNorm
+from model.structured import StructuredLinear
+
+
+class Block(nn.Module):
+    def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.kind = kind
+        self.layer_idx = layer_idx
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if kind == "M":
+            self.mixer = Mamba2Mixer(cfg.mamba, cfg.d_model, cfg.norm_eps)
+        elif kind == "*":
+            self.mixer = Attention(cfg.attention, cfg.d_model)
+        else:
+            self.mixer = MLP(cfg.mlp, cfg.d_model, layer_idx, first_mlp=layer_idx == cfg.pattern.index("-"))
+
+    def forward(self, x, position_ids=None, cache=None):
+        h = self.norm(x)
+        if self.kind == "M":
+            h = self.mixer(h, cache=cache)
+        elif self.kind == "*":
+            h = self.mixer(h, position_ids=position_ids, cache=cache)
+        else:
+            h = self.mixer(h)
+        return x + h
+
+    def allocate_cache(self, batch_size, max_len, device=None, dtype=None):
+        if self.kind == "M":
+            return self.mixer.allocate_cache(batch_size, device, dtype)
+        if self.kind == "*":
+            return self.mixer.allocate_cache(batch_size, max_len, device, dtype)
+        return None
+
+
+RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "down_proj")
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be resolved (>= 1) before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(kind, cfg, i) for i, kind in enumerate(cfg.pattern))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-style init: N(0, init_std) for embeddings and linears, the residual output
+        projections scaled by 1/sqrt(2 * n_blocks) so that the residual stream's variance
+        does not grow with depth. Mamba2's own parameters keep their init (conv, dt, A, D)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * len(self.blocks))
+        nn.init.normal_(self.embed.weight, std=std)
+        for name, module in self.named_modules():
+            is_output = name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=out_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, StructuredLinear):
+                module.reset_parameters(out_std if is_output else std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids, position_ids=None, caches=None):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, position_ids=position_ids, cache=None if caches is None else caches[i])
+        return self.final_norm(x)
+
+    def forward(self, input_ids, labels=None, position_ids=None, caches=None):
+        """Returns the mean loss over labels != -100 when labels are given, else the logits (b, l, vocab)."""
+        h = self.hidden_states(input_ids, position_ids, caches)
+        if labels is None:
+            return torch.nn.functional.linear(h, self.head_weight)
+        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, labels.reshape(-1))
+
+    def allocate_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
+        """Per-block decoding state: conv + SSM state for 'M', a KV cache for '*', None for '-'."""
+        return [b.allocate_cache(batch_size, max_len, device, dtype) for b in self.blocks]

@@ -1,0 +1,108 @@
+"""The Mamba2 mixer (SSD), as in the Mamba2 paper and mamba_ssm's Mamba2 module.
+
+in_proj -> (z, xBC, dt); causal depthwise conv + SiLU on xBC; SSD scan with
+A = -exp(A_log), dt = softplus(dt + dt_bias) and the D skip; gated grouped RMSNorm
+with z; out_proj. Training and prompts use the chunked scan; decoding one token
+uses the recurrence, with the conv and SSM states kept in a `MambaCache`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import ops
+from kernels.conv.reference import conv_state_from_inputs
+from model.config import MambaConfig
+from model.norm import RMSNorm
+
+
+@dataclass
+class MambaCache:
+    conv_state: torch.Tensor
+    """(b, conv_dim, d_conv): the last d_conv inputs of the conv."""
+    ssm_state: torch.Tensor
+    """(b, nheads, headdim, d_state), fp32."""
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: MambaConfig, d_model: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.cfg = cfg
+        self.d_inner = cfg.expand * d_model
+        self.nheads = self.d_inner // cfg.headdim
+        self.bc_dim = cfg.ngroups * cfg.d_state
+        self.conv_dim = self.d_inner + 2 * self.bc_dim
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * self.bc_dim + self.nheads, bias=cfg.proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
+                                padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm = RMSNorm(self.d_inner, norm_eps, group_size=self.d_inner // cfg.ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.proj_bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]; A uniform in [A_init_min, A_init_max]."""
+        c = self.cfg
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(c.A_init_min, c.A_init_max)))
+        self.D.fill_(1.0)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight[:, 0, :]
+
+    def split_projection(self, zxbcdt: torch.Tensor):
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def split_xbc(self, xbc: torch.Tensor):
+        x, B, C = torch.split(xbc, [self.d_inner, self.bc_dim, self.bc_dim], dim=-1)
+        lead = x.shape[:-1]
+        return (x.reshape(*lead, self.nheads, self.cfg.headdim),
+                B.reshape(*lead, self.cfg.ngroups, self.cfg.d_state),
+                C.reshape(*lead, self.cfg.ngroups, self.cfg.d_state))
+
+    def forward(self, u: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        """u (b, l, d_model). With a cache: l == 1 steps the recurrence, l > 1 fills the cache from a prompt."""
+        if cache is not None and u.shape[1] == 1:
+            return self.step(u, cache)
+        z, xbc_in, dt = self.split_projection(self.in_proj(u))
+        xbc = ops.causal_conv1d(xbc_in, self.conv_weight, self.conv1d.bias, activation="silu")
+        x, B, C = self.split_xbc(xbc)
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        y = ops.ssd_chunked(x, dt, A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                            dt_softplus=True, return_final_states=cache is not None)
+        if cache is not None:
+            y, final_state = y
+            cache.ssm_state.copy_(final_state)
+            cache.conv_state.copy_(conv_state_from_inputs(xbc_in, self.cfg.d_conv))
+        y = y.reshape(*y.shape[:2], self.d_inner)
+        return self.out_proj(self.norm(y, z))
+
+    def step(self, u: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        z, xbc_in, dt = self.split_projection(self.in_proj(u[:, 0]))
+        xbc, cache.conv_state = ops.causal_conv1d_step(xbc_in, cache.conv_state, self.conv_weight,
+                                                       self.conv1d.bias, activation="silu")
+        x, B, C = self.split_xbc(xbc)
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        y, cache.ssm_state = ops.ssd_step(cache.ssm_state, x, dt, A, B, C, D=self.D,
+                                          dt_bias=self.dt_bias, dt_softplus=True)
+        y = y.reshape(y.shape[0], 1, self.d_inner)
+        return self.out_proj(self.norm(y, z[:, None]))
+
+    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
+        c = self.cfg
+        return MambaCache(
+            conv_state=torch.zeros(batch_size, self.conv_dim, c.d_conv, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.nheads, c.headdim, c.d_state, device=device,
+                                  dtype=torch.promote_types(dtype or torch.float32, torch.float32)),
+        )

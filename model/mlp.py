@@ -1,0 +1,64 @@
+"""The MLP block: SwiGLU (gate, up, down) or squared ReLU (up, down, as NemotronH).
+
+Its linears are dense or structured (model/structured.py), chosen by `make_linear`."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import MLPConfig, StructuredSizes
+from model.structured import BlockDense, BlockShuffle, LowRank
+
+log = logging.getLogger(__name__)
+_logged_sizes: set = set()
+
+
+def make_linear(in_features: int, out_features: int, cfg: MLPConfig, layer_idx: int,
+                sizes: StructuredSizes | None = None) -> nn.Module:
+    """The one place that decides how an MLP linear is built (dense or structured).
+    `sizes` (from cfg.structured_sizes) selects a structured linear; None builds a dense one."""
+    if sizes is None or sizes.structure == "dense":
+        return nn.Linear(in_features, out_features, bias=cfg.bias)
+    if sizes.structure == "lowrank":
+        linear = LowRank(in_features, out_features, sizes.rank, cfg.bias, layer_idx)
+    elif sizes.structure == "blockdense":
+        linear = BlockDense(in_features, out_features, sizes.rank, sizes.nblocks, cfg.bias, layer_idx)
+    else:
+        linear = BlockShuffle(in_features, out_features, sizes.nblocks, cfg.bias, layer_idx)
+    if cfg.self_guided:
+        linear.add_guide()
+    return linear
+
+
+def _log_sizes_once(cfg: MLPConfig, d_model: int, sizes: StructuredSizes) -> None:
+    key = (d_model, sizes.structure, sizes.rank, sizes.nblocks)
+    if key not in _logged_sizes:
+        _logged_sizes.add(key)
+        log.info("structured MLP: %s rank=%d nblocks=%d, %.1f%% of the dense MLP's parameters "
+                 "(d_model=%d, d_ff=%d)%s", sizes.structure, sizes.rank, sizes.nblocks, 100 * sizes.fraction,
+                 d_model, cfg.resolved_d_ff(d_model), ", self-guided" if cfg.self_guided else "")
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: MLPConfig, d_model: int, layer_idx: int = 0, first_mlp: bool = False):
+        super().__init__()
+        self.activation = cfg.activation
+        d_ff = cfg.resolved_d_ff(d_model)
+        sizes = None
+        if cfg.structure != "dense" and not (first_mlp and cfg.dense_first_layer):
+            sizes = cfg.structured_sizes(d_model)
+            _log_sizes_once(cfg, d_model, sizes)
+        if self.activation == "swiglu":
+            self.gate_proj = make_linear(d_model, d_ff, cfg, layer_idx, sizes)
+        self.up_proj = make_linear(d_model, d_ff, cfg, layer_idx, sizes)
+        self.down_proj = make_linear(d_ff, d_model, cfg, layer_idx, sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = torch.square(F.relu(self.up_proj(x)))
+        return self.down_proj(h)

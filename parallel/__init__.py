@@ -1,0 +1,1 @@
+"""Process groups, the DeepSpeed engine, parallel forms of the model, sharded checkpoints."""

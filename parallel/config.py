@@ -1,0 +1,45 @@
+"""The parallel layout and checkpoint sections of the config schema."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size: ranks that split each layer's heads / channels."""
+    pp: int = 1
+    """Pipeline-parallel size: ranks that split the blocks into stages."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage over the data-parallel ranks: 0 none, 1 optimizer states,
+    2 + gradients, 3 + parameters."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward; gradient accumulation makes up the
+    rest of train.global_batch_size (so a resume on another world size keeps the batch)."""
+    backend: str = "auto"
+    """torch.distributed backend: 'auto' (NCCL on GPU, gloo on CPU), 'nccl' or 'gloo'."""
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: {self.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"backend: {self.backend!r} is not one of 'auto', 'nccl', 'gloo'")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save a checkpoint every this many optimizer steps (and at the end); 0 only at the end."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a new one is complete."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in the run directory when there is one."""
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every: must be >= 0, got {self.every}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last: must be >= 1, got {self.keep_last}")

@@ -1,0 +1,76 @@
+"""The DeepSpeed engine: its JSON config generated from ours (never hand-written),
+AdamW with decoupled weight decay on matrices, and the LR schedule."""
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+
+from parallel.config import ParallelConfig
+
+
+def data_parallel_size(world_size: int, par: ParallelConfig) -> int:
+    return world_size // (par.tp * par.pp)
+
+
+def grad_accumulation_steps(global_batch: int, par: ParallelConfig, dp: int) -> int:
+    per_step = par.micro_batch_size * dp
+    if global_batch % per_step:
+        raise ValueError(f"train.global_batch_size: {global_batch} is not a multiple of "
+                         f"parallel.micro_batch_size x data-parallel size = {per_step}; "
+                         f"use {max(per_step, global_batch // per_step * per_step)}")
+    return global_batch // per_step
+
+
+def deepspeed_config(train, par: ParallelConfig, dp: int) -> dict:
+    gas = grad_accumulation_steps(train.global_batch_size, par, dp)
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": par.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": par.zero_stage},
+        # Our AdamW is torch's (it runs on CPU and GPU alike); ZeRO partitions its states.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.dim() < 2 or name.endswith("embed.weight") or getattr(param, "_no_weight_decay", False)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (other if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def lr_multiplier(step: int, train) -> float:
+    """The multiple of train.lr at optimizer step `step` (0-based)."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    floor = train.min_lr_ratio
+    if train.schedule == "wsd":
+        decay_steps = max(1, round(train.decay_fraction * train.max_steps))
+        decay_start = train.max_steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
+    span = max(1, train.max_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps + 1) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(model: torch.nn.Module, train, par: ParallelConfig, world_size: int, mpu=None):
+    dp = data_parallel_size(world_size, par)
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
+                                  betas=(train.beta1, train.beta2), eps=train.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(train, par, dp), mpu=mpu)
+    return engine
