@@ -27,7 +27,9 @@ import data
 from launcher.config import Config, ConfigError, dump_yaml, load_config
 from launcher.metrics import Reporter
 from model import HybridLM
+from model.counting import format_counts
 from parallel import checkpoint as ckpt
+from parallel import consolidate
 from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
 from parallel.engine import build_engine, data_parallel_size, grad_accumulation_steps
 
@@ -86,13 +88,16 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     corpus = open_data(cfg, info)
     torch.manual_seed(cfg.train.seed)
     model = HybridLM(cfg.model).to(info.device)
+    newest = ckpt.newest_checkpoint(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    imported = newest is not None and consolidate.is_weights_only(newest)
+    if imported:  # weights from `strata import`: start training from them with a fresh optimizer
+        model.load_state_dict(consolidate.consolidate(newest))
     engine = build_engine(model, cfg.train, cfg.parallel, info.world_size)
     dp_rank = info.rank % dp
     loader = data.TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
                               dp_rank, dp, cfg.train.seed)
     step = 0
-    newest = ckpt.newest_checkpoint(run_dir / "checkpoints") if cfg.checkpoint.resume else None
-    if newest is not None:
+    if newest is not None and not imported:
         state = ckpt.load_checkpoint(engine, newest, info.rank, info.world_size)
         loader.load_state_dict(state["data"])
         step = state["step"]
@@ -107,6 +112,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
                  f"| {'resumed from ' + newest.name if newest else 'fresh start'} at step {step}")
+    reporter.log(format_counts(cfg.model, cfg.train.seq_len))
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, step)
 
 
@@ -149,16 +155,29 @@ def grad_norm_if_engine_has_none(engine) -> float:
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
+    """Mean loss over every rank's held-out batches; {} when the corpus holds none."""
     run.engine.eval()
-    total = 0.0
+    total = torch.zeros(2, dtype=torch.float64, device=run.dist.device)
     for batch in run.eval_batches:
         batch = to_device(batch, run.dist.device)
         with autocast(run.cfg, run.dist.device):
-            total += run.engine(batch["input_ids"], labels=batch["labels"],
-                                position_ids=batch.get("position_ids")).item()
+            total[0] += run.engine(batch["input_ids"], labels=batch["labels"],
+                                   position_ids=batch.get("position_ids")).item()
+        total[1] += 1
     run.engine.train()
-    loss = mean_over_ranks(total / max(1, len(run.eval_batches)), run.dist.device)
+    dist.all_reduce(total)
+    if total[1] == 0:
+        return {}
+    loss = (total[0] / total[1]).item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def report_eval(run: Run, result: dict) -> None:
+    if not result:
+        run.reporter.log(f"step {run.step:6d} | no held-out data at this seq_len: eval skipped")
+        return
+    run.reporter.scalars(run.step, result, kind="eval")
+    run.reporter.log(f"step {run.step:6d} | eval loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}")
 
 
 def save(run: Run) -> None:
@@ -176,22 +195,21 @@ def due(step: int, every: int, last: int) -> bool:
 def train(cfg: Config, info: DistInfo) -> dict:
     run = setup(cfg, info)
     t0, last = time.perf_counter(), cfg.train.max_steps
-    result = {}
+    result = None
     while run.step < last:
         metrics = train_step(run)
         run.step += 1
         run.reporter.step_done(run.step, metrics)
         if due(run.step, cfg.train.eval_every, last):
             result = evaluate(run)
-            run.reporter.scalars(run.step, result, kind="eval")
-            run.reporter.log(f"step {run.step:6d} | eval loss {result['loss']:.4f} | "
-                             f"perplexity {result['perplexity']:.2f}")
+            report_eval(run, result)
         if due(run.step, cfg.checkpoint.every, last):
             save(run)
-    if not result:  # resumed at the end: report the final model's eval loss all the same
+    if result is None:  # resumed at the end: report the final model's eval loss all the same
         result = evaluate(run)
+    final = f"{result['loss']:.4f}" if result else "n/a (no held-out data)"
     run.reporter.log(f"done: {run.step} steps in {time.perf_counter() - t0:.1f}s | "
-                     f"final eval loss {result['loss']:.4f} (ln vocab {math.log(cfg.model.vocab_size):.3f})")
+                     f"final eval loss {final} (ln vocab {math.log(cfg.model.vocab_size):.3f})")
     run.reporter.close()
     run.loader.close()
     return result

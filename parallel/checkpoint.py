@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
+# DeepSpeed's own plain records inside ZeRO optimizer shards: the only classes a load may build.
+DEEPSPEED_RECORDS = [fragment_address, LossScaler, ZeroStageEnum]
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "trainer.json"
 
@@ -112,6 +118,19 @@ def read_manifest(ckpt: Path) -> dict:
                               "it is incomplete: delete it to resume from the previous one") from None
 
 
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch engine, but loading never unpickles arbitrary objects: a
+    checkpoint from an untrusted source cannot run code in every rank of the job."""
+
+    def load(self, path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(DEEPSPEED_RECORDS):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError for disallowed globals, others for damage
+            raise CheckpointError(f"checkpoint file {path} cannot be loaded safely "
+                                  f"({str(e).splitlines()[0][:200]}); it is damaged or not a Strata checkpoint") from None
+
+
 def load_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
     state = read_manifest(ckpt)
@@ -121,6 +140,7 @@ def load_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> dict:
             f"checkpoint {ckpt} was written by {saved_world} ranks with ZeRO stage "
             f"{state['layout']['zero_stage']}; resume it on {saved_world} ranks (resharding ZeRO "
             "partitions onto another world size is not supported yet)")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
     path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:

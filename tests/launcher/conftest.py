@@ -1,6 +1,7 @@
 """Shared fixtures for end-to-end runs of the real entry point on a small prepared corpus."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ TINY = [
 def corpus_overrides(tmp_path_factory):
     """A small stdlib corpus with a 512-token vocabulary, prepared once per test session."""
     root = tmp_path_factory.mktemp("corpus")
-    overrides = ["data.inputs=[stdlib]", "data.stdlib_max_mb=0.5", "data.vocab_size=512",
+    overrides = ["data.inputs=[stdlib]", "data.stdlib_max_mb=0.5", "data.vocab_size=512", "data.val_fraction=0.05",
                  f"data.prepared_dir={root / 'prepared'}", "data.workers=1"]
     proc = run_strata(["train", *TINY, *overrides, "train.max_steps=1", f"train.run_dir={root / 'warmup'}",
                        "train.eval_every=0", "checkpoint.every=0"])
@@ -30,10 +31,15 @@ def corpus_overrides(tmp_path_factory):
     return overrides
 
 
-def run_strata(args, nproc: int = 1, timeout: int = 600, wait: bool = True):
+def run_strata(args, nproc: int = 1, timeout: int = 600, wait: bool = True, launcher: str = "torchrun"):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "launcher.cli", *args]
+    elif launcher == "deepspeed":
+        assert args[0] == "train"
+        port = str(free_port())
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}",
+               "launcher/train.py", *args[1:]]
     else:
         assert args[0] == "train"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
@@ -42,6 +48,12 @@ def run_strata(args, nproc: int = 1, timeout: int = 600, wait: bool = True):
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -11,6 +11,10 @@ from tests.launcher.conftest import TINY, run_strata, train_losses
 STEPS = 8
 
 
+def final_eval_loss(stdout: str) -> float:
+    return float(stdout.split("final eval loss ")[1].split()[0])
+
+
 def assert_same_losses(got: dict, want: dict, rel: float):
     assert sorted(got) == sorted(want)
     for step in want:
@@ -62,6 +66,21 @@ def test_data_parallel_zero_matches_single_process(tmp_path, corpus_overrides, u
                        "train.eval_every=4", "checkpoint.every=4", f"parallel.zero_stage={stage}"], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world=2 dp=2" in proc.stdout
+    assert_same_losses(train_losses(tmp_path), want, rel=1e-5)
+    # Started again, the finished run loads its sharded ZeRO checkpoint and evaluates the same model.
+    again = run_strata(["train", *TINY, *corpus_overrides, f"train.max_steps={STEPS}", f"train.run_dir={tmp_path}",
+                        "train.eval_every=4", "checkpoint.every=4", f"parallel.zero_stage={stage}"], nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step_00000008" in again.stdout
+    assert final_eval_loss(again.stdout) == pytest.approx(final_eval_loss(proc.stdout), rel=1e-6)
+
+
+def test_deepspeed_launcher_runs_the_same_entry_point(tmp_path, corpus_overrides, unbroken):
+    _, want, _ = unbroken
+    proc = run_strata(["train", *TINY, *corpus_overrides, f"train.max_steps={STEPS}", f"train.run_dir={tmp_path}",
+                       "train.eval_every=4", "checkpoint.every=4"], nproc=2, launcher="deepspeed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world=2 dp=2 zero=0" in proc.stdout
     assert_same_losses(train_losses(tmp_path), want, rel=1e-5)
 
 
