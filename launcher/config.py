@@ -95,10 +95,15 @@ class LoggingConfig:
     """Print and record training metrics every this many steps."""
     progress: str = "auto"
     """'auto' (a progress bar on a terminal, plain lines otherwise), 'bar' or 'lines'."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one accelerator, the denominator of MFU; 0 looks the GPU up by
+    name (H100/H200 989, A100 312) and leaves MFU out where it is unknown (e.g. on CPU)."""
 
     def validate(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"log_every: must be >= 1, got {self.log_every}")
+        if self.peak_tflops < 0:
+            raise ValueError(f"peak_tflops: must be >= 0, got {self.peak_tflops}")
         if self.progress not in ("auto", "bar", "lines"):
             raise ValueError(f"progress: {self.progress!r} is not one of 'auto', 'bar', 'lines'")
 

@@ -3,9 +3,39 @@ bar on a terminal, plain log lines otherwise). Only rank 0 reports."""
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+
+# Dense bf16 peaks from the vendors' data sheets (TFLOP/s), matched against the device name.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
+
+
+def peak_tflops(configured: float, device: torch.device) -> float | None:
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def hardware_metrics(tokens_per_s_per_rank: float, flops_per_token: float, peak: float | None,
+                     device: torch.device) -> dict:
+    """TFLOP/s per accelerator, MFU % (when the peak is known) and peak memory in GiB."""
+    tflops = tokens_per_s_per_rank * flops_per_token / 1e12
+    out = {"tflops_per_gpu": tflops}
+    if peak:
+        out["mfu_percent"] = 100.0 * tflops / peak
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
 
 
 class Reporter:

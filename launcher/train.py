@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 import data
 from launcher.config import Config, ConfigError, dump_yaml, load_config
-from launcher.metrics import Reporter
+from launcher.metrics import Reporter, hardware_metrics, peak_tflops
 from model import HybridLM
-from model.counting import format_counts
+from model.counting import format_counts, training_flops_per_token
 from parallel import checkpoint as ckpt
 from parallel import consolidate
 from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
@@ -52,6 +52,8 @@ class Run:
     eval_batches: list
     reporter: Reporter
     run_dir: Path
+    flops_per_token: float
+    peak_tflops: float | None
     step: int = 0
 
 
@@ -113,7 +115,9 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
                  f"| {'resumed from ' + newest.name if newest else 'fresh start'} at step {step}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
-    return Run(cfg, info, engine, loader, evals, reporter, run_dir, step)
+    flops = sum(training_flops_per_token(cfg.model, cfg.train.seq_len).values())
+    return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
+               peak_tflops(cfg.logging.peak_tflops, info.device), step)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -139,9 +143,10 @@ def train_step(run: Run) -> dict:
     elapsed = time.perf_counter() - start
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     loss = mean_over_ranks(sum(losses) / len(losses), device)
+    hardware = hardware_metrics(tokens / elapsed / run.dist.world_size, run.flops_per_token, run.peak_tflops, device)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-            "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens}
+            "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens, **hardware}
 
 
 def grad_norm_if_engine_has_none(engine) -> float:

@@ -90,7 +90,8 @@ def test_tensorboard_has_the_scalars(unbroken):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens_seen",
-                "train/step_time_s", "train/data_wait_share", "eval/loss", "eval/perplexity"]:
+                "train/step_time_s", "train/data_wait_share", "train/tflops_per_gpu", "train/peak_memory_gib",
+                "eval/loss", "eval/perplexity"]:
         assert tag in tags
     assert len(events.Scalars("train/loss")) == STEPS
     assert [e.step for e in events.Scalars("eval/loss")] == [4, 8]

@@ -1,0 +1,216 @@
+"""`strata export`: a trained checkpoint as a Hugging Face transformers model directory.
+
+    strata export --checkpoint runs/tiny --format hf --out hf/tiny
+    strata export --checkpoint runs/tiny/checkpoints/step_00000300 --format hf --arch bamba --out hf/tiny
+
+The directory loads with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained:
+config.json (NemotronH, Mamba2 or Bamba: --arch auto picks the first that expresses the
+model, see model/hf.py), safetensors weights, generation_config.json, and the tokenizer as
+tokenizer.json (a fast tokenizer built from the sentencepiece model) with tokenizer.model
+beside it. The checkpoint is read shard by shard (parallel/consolidate.py), whatever its
+parallel layout; structured MLPs are pre-merged into dense weights.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from model import hf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="strata export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_XXXXXXXX directory")
+    p.add_argument("--format", default="hf", choices=["hf"], help="output format (Hugging Face transformers)")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+    p.add_argument("--arch", default="auto", choices=("auto",) + hf.ARCHS, help="transformers model class")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the written weights")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------
+# The pieces
+# ----------------------------------------------------------------------------------------
+
+def find_tokenizer(cfg, ckpt: Path, override: str | None) -> Path:
+    """The run's sentencepiece model: --tokenizer, <run_dir>/tokenizer.model, data.tokenizer,
+    or the prepared corpus' copy (paths relative to the run's working directory or cwd)."""
+    from data.shards import TOKENIZER
+    from parallel.consolidate import run_dir_of
+
+    if override:
+        candidates = [Path(override)]
+    else:
+        run_dir = run_dir_of(ckpt)
+        candidates = [run_dir / "tokenizer.model"]
+        if cfg.data.tokenizer:
+            candidates.append(Path(cfg.data.tokenizer))
+        candidates.append(cfg.data.prepared_path() / TOKENIZER)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no tokenizer found (looked at {', '.join(map(str, candidates))}); "
+                            "pass --tokenizer PATH to the run's sentencepiece .model")
+
+
+def dense_mlp_config(cfg):
+    """The ModelConfig of the same model with its MLPs dense (what pre-merging produces)."""
+    mlp = dataclasses.replace(cfg.mlp, structure="dense", param_fraction=0.0, rank=0, nblocks=0,
+                              self_guided=False, equal_flops=False)
+    return dataclasses.replace(cfg, mlp=mlp)
+
+
+@torch.no_grad()
+def premerge_structured(state: dict, cfg) -> tuple[dict, object]:
+    """Structured MLP linears replaced by their exact dense weights (built on the meta device,
+    the checkpoint's tensors assigned in place: no second copy of the model)."""
+    if cfg.mlp.structure == "dense":
+        return state, cfg
+    from model.hybrid import HybridLM
+    from model.structured import StructuredLinear, to_dense
+
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    for name, module in model.named_modules():
+        if isinstance(module, StructuredLinear) and f"{name}.guide" not in state:
+            module.drop_guide()  # the guided phase ended before this checkpoint
+    model.load_state_dict(state, assign=True)
+    to_dense(model)
+    return model.state_dict(), dense_mlp_config(cfg)
+
+
+def special_ids(sp) -> dict:
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+
+
+def fast_tokenizer(sp_model: Path):
+    """A `tokenizers` Tokenizer that encodes as the sentencepiece model does.
+
+    Same pieces, scores and normalisation (precompiled charsmap, whitespace collapsing, dummy
+    prefix, spaces as U+2581), byte fallback, control pieces as special tokens. Known limits:
+    on long inputs sentencepiece accumulates Viterbi scores in float32 (tokenizers in float64),
+    so near-ties may split differently (both decode to the same text); text containing the
+    special tokens' strings or U+2581 itself encodes differently from data/tokenizer.py.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp_model.read_bytes())
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    byte_fallback = trainer.byte_fallback
+    if trainer.model_type == pb.TrainerSpec.UNIGRAM:
+        model = models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=trainer.unk_id,
+                               byte_fallback=byte_fallback)
+    elif trainer.model_type == pb.TrainerSpec.BPE:
+        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+        vocab, _, merges = SentencePieceExtractor(str(sp_model)).extract()
+        model = models.BPE(vocab, merges, unk_token=trainer.unk_piece, fuse_unk=True, byte_fallback=byte_fallback)
+    else:
+        raise ValueError(f"tokenizer {sp_model}: sentencepiece model type {trainer.model_type} is not unigram or "
+                         "BPE; export supports those two")
+    tok = Tokenizer(model)
+    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend(" "))
+    if norm.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "\u2581"))
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
+    decode = [decoders.Replace("\u2581", " ")] + ([decoders.ByteFallback()] if byte_fallback else [])
+    decode.append(decoders.Fuse())
+    if norm.add_dummy_prefix:
+        decode.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(decode)
+    specials = [p.piece for p in proto.pieces if p.type in (pb.ModelProto.SentencePiece.CONTROL,
+                                                             pb.ModelProto.SentencePiece.UNKNOWN)]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return tok
+
+
+def write_tokenizer(sp_model: Path, out: Path, max_len: int) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.load(str(sp_model))
+    fast_tokenizer(sp_model).save(str(out / "tokenizer.json"))
+    shutil.copyfile(sp_model, out / "tokenizer.model")
+
+    def piece(i):
+        return sp.id_to_piece(i) if i >= 0 else None
+
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+              "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
+              "pad_token": piece(sp.pad_id()), "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto", dtype: str = "float32",
+                      tokenizer: str | None = None, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> tuple[Path, str]:
+    """Write the HF directory; returns (out, the arch written)."""
+    import sentencepiece as spm
+
+    from parallel.consolidate import consolidate, resolve_checkpoint, run_config
+
+    hf.require_transformers("strata export")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists and is not empty; give a new directory or remove it")
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = run_config(ckpt)
+    arch = hf.choose_arch(dense_mlp_config(cfg.model), arch)  # refuse before reading any weights
+    sp_model = find_tokenizer(cfg, ckpt, tokenizer)
+    state, model_cfg = premerge_structured(consolidate(ckpt), cfg.model)
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in hf.to_hf_state_dict(state, model_cfg, arch).items()}
+    del state
+    sp = spm.SentencePieceProcessor()
+    sp.load(str(sp_model))
+    ids = special_ids(sp)
+    config = hf.build_hf_config(model_cfg, arch, ids, dtype)
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config.save_pretrained(tmp)
+    hf.save_weights(tmp, tensors, max_shard_bytes)
+    write_tokenizer(sp_model, tmp, model_cfg.max_seq_len)
+    generation = {k: v for k, v in ids.items() if v is not None}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.replace(out)
+    return out, arch
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from parallel.checkpoint import CheckpointError
+
+    try:
+        out, arch = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,
+                                      int(args.max_shard_gb * 2**30))
+    except (ImportError, ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} as {hf.ARCHITECTURES[arch]} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

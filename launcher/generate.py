@@ -1,0 +1,87 @@
+"""`strata generate`: continue a prompt with a trained checkpoint (incremental decoding).
+
+    strata generate --checkpoint runs/tiny --prompt "def fibonacci(n):"
+    strata generate --checkpoint runs/tiny --prompt "import " --temperature 0.8 --top-p 0.95 --max-new-tokens 200
+
+Greedy by default; --temperature > 0 samples (with --top-k / --top-p, reproducible by
+--seed). Stops at EOS, after --max-new-tokens, or at the model's max_seq_len. Prints the
+prompt followed by the generated text.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from model.generate import PromptTooLong, Sampling, generate
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="strata generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_XXXXXXXX directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 keeps all tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def load_model(ckpt, cfg, device: torch.device):
+    """HybridLM with the checkpoint's weights (built on the meta device, weights assigned:
+    one copy of the model in memory)."""
+    from model.hybrid import HybridLM
+    from model.structured import StructuredLinear
+    from parallel.consolidate import consolidate
+
+    state = consolidate(ckpt)
+    with torch.device("meta"):
+        model = HybridLM(cfg.model)
+    for name, module in model.named_modules():
+        if isinstance(module, StructuredLinear) and f"{name}.guide" not in state:
+            module.drop_guide()  # the self-guided phase ended before this checkpoint
+    model.load_state_dict(state, assign=True)
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from data import DataError, Tokenizer
+    from launcher.export import find_tokenizer
+    from parallel.checkpoint import CheckpointError
+    from parallel.consolidate import resolve_checkpoint, run_config
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        cfg = run_config(ckpt)
+        tokenizer = Tokenizer(find_tokenizer(cfg, ckpt, args.tokenizer))
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                            tokenizer.eos_id, args.seed)
+        sampling.validate()
+        prompt = tokenizer.encode(args.prompt)
+        model = load_model(ckpt, cfg, device)
+        start = time.perf_counter()
+        out = generate(model, prompt, sampling)
+    except (CheckpointError, DataError, PromptTooLong, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    new = out.new_tokens[0].tolist()
+    if out.stopped == "eos":
+        new = new[:-1]
+    print(args.prompt + tokenizer.decode(new))
+    print(f"[{len(new)} tokens in {elapsed:.2f}s, stopped at {out.stopped}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
