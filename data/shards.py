@@ -1,0 +1,157 @@
+"""On-disk layout of a prepared corpus, atomic writes, the manifest, and checked shard access.
+
+    DIR/plan.json              settings + input file list; written first (resume checks it)
+    DIR/tokenizer.model        the sentencepiece model every shard was encoded with
+    DIR/shards/<name>.tok      tokens, uint16 or uint32, each document followed by EOS
+    DIR/shards/<name>.idx      uint64 document start offsets into .tok, plus the end (docs + 1)
+    DIR/units/<unit>.json      a unit's completion record (its shards, counts, checksums)
+    DIR/manifest.json          written last: its presence means the corpus is complete
+
+Within a shard the training documents come first and the held-out validation documents
+after them (``train_tokens``/``train_docs`` mark the split), so both splits are contiguous
+slices of the memory map and opening a corpus reads no token data.
+
+Checksum policy: opening a corpus always checks the manifest, the tokenizer and every shard's
+file size (a stat per file, no reads: start-up stays O(shards), not O(tokens)). The sha256 of
+a shard's files is verified on the first read of that shard ("lazy", the default), at open
+("full"), or never ("off"); ``strata prepare --verify --out DIR`` checks all of them, and
+re-running ``strata prepare`` on a complete corpus verifies everything and rebuilds what failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .config import FORMAT_VERSION
+from .errors import DataError
+
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+TOKENIZER = "tokenizer.model"
+TMP_SUFFIX = ".tmp"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write under a temporary name and rename, so a reader never sees a partial file.
+
+    No fsync: that is atomic against a killed process (the usual interruption) at no cost. After
+    a power loss a renamed file could hold unwritten blocks; a re-run of prepare verifies the
+    checksums of every unit it keeps, and readers verify them too, so that is caught, not trusted.
+    """
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_shard(root: Path, name: str, tokens: np.ndarray, offsets: np.ndarray,
+                train_docs: int) -> dict:
+    """Write one shard's two files atomically and return its manifest entry."""
+    shard_dir = root / "shards"
+    tok_bytes = tokens.tobytes()
+    idx_bytes = offsets.astype(np.uint64).tobytes()
+    write_atomic(shard_dir / f"{name}.tok", tok_bytes)
+    write_atomic(shard_dir / f"{name}.idx", idx_bytes)
+    return {"name": name, "tokens": int(tokens.size), "docs": int(offsets.size - 1),
+            "train_tokens": int(offsets[train_docs]), "train_docs": int(train_docs),
+            "tokens_sha256": sha256_bytes(tok_bytes), "index_sha256": sha256_bytes(idx_bytes)}
+
+
+def prepare_command(manifest: dict, root: Path) -> str:
+    """The command that (re)builds ``root``, for error messages."""
+    inputs = " ".join(manifest.get("inputs", ["..."]))
+    return f"strata prepare --input {inputs} --out {root}"
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise DataError(f"no prepared corpus at {root} ({MANIFEST} missing, so preparation never finished): "
+                        f"run strata prepare --input PATH... --out {root}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}); delete {root} and run strata prepare again") from exc
+    if manifest.get("format") != "strata-tokens" or manifest.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path} has format {manifest.get('format')} version {manifest.get('version')}, this "
+                        f"Strata reads strata-tokens version {FORMAT_VERSION}: {prepare_command(manifest, root)} --force")
+    return manifest
+
+
+def shard_paths(root: Path, info: dict) -> tuple[Path, Path]:
+    return root / "shards" / f"{info['name']}.tok", root / "shards" / f"{info['name']}.idx"
+
+
+def check_shard_sizes(root: Path, manifest: dict) -> None:
+    """Stat every shard file against the manifest (cheap; no token data is read)."""
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for info in manifest["shards"]:
+        tok, idx = shard_paths(root, info)
+        for path, expected in ((tok, info["tokens"] * itemsize), (idx, (info["docs"] + 1) * 8)):
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise DataError(f"shard {path} is missing: rebuild it with {prepare_command(manifest, root)}") from None
+            if size != expected:
+                raise DataError(f"shard {path} is truncated or damaged ({size} bytes, manifest says {expected}): "
+                                f"rebuild it with {prepare_command(manifest, root)}")
+
+
+def verify_shard_checksums(root: Path, manifest: dict, info: dict) -> None:
+    for path, key in zip(shard_paths(root, info), ("tokens_sha256", "index_sha256")):
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != info[key]:
+            raise DataError(f"shard {path} failed its checksum (sha256 {digest[:12]}..., manifest says "
+                            f"{info[key][:12]}...): rebuild it with {prepare_command(manifest, root)}")
+
+
+class Shard:
+    """Memory-mapped access to one shard, checksum-verified on first use under the lazy policy."""
+
+    def __init__(self, root: Path, manifest: dict, info: dict, verify: str) -> None:
+        self.root, self.manifest, self.info = root, manifest, info
+        self.dtype = np.dtype(manifest["dtype"])
+        self._verify_on_open = verify == "lazy"
+        self._tokens: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> None:
+        with self._lock:
+            if self._tokens is not None:
+                return
+            if self._verify_on_open:
+                verify_shard_checksums(self.root, self.manifest, self.info)
+            tok, idx = shard_paths(self.root, self.info)
+            self._offsets = np.memmap(idx, dtype=np.uint64, mode="r")
+            self._tokens = np.memmap(tok, dtype=self.dtype, mode="r")
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._open()
+        return self._tokens
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            self._open()
+        return self._offsets
