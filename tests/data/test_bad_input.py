@@ -114,15 +114,6 @@ def test_unreadable_file_is_named(tmp_path, tokenizer_path):
     assert not (tmp_path / "out" / MANIFEST).exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_permission_denied_is_named(tmp_path, tokenizer_path):
-    src = write_text_files(tmp_path / "src", make_documents(3, seed=2))
-    locked = src / "doc_0001.txt"
-    locked.chmod(0)
-    with pytest.raises(DataError, match="doc_0001.txt"):
-        prepared_config(tmp_path / "out", [str(src)], tokenizer_path)
-
-
 def test_broken_symlink_and_bad_jsonl_are_named(tmp_path, tokenizer_path):
     src = write_text_files(tmp_path / "src", make_documents(3, seed=2))
     os.symlink(tmp_path / "gone.txt", src / "link.txt")
