@@ -4,6 +4,12 @@ Backend choice (`backend_for`): Triton when the tensors are on CUDA and Triton
 imports, the PyTorch reference otherwise. STRATA_KERNELS=reference forces the
 reference everywhere; STRATA_KERNELS=triton forces Triton (with TRITON_INTERPRET=1
 this runs the Triton kernels on CPU, as the kernel tests do).
+
+The Triton modules are imported on first use only, so that a CPU-only run never
+imports them and the interpreter switch (read when a kernel is defined) is honoured
+whenever the first Triton call happens. Every Triton op is an autograd Function
+whose backward is Triton too; the two decode steps are forward-only and fall back
+to the reference when a gradient is asked of them.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch
 
 from kernels.blockdiag.reference import blockdiag_matmul_ref
 from kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref
-from kernels.cross_entropy.reference import linear_cross_entropy_ref
+from kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
 from kernels.norm.reference import rmsnorm_ref
 from kernels.ssd.reference import ssd_chunked_ref, ssd_step_ref
 
@@ -36,41 +42,87 @@ def backend_for(t: torch.Tensor) -> str:
         raise ValueError(f"STRATA_KERNELS={choice!r} is not a backend; use one of {', '.join(BACKENDS)}")
     if choice == "auto":
         return "triton" if t.is_cuda and triton_available() else "reference"
+    if choice == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError("STRATA_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 "
+                           "(the Triton interpreter); or use STRATA_KERNELS=reference")
     return choice
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                 initial_states=None, return_final_states=False):
     """Chunked SSD scan; see kernels/ssd/reference.py for shapes."""
+    if backend_for(x) == "triton":
+        from kernels.ssd.function import ssd_chunked_triton
+        return ssd_chunked_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                                  initial_states, return_final_states)
     return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                            initial_states, return_final_states)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decoding step of the SSD recurrence: returns (y, new_state)."""
+    if backend_for(x) == "triton" and not _needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
+        from kernels.ssd.step import ssd_step_triton
+        return ssd_step_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return ssd_step_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 def causal_conv1d(x, weight, bias=None, activation="silu"):
     """Causal depthwise conv1d over x (b, l, d) with weight (d, w)."""
+    if backend_for(x) == "triton":
+        from kernels.conv.kernel import causal_conv1d_triton
+        return causal_conv1d_triton(x, weight, bias, activation)
     return causal_conv1d_ref(x, weight, bias, activation)
 
 
 def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
     """One decoding step of the conv: returns (y, new_state)."""
+    if backend_for(x) == "triton" and not _needs_grad(x, conv_state, weight, bias):
+        from kernels.conv.kernel import causal_conv1d_step_triton
+        return causal_conv1d_step_triton(x, conv_state, weight, bias, activation)
     return causal_conv1d_step_ref(x, conv_state, weight, bias, activation)
 
 
 def rmsnorm(x, weight, eps=1e-5, z=None, group_size=None):
     """RMSNorm over the last dim; gated by silu(z) and grouped when given."""
+    if backend_for(x) == "triton":
+        from kernels.norm.kernel import rmsnorm_triton
+        return rmsnorm_triton(x, weight, eps, z, group_size)
     return rmsnorm_ref(x, weight, eps, z, group_size)
 
 
-def linear_cross_entropy(hidden, weight, targets, ignore_index=-100):
-    """Mean cross-entropy of softmax(hidden @ weight.T) against targets."""
-    return linear_cross_entropy_ref(hidden, weight, targets, ignore_index)
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, *, reduction="mean",
+                         process_group=None, vocab_start=None, chunk_size=None):
+    """Mean (or summed) cross-entropy of softmax(hidden @ weight.T) against targets.
+
+    Vocab parallel: weight is this rank's shard (V_local, d) holding global ids
+    [vocab_start, vocab_start + V_local) (default vocab_start: rank * V_local) and
+    process_group the group that splits the vocab; hidden is replicated, and its
+    gradient comes back summed over the group. chunk_size: token rows per chunk of
+    the Triton op (default about N * d / V).
+    """
+    if backend_for(hidden) == "triton":
+        from kernels.cross_entropy.kernel import linear_cross_entropy_triton
+        return linear_cross_entropy_triton(hidden, weight, targets, ignore_index, reduction,
+                                           process_group=process_group, vocab_start=vocab_start,
+                                           chunk_size=chunk_size)
+    if process_group is not None:
+        import torch.distributed as dist
+        if vocab_start is None:
+            vocab_start = dist.get_rank(process_group) * weight.shape[0]
+        return vocab_parallel_linear_cross_entropy_ref(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                                       targets.reshape(-1), ignore_index, reduction,
+                                                       process_group, vocab_start)
+    return linear_cross_entropy_ref(hidden, weight, targets, ignore_index, reduction)
 
 
 def blockdiag_matmul(x, w, shuffle=False):
     """Block-diagonal matmul, optionally with the stride-nblocks output shuffle."""
+    if backend_for(x) == "triton":
+        from kernels.blockdiag.kernel import blockdiag_matmul_triton
+        return blockdiag_matmul_triton(x, w, shuffle)
     return blockdiag_matmul_ref(x, w, shuffle)
