@@ -29,8 +29,9 @@ def test_bad_values_name_the_key(override, expected):
 
 def test_overrides_and_types():
     cfg = load_config(None, ["train.max_steps=7", "train.lr=1", "model.attention.rope=false",
-                             "data.inputs=[a, b]"])
+                             "data.inputs=[a, b]", "train.eps=1e-12"])
     assert cfg.train.max_steps == 7 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.eps == 1e-12
     assert cfg.model.attention.rope is False and cfg.data.inputs == ["a", "b"]
 
 
