@@ -61,7 +61,18 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 device_id=device if use_cuda else None)
+    if not use_cuda:
+        skip_deepspeed_shm_build()
     return DistInfo(rank, world_size, local_rank, device, backend)
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about a minute on
+    2 cores, redone whenever its flags differ) that only its inference all-reduce uses;
+    training talks to torch.distributed (gloo), so the op is marked unavailable instead."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def shutdown() -> None:
