@@ -119,7 +119,7 @@ def test_import_round_trips_and_train_starts_from_the_imported_weights(exported,
     original, again = load_weights(exported), load_weights(back)
     assert sorted(again) == sorted(original) and all(torch.equal(again[k], original[k]) for k in original)
     # One step at a negligible learning rate: the weights stay the imported ones (a fresh init would not).
-    proc = run_strata(["train", "--config", str(run_dir / "config.yaml"), "train.max_steps=1", "train.lr=1e-12",
+    proc = run_strata(["train", "--config", str(run_dir / "config.yaml"), "train.max_steps=1", "train.lr=1.0e-12",
                        "train.warmup_steps=0", "train.weight_decay=0", "train.eval_every=0", "checkpoint.every=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     after_ckpt = resolve_checkpoint(run_dir)
@@ -199,3 +199,55 @@ def test_without_transformers_export_and_import_say_how_to_install_it(command, t
         code = import_cli.main(["--from", str(tmp_path), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install 'strata[hf]'" in err
+
+
+# ----------------------------------------------------------------------------------------
+# In-process: structured MLPs pre-merge; an HF NemotronH directory imports as a run
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("structure,extra", [("lowrank", {"rank": 16}), ("blockshuffle", {"nblocks": 4}),
+                                             ("blockdense", {"rank": 32, "nblocks": 4, "self_guided": True})])
+def test_structured_mlps_export_pre_merged_into_dense_weights(structure, extra, tmp_path):
+    from model import hf
+    from model.config import MLPConfig, ModelConfig
+
+    cfg = ModelConfig(pattern="M-*-M-", d_model=64, vocab_size=97, tie_embeddings=False,
+                      mlp=MLPConfig(structure=structure, dense_first_layer=False, **extra))
+    torch.manual_seed(0)
+    model = HybridLM(cfg).eval()
+    state = model.state_dict()
+    if cfg.mlp.self_guided:  # a checkpoint written after the guided phase: the dense paths are gone
+        state = {k: v for k, v in state.items() if not k.endswith(".guide")}
+        for m in model.modules():
+            if hasattr(m, "drop_guide"):
+                m.drop_guide()
+    merged, dense_cfg = export_cli.premerge_structured(state, cfg)
+    assert dense_cfg.mlp.structure == "dense" and all("guide" not in k for k in merged)
+    config = hf.build_hf_config(dense_cfg, "bamba")
+    theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
+    theirs.load_state_dict(hf.to_hf_state_dict(merged, dense_cfg, "bamba"))
+    ids = torch.randint(0, 97, (2, 33))
+    with torch.no_grad():
+        assert (theirs(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_an_hf_nemotron_h_directory_imports_as_a_run_that_names_the_tokenizer_gap(tmp_path, capsys):
+    config = transformers.AutoConfig.for_model(
+        "nemotron_h", vocab_size=97, hidden_size=64, layers_block_type=["linear_attention", "full_attention", "mlp"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96, ssm_state_size=16,
+        mamba_num_heads=4, mamba_head_dim=32, n_groups=2, chunk_size=16)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    code = import_cli.main(["--from", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "data.tokenizer" in captured.err and "time_step_min" in captured.err  # the two things to know
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    cfg = run_config(ckpt)
+    assert cfg.model.pattern == "M*-" and cfg.model.attention.rope is False and cfg.train.run_dir == str(tmp_path / "run")
+    ours = HybridLM(cfg.model).eval()
+    ours.load_state_dict(consolidate(ckpt))
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max().item() <= 1e-4

@@ -1,0 +1,455 @@
+"""Conversion between Strata's model (config + state dict) and Hugging Face transformers'
+Mamba2, NemotronH and Bamba formats: config mapping, parameter names, and the files
+(config.json, safetensors). No CLI here (launcher/export.py, launcher/import_hf.py);
+transformers is imported lazily, only to build or read its config objects.
+
+The three targets and what each can express of a Strata model (--arch auto tries them in
+this order):
+
+| target      | blocks                                | attention             | MLP              |
+| ----------- | ------------------------------------- | --------------------- | ---------------- |
+| mamba2      | only M                                | -                     | -                |
+| nemotron_h  | any string of M, *, - (the same letters) | no RoPE, no qkv bias | relu2 (up, down) |
+| bamba       | pairs: (M or *) then -                | full-head RoPE        | SwiGLU           |
+
+Details checked against transformers' modeling files and matched exactly:
+- every block is pre-norm residual with its own RMSNorm; one eps for all norms, the gated
+  norm included (layer_norm_epsilon / rms_norm_eps); the gated norm is
+  rmsnorm(y * silu(z)) over groups of d_inner / ngroups channels (norm_before_gate=False);
+- in_proj's output layout is [z, xBC, dt], xBC = [x, B, C], conv over xBC with bias;
+- Mamba2 is token-for-token mamba_ssm: dt = softplus(dt + dt_bias), A = -exp(A_log), D skip;
+  HF Mamba2 and Bamba clamp dt to time_step_limit, written as (0, inf) (no clamp, as ours);
+  HF NemotronH clamps dt >= time_step_min in its chunked path only (not when decoding), so we
+  write time_step_min = 1e-30: no clamp in effect, and log(time_step_min), which HF's init
+  of dt_bias takes, stays finite;
+- RoPE is the rotate-half (GPT-NeoX / Llama) convention; Bamba hardcodes
+  partial_rotary_factor = 0.5 unless rope_parameters says otherwise: we write 1.0;
+- HF NemotronH never ties lm_head to the embedding (its _tied_weights_keys is empty):
+  a tied model is written with lm_head a copy and tie_word_embeddings = true as a note;
+- Bamba's attention_bias puts a bias on o_proj too: exported as zeros, imported only if zero;
+- residual_in_fp32 = false: Strata keeps the residual stream in the model's dtype;
+- NemotronH weights are named "backbone.*" on disk (transformers renames them to "model.*"
+  in memory and back when saving); both are read.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+
+NO_CLAMP_TIME_STEP_MIN = 1e-30
+ARCHS = ("mamba2", "nemotron_h", "bamba")
+"""In the order --arch auto tries them: the most specific class first."""
+ARCHITECTURES = {"nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM"}
+NEMOTRON_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+
+
+class UnsupportedModel(ValueError):
+    """A model (Strata or HF) with a feature the other side cannot express."""
+
+
+# ----------------------------------------------------------------------------------------
+# What each target can express
+# ----------------------------------------------------------------------------------------
+
+def unsupported_features(cfg: ModelConfig, arch: str) -> list[str]:
+    """The features of `cfg` that `arch` cannot express, each as a short phrase; [] if none."""
+    has_attn, has_mlp = "*" in cfg.pattern, "-" in cfg.pattern
+    problems = []
+    if arch == "nemotron_h":
+        if has_attn and cfg.attention.rope:
+            problems.append("RoPE on attention (attention.rope=true; NemotronH attention has none)")
+        if has_attn and cfg.attention.qkv_bias:
+            problems.append("attention.qkv_bias=true (NemotronH attention has no bias)")
+        if has_mlp and cfg.mlp.activation != "relu2":
+            problems.append(f"mlp.activation={cfg.mlp.activation} (NemotronH MLPs are relu2)")
+    elif arch == "mamba2":
+        if set(cfg.pattern) != {"M"}:
+            problems.append(f"pattern {cfg.pattern!r} has blocks other than 'M' (Mamba2 has only Mamba2 blocks)")
+    elif arch == "bamba":
+        pairs = [cfg.pattern[i:i + 2] for i in range(0, len(cfg.pattern), 2)]
+        if any(len(p) != 2 or p[0] not in "M*" or p[1] != "-" for p in pairs):
+            problems.append(f"pattern {cfg.pattern!r} is not pairs of a mixer then an MLP ('M-' or '*-')")
+        if has_mlp and cfg.mlp.activation != "swiglu":
+            problems.append(f"mlp.activation={cfg.mlp.activation} (Bamba MLPs are SwiGLU)")
+        if has_attn and not cfg.attention.rope:
+            problems.append("attention without RoPE (attention.rope=false; Bamba attention always has RoPE)")
+    else:
+        raise ValueError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
+    return problems
+
+
+def choose_arch(cfg: ModelConfig, arch: str = "auto") -> str:
+    """The HF target for `cfg`: `arch` itself after checking it, or the first that fits for 'auto'.
+
+    Refuses with one line naming the feature and the targets that would work.
+    """
+    fits = [a for a in ARCHS if not unsupported_features(cfg, a)]
+    if arch == "auto":
+        if fits:
+            return fits[0]
+        reasons = "; ".join(f"{a}: {unsupported_features(cfg, a)[0]}" for a in ARCHS)
+        raise UnsupportedModel(f"no Hugging Face target can express this model ({reasons})")
+    problems = unsupported_features(cfg, arch)
+    if problems:
+        hint = f"use --arch {' or --arch '.join(fits)}" if fits else "no other target fits either"
+        raise UnsupportedModel(f"cannot export to {arch}: {problems[0]}; {hint}")
+    return arch
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+
+def _mamba_nheads(cfg: ModelConfig) -> int:
+    return cfg.mamba.expand * cfg.d_model // cfg.mamba.headdim
+
+
+def hf_config_kwargs(cfg: ModelConfig, arch: str, special_ids: dict | None = None) -> dict:
+    """Keyword arguments of the transformers config class of `arch` (model_type included)."""
+    m, a = cfg.mamba, cfg.attention
+    head_dim = a.resolved_head_dim(cfg.d_model)
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, tie_word_embeddings=cfg.tie_embeddings,
+                  initializer_range=cfg.init_std, **(special_ids or {}))
+    if arch == "nemotron_h":
+        return dict(
+            model_type="nemotron_h", **common,
+            layers_block_type=[NEMOTRON_LAYER_TYPES[c] for c in cfg.pattern],
+            num_attention_heads=a.n_heads, num_key_value_heads=a.resolved_kv_heads(), head_dim=head_dim,
+            max_position_embeddings=cfg.max_seq_len, attention_bias=False,
+            intermediate_size=cfg.mlp.resolved_d_ff(cfg.d_model), mlp_hidden_act="relu2", mlp_bias=cfg.mlp.bias,
+            ssm_state_size=m.d_state, mamba_num_heads=_mamba_nheads(cfg), mamba_head_dim=m.headdim,
+            n_groups=m.ngroups, conv_kernel=m.d_conv, expand=m.expand, chunk_size=m.chunk_size,
+            time_step_min=NO_CLAMP_TIME_STEP_MIN, time_step_max=m.dt_max, time_step_floor=m.dt_init_floor,
+            use_conv_bias=m.conv_bias, use_bias=m.proj_bias, mamba_proj_bias=m.proj_bias,
+            layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=False)
+    if arch == "mamba2":
+        return dict(
+            model_type="mamba2", **common, num_hidden_layers=len(cfg.pattern),
+            num_heads=_mamba_nheads(cfg), head_dim=m.headdim, state_size=m.d_state, expand=m.expand,
+            conv_kernel=m.d_conv, n_groups=m.ngroups, use_bias=m.proj_bias, use_conv_bias=m.conv_bias,
+            layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=False, time_step_min=m.dt_min,
+            time_step_max=m.dt_max, time_step_floor=m.dt_init_floor, time_step_limit=[0.0, math.inf],
+            chunk_size=m.chunk_size)
+    if arch == "bamba":
+        return dict(
+            model_type="bamba", **common, num_hidden_layers=len(cfg.pattern) // 2,
+            attn_layer_indices=[i // 2 for i, c in enumerate(cfg.pattern) if c == "*"],
+            num_attention_heads=a.n_heads, num_key_value_heads=a.resolved_kv_heads(), head_dim=head_dim,
+            max_position_embeddings=cfg.max_seq_len, attention_bias=a.qkv_bias,
+            rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": 1.0},
+            intermediate_size=cfg.mlp.resolved_d_ff(cfg.d_model), hidden_act="silu", mlp_bias=cfg.mlp.bias,
+            rms_norm_eps=cfg.norm_eps, mamba_n_heads=_mamba_nheads(cfg), mamba_d_head=m.headdim,
+            mamba_n_groups=m.ngroups, mamba_d_state=m.d_state, mamba_d_conv=m.d_conv, mamba_expand=m.expand,
+            mamba_chunk_size=m.chunk_size, mamba_conv_bias=m.conv_bias, mamba_proj_bias=m.proj_bias,
+            time_step_limit=[0.0, math.inf], z_loss_coefficient=0.0)
+    raise ValueError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
+
+
+def model_config_from_hf(hf) -> tuple[ModelConfig, str]:
+    """Strata's ModelConfig from a transformers config object (NemotronH, Mamba2 or Bamba).
+
+    Refuses, with one line, any feature Strata's model cannot express.
+    """
+    arch = getattr(hf, "model_type", None)
+    if arch not in ARCHS:
+        raise UnsupportedModel(f"model_type {arch!r} is not supported; import takes {', '.join(ARCHS)}")
+    readers = {"nemotron_h": _from_nemotron_h, "mamba2": _from_mamba2, "bamba": _from_bamba}
+    cfg = readers[arch](hf)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UnsupportedModel(f"the {arch} config maps to an invalid Strata config: {e}") from None
+    return cfg, arch
+
+
+def import_notes(hf) -> list[str]:
+    """What the user should know about an imported model that is expressible but not bit-identical."""
+    notes = []
+    t_min = getattr(hf, "time_step_min", 0.0) or 0.0
+    if getattr(hf, "model_type", None) == "nemotron_h" and t_min > NO_CLAMP_TIME_STEP_MIN:
+        notes.append(f"transformers' NemotronH clamps dt >= time_step_min={t_min:g} when it processes a prompt "
+                     "(not when decoding); Strata never clamps, so logits differ wherever dt falls below it")
+    return notes
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UnsupportedModel(message)
+
+
+def _expand(hf, arch: str, d_inner: int) -> int:
+    _require(d_inner % hf.hidden_size == 0,
+             f"{arch}: the Mamba2 width heads*head_dim = {d_inner} is not a multiple of hidden_size "
+             f"{hf.hidden_size}; Strata's d_inner is expand*d_model with an integer expand")
+    return d_inner // hf.hidden_size
+
+
+def _mamba_from(hf, arch, d_state, headdim, nheads, ngroups, d_conv, conv_bias, proj_bias, chunk) -> MambaConfig:
+    limit = tuple(getattr(hf, "time_step_limit", None) or (0.0, math.inf))
+    _require(limit[0] <= 0 and math.isinf(limit[1]),
+             f"{arch}: time_step_limit={list(limit)} clamps dt; Strata's Mamba2 does not (mamba_ssm's default)")
+    return MambaConfig(d_state=d_state, d_conv=d_conv, expand=_expand(hf, arch, nheads * headdim), headdim=headdim,
+                       ngroups=ngroups, chunk_size=chunk, conv_bias=conv_bias, proj_bias=proj_bias,
+                       dt_min=_init_dt_min(hf),
+                       dt_max=getattr(hf, "time_step_max", MambaConfig.dt_max),
+                       dt_init_floor=getattr(hf, "time_step_floor", MambaConfig.dt_init_floor))
+
+
+def _init_dt_min(hf) -> float:
+    """time_step_min as an init setting; the no-clamp marker NemotronH exports carry is not one."""
+    t_min = getattr(hf, "time_step_min", 0.0) or 0.0
+    return t_min if t_min > NO_CLAMP_TIME_STEP_MIN else MambaConfig.dt_min
+
+
+def _from_nemotron_h(hf) -> ModelConfig:
+    letters = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-"}
+    kinds = list(hf.layers_block_type)
+    bad = sorted(set(kinds) - set(letters))
+    _require(not bad, f"nemotron_h: layer types {bad} (MoE) have no Strata block; Strata has M, * and -")
+    _require(getattr(hf, "mamba_hidden_act", "silu") in ("silu", "swish"),
+             f"nemotron_h: mamba_hidden_act={hf.mamba_hidden_act}; Strata's conv activation is SiLU")
+    pattern = "".join(letters[k] for k in kinds)
+    if "-" in pattern:
+        _require(hf.mlp_hidden_act == "relu2",
+                 f"nemotron_h: mlp_hidden_act={hf.mlp_hidden_act}; Strata's ungated MLP is relu2")
+    if "*" in pattern:
+        _require(getattr(hf, "sliding_window", None) is None,
+                 "nemotron_h: sliding_window attention; Strata's attention is full causal")
+    mamba = _mamba_from(hf, "nemotron_h", hf.ssm_state_size, hf.mamba_head_dim, hf.mamba_num_heads, hf.n_groups,
+                        hf.conv_kernel, hf.use_conv_bias, hf.use_bias, hf.chunk_size)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return ModelConfig(
+        pattern=pattern, d_model=hf.hidden_size, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
+        norm_eps=hf.layer_norm_epsilon, tie_embeddings=bool(hf.tie_word_embeddings),
+        init_std=hf.initializer_range, mamba=mamba,
+        attention=AttentionConfig(n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
+                                  head_dim=head_dim, rope=False, qkv_bias=False),
+        mlp=MLPConfig(d_ff=hf.intermediate_size, activation="relu2", bias=hf.mlp_bias))
+
+
+def _from_mamba2(hf) -> ModelConfig:
+    _require(hf.hidden_act in ("silu", "swish"), f"mamba2: hidden_act={hf.hidden_act}; Strata's is SiLU")
+    mamba = _mamba_from(hf, "mamba2", hf.state_size, hf.head_dim, hf.num_heads, hf.n_groups, hf.conv_kernel,
+                        hf.use_conv_bias, hf.use_bias, hf.chunk_size)
+    return ModelConfig(pattern="M" * hf.num_hidden_layers, d_model=hf.hidden_size, vocab_size=hf.vocab_size,
+                       norm_eps=hf.layer_norm_epsilon, tie_embeddings=bool(hf.tie_word_embeddings),
+                       init_std=hf.initializer_range, mamba=mamba)
+
+
+def _from_bamba(hf) -> ModelConfig:
+    rope = dict(hf.rope_parameters or {})
+    _require(rope.get("rope_type", "default") == "default",
+             f"bamba: rope_type={rope.get('rope_type')}; Strata's RoPE is the default (unscaled) one")
+    factor = rope.get("partial_rotary_factor", 1.0)
+    _require(factor == 1.0, f"bamba: partial_rotary_factor={factor} rotates part of each head; Strata rotates all")
+    _require(hf.hidden_act in ("silu", "swish"), f"bamba: hidden_act={hf.hidden_act}; Strata's gated MLP is SwiGLU")
+    mamba = _mamba_from(hf, "bamba", hf.mamba_d_state, hf.mamba_d_head, hf.mamba_n_heads, hf.mamba_n_groups,
+                        hf.mamba_d_conv, hf.mamba_conv_bias, hf.mamba_proj_bias, hf.mamba_chunk_size)
+    pattern = "".join("*-" if t == "full_attention" else "M-" for t in hf.layers_block_type)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return ModelConfig(
+        pattern=pattern, d_model=hf.hidden_size, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
+        norm_eps=hf.rms_norm_eps, tie_embeddings=bool(hf.tie_word_embeddings), init_std=hf.initializer_range,
+        mamba=mamba,
+        attention=AttentionConfig(n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
+                                  head_dim=head_dim, rope=True, rope_theta=rope.get("rope_theta", 10000.0),
+                                  qkv_bias=bool(hf.attention_bias)),
+        mlp=MLPConfig(d_ff=hf.intermediate_size, activation="swiglu", bias=hf.mlp_bias))
+
+
+# ----------------------------------------------------------------------------------------
+# Parameter names
+# ----------------------------------------------------------------------------------------
+
+def name_prefixes(cfg: ModelConfig, arch: str) -> list[tuple[str, str]]:
+    """(Strata prefix, HF prefix) pairs; a parameter's name is its prefix plus the same suffix on both sides."""
+    if arch == "bamba":
+        pairs = [("embed.", "model.embed_tokens."), ("final_norm.", "model.final_layernorm.")]
+        for i, kind in enumerate(cfg.pattern):
+            layer = f"model.layers.{i // 2}."
+            norm, mixer = {"-": ("pre_ff_layernorm.", "feed_forward."), "M": ("input_layernorm.", "mamba."),
+                           "*": ("input_layernorm.", "self_attn.")}[kind]
+            pairs += [(f"blocks.{i}.norm.", layer + norm), (f"blocks.{i}.mixer.", layer + mixer)]
+    else:
+        base = "backbone."  # NemotronH too: transformers keeps "model." in memory but reads and writes "backbone."
+        pairs = [("embed.", base + "embeddings."), ("final_norm.", base + "norm_f.")]
+        pairs += [(f"blocks.{i}.", f"{base}layers.{i}.") for i in range(len(cfg.pattern))]
+    return pairs + [("lm_head.", "lm_head.")]
+
+
+def _rename(name: str, pairs: list[tuple[str, str]]) -> str | None:
+    for src, dst in pairs:
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return None
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """Strata names -> HF names (no copies except where HF needs a tensor Strata shares)."""
+    pairs = name_prefixes(cfg, arch)
+    out = {}
+    for name, tensor in state_dict.items():
+        hf_name = _rename(name, pairs)
+        if hf_name is None:
+            raise UnsupportedModel(f"parameter {name!r} has no place in {arch}; is the checkpoint from this config?")
+        out[hf_name] = tensor
+    if cfg.tie_embeddings and arch == "nemotron_h":
+        out["lm_head.weight"] = state_dict["embed.weight"].clone()  # HF NemotronH never ties
+    if arch == "bamba" and cfg.attention.qkv_bias:
+        for i in range(1, len(cfg.pattern), 2):
+            if cfg.pattern[i - 1] == "*":
+                out[f"model.layers.{i // 2}.self_attn.o_proj.bias"] = torch.zeros(
+                    cfg.d_model, dtype=state_dict["embed.weight"].dtype)
+    return out
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """HF names -> Strata names. Refuses what Strata cannot hold (non-zero Bamba o_proj bias)."""
+    pairs = [(dst, src) for src, dst in name_prefixes(cfg, arch)]
+    if arch == "nemotron_h":  # transformers' in-memory names, should a directory hold them
+        pairs += [("model." + dst[len("backbone."):], src) for dst, src in pairs if dst.startswith("backbone.")]
+    if arch == "mamba2":  # mamba_ssm's names, which HF's Mamba2 load hook also accepts
+        pairs += [("backbone.embedding.", "embed.")]
+    out = {}
+    for name, tensor in hf_state.items():
+        if arch == "bamba" and name.endswith("self_attn.o_proj.bias"):
+            _require(not tensor.any(), f"bamba: {name} is non-zero; Strata's attention has no output bias")
+            continue
+        if arch == "nemotron_h" and name.startswith("mtp."):
+            continue  # multi-token-prediction heads: HF ignores them too
+        strata_name = _rename(name, pairs)
+        _require(strata_name is not None, f"{arch}: weight {name!r} has no place in Strata's model")
+        out[strata_name] = tensor
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def ties_in_hf(arch: str) -> bool:
+    """Whether the HF class ties lm_head to the embedding when tie_word_embeddings is set."""
+    return arch != "nemotron_h"
+
+
+# ----------------------------------------------------------------------------------------
+# Files: config.json and safetensors weights (transformers is imported only here, lazily)
+# ----------------------------------------------------------------------------------------
+
+INSTALL_HINT = "pip install 'strata[hf]' (or: pip install 'transformers>=5' safetensors)"
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+def require_transformers(action: str):
+    """The transformers module, or an ImportError whose message is one line saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"{action} needs Hugging Face transformers, which is not installed: {INSTALL_HINT}") from None
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"{action} needs transformers >= 5 (found {transformers.__version__}): {INSTALL_HINT}")
+    return transformers
+
+
+def build_hf_config(cfg: ModelConfig, arch: str, special_ids: dict | None = None, dtype: str = "float32"):
+    """The transformers config object of `arch` for `cfg`, ready for save_pretrained."""
+    transformers = require_transformers("export")
+    kwargs = hf_config_kwargs(cfg, arch, special_ids)
+    config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    config.architectures = [ARCHITECTURES[arch]]
+    config.dtype = dtype
+    return config
+
+
+def save_weights(out_dir, tensors: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write `tensors` as model.safetensors, or as numbered shards plus model.safetensors.index.json
+    when they exceed max_shard_bytes (transformers' layout). Returns the file names."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    _readable = _umask_mode()
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file({k: v.contiguous() for k, v in shards[0].items()}, out_dir / "model.safetensors",
+                  metadata={"format": "pt"})
+        (out_dir / "model.safetensors").chmod(_readable)  # safetensors writes 0600; a model is for sharing
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        names.append(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        save_file({k: v.contiguous() for k, v in shard.items()}, out_dir / names[-1], metadata={"format": "pt"})
+        (out_dir / names[-1]).chmod(_readable)
+        weight_map.update({k: names[-1] for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names + ["model.safetensors.index.json"]
+
+
+def _umask_mode() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def load_weights(hf_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers checkpoint directory (safetensors, sharded or not; or
+    pytorch_model.bin read with weights_only, never unpickling code)."""
+    import json
+    from pathlib import Path
+
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        from safetensors.torch import load_file
+
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [f for f in files if not (hf_dir / f).is_file()]
+        _require(not missing, f"{hf_dir} is missing weight shards {missing[:3]} named by its index; download them")
+        return {k: v for f in files for k, v in load_file(hf_dir / f).items()}
+    if (hf_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(hf_dir / "model.safetensors")
+    if (hf_dir / "pytorch_model.bin").is_file():
+        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+    raise UnsupportedModel(f"{hf_dir} has no weights (model.safetensors, its sharded index, or pytorch_model.bin)")
+
+
+def read_hf_config(hf_dir):
+    """The transformers config of a checkpoint directory, after checking it is one Strata imports."""
+    import json
+    from pathlib import Path
+
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise UnsupportedModel(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise UnsupportedModel(f"{path} is not a readable JSON config ({e.__class__.__name__})") from None
+    if model_type is None:
+        raise UnsupportedModel(f"{path} has no model_type: not a transformers model directory "
+                               f"(strata import takes {', '.join(ARCHS)})")
+    if model_type not in ARCHS:
+        raise UnsupportedModel(f"{hf_dir} holds a {model_type!r} model; strata import takes {', '.join(ARCHS)}")
+    transformers = require_transformers("strata import")
+    try:
+        return transformers.AutoConfig.from_pretrained(hf_dir)
+    except (ValueError, TypeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise UnsupportedModel(f"{path} is not a valid {model_type} config: {first[:200]}") from None

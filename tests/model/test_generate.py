@@ -1,0 +1,92 @@
+"""Cached (incremental) generation equals recomputing the full forward at every step, across
+several SSD chunk boundaries; sampling filters keep exactly the tokens they should."""
+import pytest
+import torch
+
+from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+from model.generate import PromptTooLong, Sampling, filter_logits, generate
+from model.hybrid import HybridLM
+
+CHUNK = 8
+
+
+def tiny_model(pattern="M-*-M*-", rope=True, seed=0, max_seq_len=96) -> HybridLM:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(pattern=pattern, d_model=64, vocab_size=101, max_seq_len=max_seq_len, tie_embeddings=False,
+                      mamba=MambaConfig(d_state=16, headdim=16, ngroups=2, chunk_size=CHUNK),
+                      attention=AttentionConfig(n_heads=4, n_kv_heads=2, rope=rope), mlp=MLPConfig(d_ff=96))
+    model = HybridLM(cfg).eval()
+    with torch.no_grad():  # larger weights: states and attention far from uniform
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("prompt_len,rope,temperature", [(13, True, 0.0), (5, False, 0.0), (1, True, 0.9)])
+def test_cached_generation_equals_full_recompute_every_step(prompt_len, rope, temperature):
+    model = tiny_model(rope=rope)
+    prompt = torch.randint(0, 101, (2, prompt_len), generator=torch.Generator().manual_seed(3))
+    new = 4 * CHUNK + 3  # the sequence crosses several chunk boundaries during decoding
+    out = generate(model, prompt, Sampling(max_new_tokens=new, temperature=temperature, top_k=20, seed=1),
+                   keep_logits=True)
+    assert out.tokens.shape == (2, prompt_len + new) and len(out.step_logits) == new
+    with torch.no_grad():
+        for step, cached in enumerate(out.step_logits):
+            full = model(out.tokens[:, :prompt_len + step])[:, -1]
+            assert (full - cached).abs().max().item() <= 1e-5, f"step {step}"
+    if temperature == 0:
+        assert torch.equal(out.new_tokens[:, 0], out.step_logits[0].argmax(-1))
+
+
+def test_sampling_is_reproducible_by_seed_and_differs_across_seeds():
+    model = tiny_model()
+    prompt = [5, 17, 42]
+    draws = [generate(model, prompt, Sampling(max_new_tokens=12, temperature=1.5, seed=s)).tokens for s in (7, 7, 8)]
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], draws[2])
+
+
+def test_generation_stops_at_eos_and_pads_finished_sequences():
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3], [9, 8, 7]])
+    greedy = generate(model, prompt, Sampling(max_new_tokens=20)).new_tokens
+    eos = int(greedy[0, 2])  # the third greedy token of sequence 0 plays EOS
+    alone = generate(model, prompt[:1], Sampling(max_new_tokens=20, eos_id=eos))
+    stop = greedy[0].tolist().index(eos) + 1
+    assert alone.stopped == "eos" and alone.new_tokens[0].tolist() == greedy[0, :stop].tolist()
+    both = generate(model, prompt, Sampling(max_new_tokens=20, eos_id=eos)).new_tokens
+    assert all(t == eos for t in both[0, stop - 1:].tolist())  # finished: padded with EOS
+    other = greedy[1].tolist()
+    until = other.index(eos) + 1 if eos in other else len(other)
+    assert both[1, :until].tolist() == other[:until]  # the other sequence is unaffected
+
+
+def test_generation_stops_at_max_seq_len():
+    model = tiny_model(max_seq_len=24)
+    out = generate(model, list(range(20)), Sampling(max_new_tokens=50))
+    assert out.tokens.shape[1] == 24 and out.stopped == "max_seq_len"
+
+
+def test_a_prompt_longer_than_the_model_limit_is_one_clear_error():
+    model = tiny_model(max_seq_len=24)
+    with pytest.raises(PromptTooLong) as e:
+        generate(model, list(range(25)), Sampling(max_new_tokens=5))
+    assert "\n" not in str(e.value) and "25 tokens" in str(e.value) and "max_seq_len=24" in str(e.value)
+
+
+def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.2, 0.15, 0.1]]))
+    kept = lambda t: torch.isfinite(t)[0].tolist()
+    assert kept(filter_logits(logits, top_k=2)) == [True, False, True, False, False]
+    # nucleus 0.8: 0.5 + 0.2 = 0.7 < 0.8, so 0.15 joins; 0.85 >= 0.8 stops there
+    assert kept(filter_logits(logits, top_p=0.8)) == [True, False, True, True, False]
+    assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False, False]
+    assert kept(filter_logits(logits, top_k=3, top_p=0.6)) == [True, False, True, False, False]
+
+
+def test_bad_sampling_settings_are_refused():
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0.0).validate()
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=-1).validate()

@@ -1,0 +1,208 @@
+"""Strata's model against transformers' independent NemotronH, Mamba2 and Bamba (fp32, CPU,
+their PyTorch paths): export gives the same logits and loss, import gives the same logits,
+import-then-export returns the weights bit for bit, and what a target cannot express is refused."""
+import pytest
+import torch
+
+from model import hf
+from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+from model.hybrid import HybridLM
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def perturbed_model(cfg: ModelConfig, seed: int = 0) -> HybridLM:
+    """A Strata model whose norms, D, biases and tied/untied head are all non-trivial, so that any
+    misplaced weight, eps or convention shows in the logits."""
+    torch.manual_seed(seed)
+    model = HybridLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".D"):
+                p.add_(torch.randn_like(p) * 0.3)
+            elif name.endswith("bias") and "dt_bias" not in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("weight") and p.dim() == 2:
+                p.mul_(3.0)  # larger activations: attention scores and gates far from linear
+    return model
+
+
+def export_to_hf(model: HybridLM, arch: str, tmp_path):
+    """Through the files: config.json + safetensors, loaded by from_pretrained."""
+    cfg = model.cfg
+    config = hf.build_hf_config(cfg, arch, {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0})
+    config.save_pretrained(tmp_path)
+    hf.save_weights(tmp_path, hf.to_hf_state_dict(model.state_dict(), cfg, arch))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(loaded).__name__ == hf.ARCHITECTURES[arch]
+    return loaded
+
+
+def strata_loss(model, ids):
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    return model(ids, labels=labels)
+
+
+CASES = {
+    # name: (arch, config, sequence length); lengths are not multiples of the chunk size
+    "nemotron_h-groups2-state16-gqa-tied": ("nemotron_h", ModelConfig(
+        pattern="M*-M-*", d_model=64, vocab_size=VOCAB, tie_embeddings=True,
+        mamba=MambaConfig(d_state=16, headdim=32, ngroups=2, chunk_size=16),
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2, rope=False), mlp=MLPConfig(activation="relu2")), 37),
+    "nemotron_h-groups1-state128-headdim64-mha-untied": ("nemotron_h", ModelConfig(
+        pattern="MM*-", d_model=64, vocab_size=VOCAB, tie_embeddings=False, norm_eps=1e-6,
+        mamba=MambaConfig(d_state=128, headdim=64, ngroups=1, chunk_size=16, conv_bias=False, proj_bias=True),
+        attention=AttentionConfig(n_heads=2, head_dim=24, rope=False),
+        mlp=MLPConfig(activation="relu2", d_ff=96, bias=True)), 50),
+    "mamba2-groups4-state128-headdim32-tied": ("mamba2", ModelConfig(
+        pattern="MMM", d_model=64, vocab_size=VOCAB, tie_embeddings=True,
+        mamba=MambaConfig(d_state=128, headdim=32, ngroups=4, chunk_size=8)), 45),
+    "mamba2-groups1-state16-headdim64-untied": ("mamba2", ModelConfig(
+        pattern="MM", d_model=64, vocab_size=VOCAB, tie_embeddings=False,
+        mamba=MambaConfig(d_state=16, headdim=64, ngroups=1, chunk_size=16, proj_bias=True)), 21),
+    "bamba-groups2-gqa-qkvbias-untied": ("bamba", ModelConfig(
+        pattern="M-*-M-", d_model=64, vocab_size=VOCAB, tie_embeddings=False,
+        mamba=MambaConfig(d_state=16, headdim=32, ngroups=2, chunk_size=16),
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2, qkv_bias=True), mlp=MLPConfig(d_ff=128)), 40),
+    "bamba-state128-headdim64-mha-tied": ("bamba", ModelConfig(
+        pattern="*-M-", d_model=64, vocab_size=VOCAB, tie_embeddings=True,
+        mamba=MambaConfig(d_state=128, headdim=64, chunk_size=8),
+        attention=AttentionConfig(n_heads=4, head_dim=32, rope_theta=500.0), mlp=MLPConfig(bias=True)), 19),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exported_model_gives_strata_logits_and_loss_in_transformers(name, tmp_path):
+    arch, cfg, seqlen = CASES[name]
+    cfg.validate()
+    assert hf.choose_arch(cfg) == arch
+    model = perturbed_model(cfg)
+    theirs = export_to_hf(model, arch, tmp_path)
+    ids = torch.randint(0, VOCAB, (2, seqlen), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_logits = model(ids)
+        out = theirs(ids, labels=ids)
+        assert out.logits.shape == ours_logits.shape
+        assert (out.logits - ours_logits).abs().max().item() <= 1e-4
+        assert out.loss.item() == pytest.approx(strata_loss(model, ids).item(), abs=1e-5)
+
+
+def test_nemotron_h_export_of_a_tied_model_writes_the_head_as_a_copy():
+    _, cfg, _ = CASES["nemotron_h-groups2-state16-gqa-tied"]
+    state = perturbed_model(cfg).state_dict()
+    out = hf.to_hf_state_dict(state, cfg, "nemotron_h")
+    assert torch.equal(out["lm_head.weight"], state["embed.weight"])
+    assert out["lm_head.weight"].data_ptr() != state["embed.weight"].data_ptr()  # safetensors refuses shared storage
+
+
+# ----------------------------------------------------------------------------------------
+# Import: an HF model initialised by transformers itself
+# ----------------------------------------------------------------------------------------
+
+HF_MODELS = {
+    "nemotron_h": dict(model_type="nemotron_h", vocab_size=VOCAB, hidden_size=64,
+                       layers_block_type=["linear_attention", "full_attention", "mlp", "linear_attention"],
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                       ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=32, n_groups=2, chunk_size=16,
+                       time_step_min=1e-3, tie_word_embeddings=False),
+    "mamba2": dict(model_type="mamba2", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_heads=4,
+                   head_dim=32, state_size=16, n_groups=2, chunk_size=16, tie_word_embeddings=True),
+}
+
+
+def hf_model_dir(kind: str, tmp_path):
+    kwargs = dict(HF_MODELS[kind])
+    config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def import_hf(path):
+    hf_config = hf.read_hf_config(path)
+    cfg, arch = hf.model_config_from_hf(hf_config)
+    state = hf.from_hf_state_dict(hf.load_weights(path), cfg, arch)
+    return cfg, arch, state
+
+
+@pytest.mark.parametrize("kind", list(HF_MODELS))
+def test_imported_hf_model_gives_transformers_logits(kind, tmp_path):
+    theirs = hf_model_dir(kind, tmp_path)
+    cfg, arch, state = import_hf(tmp_path)
+    assert arch == kind
+    ours = HybridLM(cfg).eval()
+    ours.load_state_dict(state)
+    ids = torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", list(HF_MODELS))
+def test_import_then_export_returns_the_weights_exactly(kind, tmp_path):
+    hf_model_dir(kind, tmp_path)
+    original = hf.load_weights(tmp_path)
+    cfg, arch, state = import_hf(tmp_path)
+    back = hf.to_hf_state_dict(state, cfg, arch)
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+
+
+def test_config_round_trips_through_the_hf_config():
+    for name, (arch, cfg, _) in CASES.items():
+        config = hf.build_hf_config(cfg, arch)
+        back, back_arch = hf.model_config_from_hf(config)
+        assert back_arch == arch
+        for field in ("pattern", "d_model", "vocab_size", "norm_eps", "mamba"):
+            if field == "mamba" and "M" not in cfg.pattern:
+                continue
+            assert getattr(back, field) == getattr(cfg, field), (name, field)
+
+
+# ----------------------------------------------------------------------------------------
+# What cannot be expressed is refused, with one line naming the feature and what would work
+# ----------------------------------------------------------------------------------------
+
+def test_rope_attention_is_refused_for_nemotron_h_with_bamba_suggested():
+    cfg = ModelConfig(pattern="M-*-", vocab_size=VOCAB, attention=AttentionConfig(rope=True))
+    with pytest.raises(hf.UnsupportedModel) as e:
+        hf.choose_arch(cfg, "nemotron_h")
+    message = str(e.value)
+    assert "\n" not in message and "RoPE" in message and "--arch bamba" in message
+
+
+def test_a_model_no_target_can_express_is_refused_naming_each_reason():
+    cfg = ModelConfig(pattern="MM-*", vocab_size=VOCAB, attention=AttentionConfig(rope=True))  # swiglu, not pairs
+    with pytest.raises(hf.UnsupportedModel) as e:
+        hf.choose_arch(cfg)
+    message = str(e.value)
+    assert "\n" not in message and all(a in message for a in hf.ARCHS)
+
+
+def test_auto_picks_a_target_that_fits():
+    assert hf.choose_arch(ModelConfig(pattern="MMMM", vocab_size=VOCAB)) == "mamba2"
+    assert hf.choose_arch(ModelConfig(pattern="M-*-", vocab_size=VOCAB)) == "bamba"
+    relu2 = ModelConfig(pattern="M*-", vocab_size=VOCAB, attention=AttentionConfig(rope=False),
+                        mlp=MLPConfig(activation="relu2"))
+    assert hf.choose_arch(relu2) == "nemotron_h"
+
+
+def test_hf_features_strata_cannot_express_are_refused_on_import():
+    partial_rope = transformers.AutoConfig.for_model("bamba", hidden_size=64, mamba_n_heads=4, num_attention_heads=4)
+    with pytest.raises(hf.UnsupportedModel, match="partial_rotary_factor"):
+        hf.model_config_from_hf(partial_rope)  # Bamba's own default rotates half of each head
+    moe = transformers.AutoConfig.for_model("nemotron_h", hidden_size=64, layers_block_type=["linear_attention", "moe"],
+                                            mamba_num_heads=4, mamba_head_dim=32)
+    with pytest.raises(hf.UnsupportedModel, match="MoE"):
+        hf.model_config_from_hf(moe)
+    odd_width = transformers.AutoConfig.for_model("nemotron_h", hidden_size=64, layers_block_type=["linear_attention"],
+                                                  mamba_num_heads=3, mamba_head_dim=32)
+    with pytest.raises(hf.UnsupportedModel, match="expand"):
+        hf.model_config_from_hf(odd_width)
