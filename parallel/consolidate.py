@@ -1,0 +1,250 @@
+"""Read a sharded training checkpoint into one full state dict, shard by shard.
+
+    ckpt = resolve_checkpoint("runs/tiny")          # a run dir, its checkpoints/ dir, or a step dir
+    state_dict = consolidate(ckpt)                  # {name: full fp32 tensor}, Strata's names
+    cfg = run_config(ckpt)                          # the run's resolved Config (config.yaml)
+
+Layouts read (what parallel/checkpoint.py writes through DeepSpeed, and what `strata import`
+writes):
+- ZeRO 0-2: mp_rank_00_model_states.pt holds the full module (DeepSpeed gathers it there).
+- ZeRO-3: parameters are flat fp32 partitions, one per data-parallel rank, in
+  zero_pp_rank_<r>_mp_rank_00_optim_states.pt; each parameter is cut out of every rank's
+  partition and concatenated (DeepSpeed's zero_to_fp32 merge, on memory-mapped files, so
+  only the model itself is ever held in memory, never the optimizer states).
+- weights only (`strata import`): model.safetensors and a manifest with "weights_only".
+- Tensor / pipeline parallel (tp or pp > 1): per TP rank, the module files (mp_rank_YY) or
+  DeepSpeed's per-layer pipeline files (layer_XX-model_YY), merged over TP by
+  parallel/tp_splits.py (ZeRO-3 with TP is not read yet).
+
+Loading never unpickles arbitrary objects: torch.load(weights_only=True), with only
+DeepSpeed's own records (parallel.checkpoint.DEEPSPEED_RECORDS) allowed in ZeRO optimizer files.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+
+def quiet_deepspeed_import() -> None:
+    """In a process that has not imported DeepSpeed yet (export, import, generate): import it
+    without its accelerator warning, and point its logging at stderr, not stdout, which
+    `strata generate` keeps for the generated text alone. A training process is left as is."""
+    if "deepspeed" in sys.modules:
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        import deepspeed.utils
+    for handler in deepspeed.utils.logger.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+
+
+quiet_deepspeed_import()  # before parallel.checkpoint, which imports DeepSpeed
+
+from parallel.checkpoint import DEEPSPEED_RECORDS, MANIFEST, STEP_DIR, CheckpointError, newest_checkpoint  # noqa: E402
+
+WEIGHTS_FILE = "model.safetensors"
+ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+ZERO3_OPTIM = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+PIPELINE_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+
+
+# ----------------------------------------------------------------------------------------
+# Finding the checkpoint and its config
+# ----------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete step directory from a run dir, a run's checkpoints/ dir, or a step dir."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a run directory or one of its "
+                              "checkpoints/step_XXXXXXXX directories")
+    if STEP_DIR.match(path.name) or path.name.endswith(".tmp"):
+        if not (path / MANIFEST).is_file() or path.name.endswith(".tmp"):
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}: its save was interrupted); "
+                                  "use an earlier complete one or the run directory")
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    newest = newest_checkpoint(root)
+    if newest is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (looked for {root}/step_XXXXXXXX with "
+                              f"{MANIFEST}); train first, or give a step directory")
+    return newest
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent
+
+
+def run_config(ckpt: Path):
+    """The run's resolved Config, from <run_dir>/config.yaml beside its checkpoints."""
+    from launcher.config import ConfigError, load_config
+
+    path = run_dir_of(ckpt) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no {path}; the run's config.yaml must sit beside "
+                              "its checkpoints/ directory")
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_manifest(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: unreadable {MANIFEST} ({e.__class__.__name__}); "
+                              "it is incomplete: use an earlier complete one") from None
+
+
+def is_weights_only(ckpt: Path) -> bool:
+    """A checkpoint of weights alone (from `strata import`): training starts from it with a fresh
+    optimizer, schedule and data order instead of resuming DeepSpeed's state."""
+    return bool(read_manifest(ckpt).get("weights_only"))
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------
+
+def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full state dict of a complete checkpoint, in Strata's parameter names."""
+    ckpt = Path(ckpt)
+    if is_weights_only(ckpt):
+        return read_weights_only(ckpt)
+    layout = read_manifest(ckpt).get("layout", {})
+    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
+    if tp * pp == 1:
+        return read_data_parallel(ckpt)
+    model_cfg = run_config(ckpt).model
+    return merge_model_parallel(read_model_parallel_ranks(ckpt, tp, pp, len(model_cfg.pattern)), model_cfg)
+
+
+def read_data_parallel(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model of one (tp, pp) rank, gathered over its data-parallel (ZeRO) ranks."""
+    if (ckpt / "mp_rank_00_model_states.pt").is_file():
+        module = safe_load(ckpt / "mp_rank_00_model_states.pt")["module"]
+        return {name: t.contiguous() for name, t in module.items()}
+    if any(ZERO3_MODEL.match(p.name) for p in ckpt.iterdir()):
+        return read_zero3(ckpt)
+    raise CheckpointError(f"checkpoint {ckpt} has no model states (mp_rank_00_model_states.pt or ZeRO-3 "
+                          "zero_pp_rank_*_model_states.pt); it is damaged or not a Strata checkpoint")
+
+
+def read_zero3(ckpt: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import zero_to_fp32
+
+    ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL.match(p.name)))
+    world = len(ranks)
+    missing = [ZERO3_OPTIM.format(r) for r in range(world) if not (ckpt / ZERO3_OPTIM.format(r)).is_file()]
+    if ranks != list(range(world)) or missing:
+        raise CheckpointError(f"ZeRO-3 checkpoint {ckpt} lacks shards ({', '.join(missing) or 'model states'}); "
+                              "a rank did not finish saving: use an earlier complete checkpoint")
+    model_states = []
+    for r in ranks:
+        sd = safe_load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        model_states.append(zero_to_fp32.zero_model_state(
+            buffers={k: v for k, v in sd["module"].items() if k in sd["buffer_names"]},
+            param_shapes=sd["param_shapes"], shared_params=list(map(list, (sd.get("shared_params") or {}).items())),
+            ds_version=sd.get("ds_version"), frozen_param_shapes=sd.get("frozen_param_shapes"),
+            frozen_param_fragments=sd.get("frozen_param_fragments")))
+    flat_groups = []
+    for r in ranks:
+        optim = safe_load(ckpt / ZERO3_OPTIM.format(r), zero_optimizer=True)["optimizer_state_dict"]
+        if optim.get("partition_count") not in (world, [world]):
+            raise CheckpointError(f"ZeRO-3 checkpoint {ckpt}: rank {r} was partitioned over "
+                                  f"{optim.get('partition_count')} ranks but {world} shards are present")
+        flat_groups.append(optim["fp32_flat_groups"])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
+        lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
+        return {name: t.contiguous() for name, t in lazy.items()}
+
+
+def read_model_parallel_ranks(ckpt: Path, tp: int, pp: int, n_blocks: int) -> list[dict[str, torch.Tensor]]:
+    """Per tensor-parallel rank, its shards of every parameter in Strata's names. pp > 1:
+    DeepSpeed's pipeline writes one file per layer and TP rank (layer_XX-model_YY), renamed
+    through parallel/pipeline.py's layer_prefix; pp = 1: one module file per TP rank
+    (mp_rank_YY, ZeRO 0-2)."""
+    if pp > 1:
+        from parallel.pipeline import layer_prefix
+
+        parts = [{} for _ in range(tp)]
+        for path in sorted(ckpt.glob("layer_*-model_*-model_states.pt")):
+            layer, rank = map(int, PIPELINE_LAYER.match(path.name).groups())
+            parts[rank].update({layer_prefix(layer, n_blocks) + k: v for k, v in safe_load(path).items()})
+        if not all(parts):
+            raise CheckpointError(f"checkpoint {ckpt} (tp={tp}, pp={pp}) lacks pipeline layer files; "
+                                  "a rank did not finish saving: use an earlier complete checkpoint")
+        return parts
+    files = [ckpt / f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
+    if not all(f.is_file() for f in files):
+        raise CheckpointError(f"checkpoint {ckpt} (tp={tp}) lacks mp_rank_XX_model_states.pt files (ZeRO-3 "
+                              "with tensor parallelism is not consolidated yet); use a ZeRO 0-2 checkpoint")
+    return [safe_load(f)["module"] for f in files]
+
+
+def merge_model_parallel(parts: list[dict[str, torch.Tensor]], model_cfg) -> dict:
+    """One full state dict from every TP rank's shards (parallel/tp_splits.py's inverse of
+    the split that built the TP model; the model is built on the meta device to read it)."""
+    from model.hybrid import HybridLM
+    from parallel.tp_splits import gather_state_dicts, parameter_splits
+
+    with torch.device("meta"):
+        model = HybridLM(model_cfg)
+    merged = gather_state_dicts(parts, parameter_splits(model, len(parts)))
+    return {name: t.contiguous() for name, t in merged.items()}
+
+
+def read_weights_only(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = ckpt / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"weights-only checkpoint {ckpt} has no {WEIGHTS_FILE}; re-run strata import")
+    return load_file(path)
+
+
+def safe_load(path: Path, zero_optimizer: bool = False) -> dict:
+    """torch.load without unpickling arbitrary objects (memory-mapped: tensors are read on use).
+    ZeRO optimizer files also hold two DeepSpeed classes, allowed by name with zero_optimizer."""
+    allowed = DEEPSPEED_RECORDS if zero_optimizer else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for damaged or hostile files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise CheckpointError(f"cannot read {path}: {first[:200]}; the file is damaged or not from Strata") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Writing a weights-only checkpoint (strata import)
+# ----------------------------------------------------------------------------------------
+
+def write_weights_only(root: Path, state_dict: dict[str, torch.Tensor], step: int = 0) -> Path:
+    """A complete checkpoint under root (a run's checkpoints/ dir) holding only the weights:
+    written under a .tmp name, manifest last, renamed, then `latest` updated."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from parallel.checkpoint import atomic_write_text, step_name
+
+    final = root / step_name(step)
+    tmp = root / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "weights_only": True}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    return final
