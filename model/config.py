@@ -255,17 +255,25 @@ def _blockshuffle_sizes(cfg: MLPConfig, d_model: int) -> StructuredSizes:
     return StructuredSizes("blockshuffle", 0, nblocks, valid[nblocks])
 
 
+ALIGNMENTS = (64, 32, 16, 8, 1)
+"""Rank granularities tried in turn when a rank is derived from param_fraction: GPU matmuls
+on widths that are not multiples of 8 (16 bytes in bf16) run several times slower."""
+
+
 def _rank_for_fraction(cfg: MLPConfig, share_per_rank: float, step: int, sizes: str) -> int:
-    """The multiple of `step` whose parameter share is nearest the target; an error naming
-    the multiples on either side when none is within FRACTION_TOLERANCE."""
-    exact = cfg.param_fraction / share_per_rank / step
-    candidates = sorted({max(1, math.floor(exact)), max(1, math.ceil(exact))})
-    rank = step * min(candidates, key=lambda c: abs(c * step * share_per_rank - cfg.param_fraction))
-    if abs(rank * share_per_rank - cfg.param_fraction) > FRACTION_TOLERANCE:
-        raise ValueError(f"param_fraction: {cfg.param_fraction} is not reachable by {cfg.structure} at these "
-                         "widths; nearest valid: " + " or ".join(
-                             f"{c * step * share_per_rank:.4g} ({sizes.format(c * step)})" for c in candidates))
-    return rank
+    """The rank nearest the target share, on the coarsest granularity (a multiple of `step`
+    times one of ALIGNMENTS) that still lands within FRACTION_TOLERANCE; otherwise an error
+    naming the ranks on either side."""
+    for align in ALIGNMENTS:
+        unit = step * align
+        exact = cfg.param_fraction / share_per_rank / unit
+        candidates = sorted({max(1, math.floor(exact)), max(1, math.ceil(exact))})
+        rank = unit * min(candidates, key=lambda c: abs(c * unit * share_per_rank - cfg.param_fraction))
+        if abs(rank * share_per_rank - cfg.param_fraction) <= FRACTION_TOLERANCE:
+            return rank
+    raise ValueError(f"param_fraction: {cfg.param_fraction} is not reachable by {cfg.structure} at these "
+                     "widths; nearest valid: " + " or ".join(
+                         f"{c * unit * share_per_rank:.4g} ({sizes.format(c * unit)})" for c in candidates))
 
 
 @dataclass

@@ -3,17 +3,12 @@
 Its linears are dense or structured (model/structured.py), chosen by `make_linear`."""
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import MLPConfig, StructuredSizes
+from model.config import MLPConfig, ModelConfig, StructuredSizes
 from model.structured import BlockDense, BlockShuffle, LowRank
-
-log = logging.getLogger(__name__)
-_logged_sizes: set = set()
 
 
 def make_linear(in_features: int, out_features: int, cfg: MLPConfig, layer_idx: int,
@@ -33,13 +28,21 @@ def make_linear(in_features: int, out_features: int, cfg: MLPConfig, layer_idx: 
     return linear
 
 
-def _log_sizes_once(cfg: MLPConfig, d_model: int, sizes: StructuredSizes) -> None:
-    key = (d_model, sizes.structure, sizes.rank, sizes.nblocks)
-    if key not in _logged_sizes:
-        _logged_sizes.add(key)
-        log.info("structured MLP: %s rank=%d nblocks=%d, %.1f%% of the dense MLP's parameters "
-                 "(d_model=%d, d_ff=%d)%s", sizes.structure, sizes.rank, sizes.nblocks, 100 * sizes.fraction,
-                 d_model, cfg.resolved_d_ff(d_model), ", self-guided" if cfg.self_guided else "")
+def describe_structure(cfg: ModelConfig) -> str | None:
+    """The derived sizes as one log line; None for dense MLPs."""
+    mlp = cfg.mlp
+    if mlp.structure == "dense" or "-" not in cfg.pattern:
+        return None
+    sizes = mlp.structured_sizes(cfg.d_model)
+    size = {"lowrank": f"rank={sizes.rank}", "blockdense": f"rank={sizes.rank} nblocks={sizes.nblocks}",
+            "blockshuffle": f"nblocks={sizes.nblocks}"}[sizes.structure]
+    extras = ["first MLP dense"] if mlp.dense_first_layer else []
+    if mlp.self_guided:
+        extras.append(f"self-guided until {mlp.guide_ratio:g} of the steps ({mlp.guide_schedule}"
+                      f"{', stochastic' if mlp.guide_stochastic else ''})")
+    return (f"structured MLP: {sizes.structure} {size}, {100 * sizes.fraction:.1f}% of the dense MLP's "
+            f"parameters (d_model={cfg.d_model}, d_ff={mlp.resolved_d_ff(cfg.d_model)})"
+            + "".join(f"; {e}" for e in extras))
 
 
 class MLP(nn.Module):
@@ -50,7 +53,6 @@ class MLP(nn.Module):
         sizes = None
         if cfg.structure != "dense" and not (first_mlp and cfg.dense_first_layer):
             sizes = cfg.structured_sizes(d_model)
-            _log_sizes_once(cfg, d_model, sizes)
         if self.activation == "swiglu":
             self.gate_proj = make_linear(d_model, d_ff, cfg, layer_idx, sizes)
         self.up_proj = make_linear(d_model, d_ff, cfg, layer_idx, sizes)

@@ -1,0 +1,86 @@
+"""Rebuild the DeepSpeed engine after parameters left the model (the dense paths of
+self-guided training, model/guidance.py), carrying every remaining parameter's optimizer
+state, the LR schedule and the step counters over: the run continues as if the removed
+parameters had never been there, and they hold no optimizer state afterwards.
+
+ZeRO stage 0 keeps torch's per-parameter state; stages 1 and 2 keep flat fp32 partitions,
+read and written per parameter through deepspeed.utils' safe_get/safe_set helpers.
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+from parallel.engine import build_engine
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def supports_rebuild(zero_stage: int) -> bool:
+    return zero_stage in (0, 1, 2)
+
+
+def rebuild_engine(old, model: torch.nn.Module, train, par, world_size: int, mpu=None):
+    """Collective (every rank calls it). `model` is old.module with parameters removed."""
+    if not supports_rebuild(par.zero_stage):
+        raise ValueError(f"parallel.zero_stage: dropping parameters mid-run supports ZeRO stages 0-2, "
+                         f"not {par.zero_stage}")
+    kept = [p for p in model.parameters() if p.requires_grad]
+    states, step = _read_states(old, kept, par.zero_stage)
+    lr_state, lrs = old.lr_scheduler.state_dict(), [g["lr"] for g in old.optimizer.param_groups]
+    counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
+    old.destroy()  # removes its gradient hooks from the parameters we keep
+    new = build_engine(model, train, par, world_size, mpu)
+    _write_states(new, kept, states, step, par.zero_stage)
+    new.lr_scheduler.load_state_dict(lr_state)
+    for group, lr in zip(new.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for k, v in counters.items():
+        setattr(new, k, v)
+    return new
+
+
+def _inner(engine):
+    """The torch optimizer: the engine's own at stage 0, the ZeRO wrapper's inside at 1-2."""
+    opt = engine.optimizer
+    return opt.optimizer if hasattr(opt, "single_partition_of_fp32_groups") else opt
+
+
+def _read_states(engine, params, stage):
+    inner = _inner(engine)
+    steps = [s["step"] for s in inner.state.values() if "step" in s]
+    step = steps[0].clone() if steps else None
+    if step is None:  # no optimizer step taken yet: nothing to carry
+        return {}, None
+    if stage == 0:
+        return {p: dict(inner.state[p]) for p in params if p in inner.state}, step
+    _relink(engine.optimizer)
+    return {p: {k: safe_get_full_optimizer_state(p, k) for k in ADAM_STATES} for p in params}, step
+
+
+def _write_states(engine, params, states, step, stage):
+    if step is None:
+        return
+    inner = _inner(engine)
+    if stage == 0:
+        for p in params:
+            if p in states:
+                inner.state[p] = states[p]
+        return
+    zero = engine.optimizer
+    # ZeRO links per-parameter views into its flat state only after a first step; create
+    # the flat state now (the values are overwritten below) and link it.
+    for flat in zero.single_partition_of_fp32_groups:
+        inner.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
+    _relink(zero)
+    for p in params:
+        for k in ADAM_STATES:
+            safe_set_full_optimizer_state(p, states[p][k].to(p.device), k)
+
+
+def _relink(zero) -> None:
+    """(Re)build each parameter's view into ZeRO's flat optimizer state. DeepSpeed links
+    them once, right after the first group's first step, so the views of the other param
+    groups (here: the no-weight-decay group) stay empty; linking again fixes that."""
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()

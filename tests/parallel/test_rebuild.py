@@ -1,0 +1,89 @@
+"""Dropping self-guided training's dense paths mid-run: the rebuilt DeepSpeed engine holds
+no state for them, leaves them out of its checkpoints, and trains every other parameter
+exactly as the old engine would have."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from launcher.config import TrainConfig
+from model.config import MLPConfig, ModelConfig
+from model.guidance import SelfGuidance
+from model.hybrid import HybridLM
+from parallel.config import ParallelConfig
+from parallel.engine import build_engine
+from parallel.rebuild import rebuild_engine
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank gloo group for DeepSpeed in this process; the environment it needs is
+    restored afterwards (end-to-end tests launch subprocesses that inherit it)."""
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def train(stage: int, drop: bool, steps=8, guided_until=4):
+    cfg = ModelConfig(pattern="-*-", d_model=32, vocab_size=50, max_seq_len=32,
+                      mlp=MLPConfig(activation="relu2", structure="lowrank", rank=4, self_guided=True,
+                                    dense_first_layer=False, guide_stochastic=False))
+    cfg.attention.n_heads = 4
+    cfg.validate()
+    tr = TrainConfig(max_steps=steps, warmup_steps=2, lr=1e-2, global_batch_size=4, seq_len=16)
+    par = ParallelConfig(zero_stage=stage, micro_batch_size=2)
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    engine = build_engine(model, tr, par, 1)
+    guidance = SelfGuidance(model, cfg.mlp, total_steps=2 * guided_until, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    guides, losses = [m.guide for m in guidance.guided_linears()], []
+    for step in range(steps):
+        if guidance.should_drop(step) and drop:
+            guidance.drop_dense_paths(model)
+            engine = rebuild_engine(engine, model, tr, par, 1)
+        elif guidance.should_drop(step):  # the reference: the old engine, dense paths unused
+            for m in guidance.guided_linears():
+                m.guide_active = False
+        else:
+            guidance.update(step)
+        for _ in range(engine.gradient_accumulation_steps()):
+            ids = torch.randint(0, 50, (2, 16), generator=gen)
+            loss = engine(ids, labels=ids)
+            engine.backward(loss)
+            engine.step()
+        losses.append(loss.item())
+    return engine, model, guides, losses
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_rebuilt_engine_continues_exactly_without_the_dense_paths(one_rank, stage, tmp_path):
+    _, reference, _, ref_losses = train(stage, drop=False)
+    engine, model, guides, losses = train(stage, drop=True)
+    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    kept = {k: v for k, v in reference.state_dict().items() if "guide" not in k}
+    assert kept.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, kept[name], rtol=1e-6, atol=1e-7)
+    optimized = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in guides}
+    assert engine.global_steps == 8 and engine.get_lr() == pytest.approx([1e-3, 1e-3])
+    engine.save_checkpoint(str(tmp_path), tag="after")
+    saved = torch.load(tmp_path / "after" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert not any("guide" in k for k in saved["module"])
