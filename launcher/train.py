@@ -28,10 +28,17 @@ from launcher.config import Config, ConfigError, dump_yaml, load_config
 from launcher.metrics import Reporter, hardware_metrics, peak_tflops
 from model import HybridLM
 from model.counting import format_counts, training_flops_per_token
+from model.guidance import SelfGuidance, equal_flops_extra_steps
+from model.mlp import describe_structure
 from parallel import checkpoint as ckpt
 from parallel import consolidate
 from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
 from parallel.engine import build_engine, data_parallel_size, grad_accumulation_steps
+from parallel.layout import check_layout as check_parallel_layout
+from parallel.layout import effective_vocab_size
+from parallel.parallelize import parallel_model, pipeline_item
+from parallel.rebuild import rebuild_engine, supports_rebuild
+from parallel.topology import Topology, init_topology, model_parallel_grad_norm
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -55,6 +62,8 @@ class Run:
     flops_per_token: float
     peak_tflops: float | None
     step: int = 0
+    guidance: SelfGuidance | None = None
+    topo: Topology | None = None
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -86,16 +95,21 @@ def open_data(cfg: Config, info: DistInfo):
 
 def setup(cfg: Config, info: DistInfo) -> Run:
     run_dir = Path(cfg.train.run_dir)
-    dp = data_parallel_size(info.world_size, cfg.parallel)
+    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
+    dp, dp_rank = topo.dp, topo.dp_rank
     corpus = open_data(cfg, info)
+    check_layout(cfg, info.world_size)  # again, now that the vocabulary is known
     torch.manual_seed(cfg.train.seed)
-    model = HybridLM(cfg.model).to(info.device)
+    model = HybridLM(cfg.model)  # on the CPU: sharded / cut into stages before it moves
+    n_params = sum(p.numel() for p in model.parameters())
     newest = ckpt.newest_checkpoint(run_dir / "checkpoints") if cfg.checkpoint.resume else None
     imported = newest is not None and consolidate.is_weights_only(newest)
     if imported:  # weights from `strata import`: start training from them with a fresh optimizer
         model.load_state_dict(consolidate.consolidate(newest))
-    engine = build_engine(model, cfg.train, cfg.parallel, info.world_size)
-    dp_rank = info.rank % dp
+    model = parallel_model(model, topo, cfg.train.seq_len, cfg.parallel.sequence_parallel).to(info.device)
+    guidance = start_guidance(cfg, model, None if imported else newest)
+    extend_to_equal_flops(cfg)
+    engine = build_engine(model, cfg.train, cfg.parallel, info.world_size, mpu=topo.engine_mpu)
     loader = data.TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
                               dp_rank, dp, cfg.train.seed)
     step = 0
@@ -110,14 +124,57 @@ def setup(cfg: Config, info: DistInfo) -> Run:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     reporter = Reporter(run_dir, cfg.logging, info.is_main, cfg.train.max_steps, step)
     reporter.text("config", dump_yaml(cfg))
-    n_params = sum(p.numel() for p in model.parameters())
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
-                 f"| {'resumed from ' + newest.name if newest else 'fresh start'} at step {step}")
+                 f"tp={topo.tp} pp={topo.pp} | {'resumed from ' + newest.name if newest else 'fresh start'} "
+                 f"at step {step}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
-    flops = sum(training_flops_per_token(cfg.model, cfg.train.seq_len).values())
+    if describe_structure(cfg.model):
+        reporter.log(describe_structure(cfg.model))
+    flops = training_flops_per_token(cfg.model, cfg.train.seq_len)["total"]
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
-               peak_tflops(cfg.logging.peak_tflops, info.device), step)
+               peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo)
+
+
+def start_guidance(cfg: Config, model, newest: Path | None) -> SelfGuidance | None:
+    """Self-guided training's schedule, as the checkpoint left it; a run resumed past the
+    guided phase loses its dense paths here, before the engine (and its optimizer) exist."""
+    if not cfg.model.mlp.self_guided:
+        return None
+    if cfg.parallel.pp > 1 or not supports_rebuild(cfg.parallel.zero_stage):
+        raise ConfigError(f"model.mlp.self_guided: dropping the dense paths mid-run needs parallel.zero_stage <= 2 "
+                          f"and pp = 1 (got {cfg.parallel.zero_stage}, {cfg.parallel.pp}); change one or the other")
+    guidance = SelfGuidance(model, cfg.model.mlp, cfg.train.max_steps, cfg.train.seed)
+    step = 0
+    if newest is not None:
+        manifest = ckpt.read_manifest(newest)
+        guidance.load_state_dict(manifest.get("self_guided", guidance.state_dict()))
+        step = manifest["step"]
+    if guidance.should_drop(step):
+        guidance.drop_dense_paths(model)
+    return guidance
+
+
+def extend_to_equal_flops(cfg: Config) -> None:
+    """mlp.equal_flops: train on until the dense model's FLOPs over train.max_steps are spent.
+    The resolved config records the longer run (and equal_flops off), so a run restarted
+    from its config.yaml does not extend twice."""
+    if cfg.model.mlp.equal_flops:
+        try:
+            cfg.train.max_steps += equal_flops_extra_steps(cfg.model, cfg.train.max_steps, cfg.train.seq_len)
+        except ValueError as e:
+            raise ConfigError(f"model.{e}") from None
+        cfg.model.mlp.equal_flops = False
+
+
+def end_guided_phase_if_due(run: Run) -> None:
+    """Once a = 0 for good: drop the dense paths and rebuild the engine without them, before
+    the next checkpoint, so that they hold no optimizer state and are saved no more."""
+    if run.guidance is not None and run.guidance.should_drop(run.step):
+        run.guidance.drop_dense_paths()
+        run.engine = rebuild_engine(run.engine, run.engine.module, run.cfg.train, run.cfg.parallel,
+                                    run.dist.world_size, mpu=run.topo.engine_mpu)
+        run.reporter.log(f"step {run.step:6d} | self-guided training done: dense paths dropped")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -128,16 +185,22 @@ def train_step(run: Run) -> dict:
     engine, cfg, device = run.engine, run.cfg, run.dist.device
     start = time.perf_counter()
     lr = engine.get_lr()[0]
-    losses, data_wait = [], 0.0
-    for _ in range(engine.gradient_accumulation_steps()):
-        batch = to_device(next(run.loader), device)
-        data_wait += run.loader.last_wait_s
+    losses, data_wait, own_norm = [], 0.0, float("nan")
+    if run.topo.pp > 1:  # the pipeline engine runs the step's micro-batches itself (1F1B)
+        waits = []
         with autocast(cfg, device):
-            loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
-        engine.backward(loss)
-        own_norm = grad_norm_if_engine_has_none(engine)
-        engine.step()
-        losses.append(loss.item())
+            losses.append(engine.train_batch(pipeline_micro_batches(run, waits)).item())
+        data_wait = sum(waits)
+    else:
+        for _ in range(engine.gradient_accumulation_steps()):
+            batch = to_device(next(run.loader), device)
+            data_wait += run.loader.last_wait_s
+            with autocast(cfg, device):
+                loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+            engine.backward(loss)
+            own_norm = grad_norm_if_engine_has_none(engine, run.topo)
+            engine.step()
+            losses.append(loss.item())
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
     elapsed = time.perf_counter() - start
@@ -149,13 +212,22 @@ def train_step(run: Run) -> dict:
             "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens, **hardware}
 
 
-def grad_norm_if_engine_has_none(engine) -> float:
+def pipeline_micro_batches(run: Run, waits: list):
+    """The step's micro-batches for the pipeline engine (only its first and last stages
+    read them), as they are drawn."""
+    for _ in range(run.engine.gradient_accumulation_steps()):
+        batch = to_device(next(run.loader), run.dist.device)
+        waits.append(run.loader.last_wait_s)
+        yield pipeline_item(batch)
+
+
+def grad_norm_if_engine_has_none(engine, topo: Topology) -> float:
     """ZeRO stage 0 clips without recording the norm; at the accumulation boundary
-    (after backward, gradients already all-reduced) it is the norm of the full grads."""
+    (after backward, gradients already all-reduced) it is the norm of the full grads,
+    every tensor-parallel shard counted once."""
     if engine.zero_optimization_stage() > 0 or not engine.is_gradient_accumulation_boundary():
         return float("nan")
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+    return model_parallel_grad_norm(engine.module, topo)
 
 
 @torch.no_grad()
@@ -166,8 +238,11 @@ def evaluate(run: Run) -> dict:
     for batch in run.eval_batches:
         batch = to_device(batch, run.dist.device)
         with autocast(run.cfg, run.dist.device):
-            total[0] += run.engine(batch["input_ids"], labels=batch["labels"],
-                                   position_ids=batch.get("position_ids")).item()
+            if run.topo.pp > 1:  # the loss comes back to every stage
+                loss = run.engine.eval_batch(iter([pipeline_item(batch)]), num_micro_batches=1)
+            else:
+                loss = run.engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+            total[0] += loss.item()
         total[1] += 1
     run.engine.train()
     dist.all_reduce(total)
@@ -189,6 +264,8 @@ def save(run: Run) -> None:
     layout = {"world_size": run.dist.world_size, "tp": run.cfg.parallel.tp, "pp": run.cfg.parallel.pp,
               "zero_stage": run.cfg.parallel.zero_stage}
     state = {"step": run.step, "data": run.loader.state_dict(), "layout": layout}
+    if run.guidance is not None:
+        state["self_guided"] = run.guidance.state_dict()
     ckpt.save_checkpoint(run.engine, run.run_dir / "checkpoints", run.step, state, run.dist.rank,
                          run.cfg.checkpoint.keep_last)
 
@@ -202,9 +279,11 @@ def train(cfg: Config, info: DistInfo) -> dict:
     t0, last = time.perf_counter(), cfg.train.max_steps
     result = None
     while run.step < last:
+        alpha = run.guidance.update(run.step) if run.guidance is not None else None
         metrics = train_step(run)
         run.step += 1
-        run.reporter.step_done(run.step, metrics)
+        run.reporter.step_done(run.step, metrics if alpha is None else {**metrics, "self_guided_alpha": alpha})
+        end_guided_phase_if_due(run)
         if due(run.step, cfg.train.eval_every, last):
             result = evaluate(run)
             report_eval(run, result)
@@ -221,11 +300,12 @@ def train(cfg: Config, info: DistInfo) -> dict:
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
-    """Layout errors surface before any process group exists."""
+    """Layout errors surface before any process group exists: one line naming what does
+    not divide (heads, groups, vocabulary, blocks, world size) and the nearest valid layouts."""
     par = cfg.parallel
-    if world_size % (par.tp * par.pp):
-        raise ConfigError(f"parallel: tp x pp = {par.tp * par.pp} does not divide the world size {world_size}")
     try:
+        check_parallel_layout(cfg.model, par.tp, par.pp, world_size, par.zero_stage, par.sequence_parallel,
+                              cfg.train.seq_len, effective_vocab_size(cfg.model, cfg.data))
         grad_accumulation_steps(cfg.train.global_batch_size, par, data_parallel_size(world_size, par))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -237,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_layout(cfg, rank_environment()[1])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank_environment()[0] == 0:  # every rank finds the same problem: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     info = init_distributed(cfg.parallel.backend)
     try:

@@ -18,6 +18,10 @@ class ParallelConfig:
     rest of train.global_batch_size (so a resume on another world size keeps the batch)."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (NCCL on GPU, gloo on CPU), 'nccl' or 'gloo'."""
+    sequence_parallel: bool = False
+    """With tp > 1: split norms and residuals along the sequence between tensor-parallel
+    regions (all-gather in, reduce-scatter out, as Megatron), dividing their activation
+    memory by tp. Needs train.seq_len divisible by tp; no effect at tp = 1."""
 
     def validate(self) -> None:
         for name in ("tp", "pp", "micro_batch_size"):

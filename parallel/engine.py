@@ -8,6 +8,7 @@ import deepspeed
 import torch
 
 from parallel.config import ParallelConfig
+from parallel.parallelize import deepspeed_pipeline_section
 
 
 def data_parallel_size(world_size: int, par: ParallelConfig) -> int:
@@ -25,6 +26,7 @@ def grad_accumulation_steps(global_batch: int, par: ParallelConfig, dp: int) -> 
 
 def deepspeed_config(train, par: ParallelConfig, dp: int) -> dict:
     gas = grad_accumulation_steps(train.global_batch_size, par, dp)
+    pipeline = {"pipeline": deepspeed_pipeline_section(par.sequence_parallel)} if par.pp > 1 else {}
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": par.micro_batch_size,
@@ -35,6 +37,7 @@ def deepspeed_config(train, par: ParallelConfig, dp: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
+        **pipeline,
     }
 
 

@@ -1,0 +1,150 @@
+"""Layout validation: does TP x PP x DP fit this model and this world size?
+
+Runs on the config alone, before any process group exists, so a bad layout costs one
+line on stderr, not a hung job:
+
+    check_layout(cfg.model, tp=4, pp=2, world_size=8)
+    -> LayoutError: parallel layout tp=4 pp=2 dp=1 on 8 processes: mamba.ngroups=2 is not
+       divisible by tp=4; nearest valid layouts: tp=2 pp=2 dp=2, tp=2 pp=4 dp=1, tp=1 pp=2 dp=4
+
+Every rule here mirrors a split made in parallel/tensor_parallel.py (heads, groups, MLP
+widths and structured factors, vocabulary) or parallel/pipeline.py (blocks per stage).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+
+
+class LayoutError(ValueError):
+    """A layout that cannot run; str() is one line naming what does not divide and the
+    nearest valid layouts."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+
+
+def _divides(what: str, value: int, tp: int) -> list[str]:
+    return [] if value % tp == 0 else [f"{what}={value} is not divisible by tp={tp}"]
+
+
+def attention_problems(model: ModelConfig, tp: int) -> list[str]:
+    att = model.attention
+    kv = att.resolved_kv_heads()
+    problems = _divides("attention.n_heads", att.n_heads, tp)
+    # KV heads are split when tp divides them and replicated (one per rank) when tp is a
+    # multiple of them; anything in between would give a rank parts of two KV heads.
+    if kv % tp and tp % kv:
+        problems.append(f"attention.n_kv_heads={kv} neither divides nor is divisible by tp={tp}")
+    return problems
+
+
+def mamba_problems(model: ModelConfig, tp: int) -> list[str]:
+    m = model.mamba
+    nheads = m.expand * model.d_model // m.headdim
+    return _divides("mamba heads (expand*d_model/headdim)", nheads, tp) + _divides("mamba.ngroups", m.ngroups, tp)
+
+
+def structured_problems(model: ModelConfig, tp: int) -> list[str]:
+    """The splits of parallel/tensor_parallel.py's structured linears (see there)."""
+    mlp = model.mlp
+    sizes = mlp.structured_sizes(model.d_model)
+    d_ff = mlp.resolved_d_ff(model.d_model)
+    if sizes.structure in ("blockdense", "blockshuffle") and sizes.nblocks % tp:
+        return [f"mlp.nblocks={sizes.nblocks} is not divisible by tp={tp}"]
+    if sizes.structure == "blockshuffle":
+        per_block = min(model.d_model, d_ff) // sizes.nblocks
+        if per_block % tp:
+            return [f"blockshuffle inner width per block ({per_block}) is not divisible by tp={tp}"]
+        if tp > 1 and per_block % sizes.nblocks:
+            return [f"blockshuffle inner width per block ({per_block}) is not a multiple of "
+                    f"mlp.nblocks={sizes.nblocks}, which its row-parallel split needs"]
+    return []
+
+
+def mlp_problems(model: ModelConfig, tp: int) -> list[str]:
+    problems = _divides("mlp.d_ff", model.mlp.resolved_d_ff(model.d_model), tp)
+    structured_mlps = model.pattern.count("-") - (1 if model.mlp.dense_first_layer else 0)
+    if model.mlp.structure != "dense" and structured_mlps > 0:
+        problems += structured_problems(model, tp)
+    return problems
+
+
+def effective_vocab_size(model: ModelConfig, data=None) -> int:
+    """model.vocab_size, else the vocabulary the data config will train (0: not known yet)."""
+    if model.vocab_size:
+        return model.vocab_size
+    if data is not None and not getattr(data, "tokenizer", ""):
+        return data.vocab_size
+    return 0
+
+
+def layout_problems(model: ModelConfig, tp: int, pp: int, world_size: int, zero_stage: int = 0,
+                    sequence_parallel: bool = False, seq_len: int = 0, vocab_size: int = 0) -> list[str]:
+    """Everything that stops (tp, pp) from running this model on world_size processes."""
+    if tp < 1 or pp < 1:
+        return [f"tp and pp must be >= 1, got tp={tp} pp={pp}"]
+    problems = []
+    if world_size % (tp * pp):
+        problems.append(f"world size {world_size} is not divisible by tp*pp={tp * pp}")
+    if tp > 1:
+        kinds = set(model.pattern)
+        problems += attention_problems(model, tp) if "*" in kinds else []
+        problems += mamba_problems(model, tp) if "M" in kinds else []
+        problems += mlp_problems(model, tp) if "-" in kinds else []
+        if vocab_size:
+            problems += _divides("vocab size", vocab_size, tp)
+        if sequence_parallel and seq_len:
+            problems += _divides("train.seq_len (sequence parallel)", seq_len, tp)
+    if pp > len(model.pattern):
+        problems.append(f"pp={pp} is more stages than the {len(model.pattern)} blocks of the pattern")
+    if pp > 1 and zero_stage > 1:
+        problems.append(f"zero_stage={zero_stage} with pp={pp}: DeepSpeed's pipeline engine supports "
+                        "ZeRO stage 0 or 1 only")
+    return problems
+
+
+def valid_layouts(model: ModelConfig, world_size: int, **kwargs) -> list[Layout]:
+    found = []
+    for tp in _divisors(world_size):
+        for pp in _divisors(world_size // tp):
+            if not layout_problems(model, tp, pp, world_size, **kwargs):
+                found.append(Layout(tp, pp, world_size // (tp * pp)))
+    return found
+
+
+def nearest_layouts(model: ModelConfig, tp: int, pp: int, world_size: int, count: int = 3, **kwargs) -> list[Layout]:
+    """Valid layouts on the same world size, nearest first (distance in powers of two of
+    tp and pp, ties to the smaller tp)."""
+    def distance(layout: Layout):
+        return (abs(math.log2(layout.tp / tp)) + abs(math.log2(layout.pp / pp)), layout.tp, layout.pp)
+    return sorted(valid_layouts(model, world_size, **kwargs), key=distance)[:count]
+
+
+def check_layout(model: ModelConfig, tp: int, pp: int, world_size: int, zero_stage: int = 0,
+                 sequence_parallel: bool = False, seq_len: int = 0, vocab_size: int = 0) -> Layout:
+    """The layout, or LayoutError with one line: what does not divide, and what would."""
+    kwargs = dict(zero_stage=zero_stage, sequence_parallel=sequence_parallel, seq_len=seq_len,
+                  vocab_size=vocab_size)
+    problems = layout_problems(model, tp, pp, world_size, **kwargs)
+    if not problems:
+        return Layout(tp, pp, world_size // (tp * pp))
+    near = nearest_layouts(model, max(tp, 1), max(pp, 1), world_size, **kwargs)
+    hint = ("nearest valid layouts: " + ", ".join(map(str, near))) if near else \
+        f"no tp x pp layout fits {world_size} processes"
+    dp = world_size // (tp * pp) if tp >= 1 and pp >= 1 and world_size % (tp * pp) == 0 else "?"
+    raise LayoutError(f"parallel layout tp={tp} pp={pp} dp={dp} on {world_size} processes: "
+                      + "; ".join(problems) + f"; {hint}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,58 @@
+"""Multi-process tests on CPU: N ranks spawned with gloo on 127.0.0.1 and a free port.
+
+    spawn(worker, 4, out_dir, ...)   # worker(rank, world_size, out_dir, ...) runs in each rank
+    results = read_results(out_dir, 4)
+
+A worker writes what the test asserts on with write_result (JSON, one file per rank); an
+exception in any rank fails the spawn with that rank's traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, worker, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)  # several ranks share two cores
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        worker(rank, world_size, *args)
+    finally:
+        from parallel.topology import destroy_topology
+
+        destroy_topology()
+        dist.destroy_process_group()
+
+
+def spawn(worker, world_size: int, *args) -> None:
+    mp.spawn(_entry, args=(worker, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def write_result(out_dir, rank: int, result) -> None:
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def read_results(out_dir, world_size: int) -> list:
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|: one number per tensor, scale-free."""
+    scale = want.abs().max().item()
+    return (got - want).abs().max().item() / (scale if scale > 0 else 1.0)
