@@ -114,7 +114,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                               dp_rank, dp, cfg.train.seed)
     step = 0
     if newest is not None and not imported:
-        state = ckpt.load_checkpoint(engine, newest, info.rank, info.world_size)
+        state = ckpt.load_checkpoint(engine, newest, info.rank, layout_of(cfg, info))
         loader.load_state_dict(state["data"])
         step = state["step"]
     evals = data.eval_batches(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
@@ -260,10 +260,13 @@ def report_eval(run: Run, result: dict) -> None:
     run.reporter.log(f"step {run.step:6d} | eval loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}")
 
 
+def layout_of(cfg: Config, info: DistInfo) -> dict:
+    par = cfg.parallel
+    return {"world_size": info.world_size, "tp": par.tp, "pp": par.pp, "zero_stage": par.zero_stage}
+
+
 def save(run: Run) -> None:
-    layout = {"world_size": run.dist.world_size, "tp": run.cfg.parallel.tp, "pp": run.cfg.parallel.pp,
-              "zero_stage": run.cfg.parallel.zero_stage}
-    state = {"step": run.step, "data": run.loader.state_dict(), "layout": layout}
+    state = {"step": run.step, "data": run.loader.state_dict(), "layout": layout_of(run.cfg, run.dist)}
     if run.guidance is not None:
         state["self_guided"] = run.guidance.state_dict()
     ckpt.save_checkpoint(run.engine, run.run_dir / "checkpoints", run.step, state, run.dist.rank,
