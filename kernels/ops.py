@@ -121,8 +121,12 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, *, reductio
 
 
 def blockdiag_matmul(x, w, shuffle=False):
-    """Block-diagonal matmul, optionally with the stride-nblocks output shuffle."""
-    if backend_for(x) == "triton":
+    """Block-diagonal matmul, optionally with the stride-nblocks output shuffle.
+
+    On CUDA the reference (a cuBLAS batched matmul) is the default: measured on an H100 it
+    beats the Triton kernel (0.82-0.84x alone; BlockShuffle MLPs 0.43x of dense with it,
+    1.15x without; docs/BENCHMARKS.md). STRATA_KERNELS=triton still selects the kernel."""
+    if os.environ.get("STRATA_KERNELS") == "triton" and backend_for(x) == "triton":
         from kernels.blockdiag.kernel import blockdiag_matmul_triton
         return blockdiag_matmul_triton(x, w, shuffle)
     return blockdiag_matmul_ref(x, w, shuffle)

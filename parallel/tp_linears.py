@@ -94,9 +94,6 @@ class TPStructured(StructuredLinear):
         if full.guide is not None:
             self.guide = nn.Parameter(torch.empty(out_features, in_features))
 
-    def guided(self) -> bool:
-        return self.guide is not None and self.guide_active
-
 
 class ColumnStructured(TPStructured):
     """Column side: x is the activation outside the region; the split decides where it enters."""
