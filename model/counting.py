@@ -145,10 +145,10 @@ def mlp_block_flops(cfg: ModelConfig, dense: bool) -> dict[str, float]:
     return flops
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """{'M', '*', '-', 'lm_head', 'total'}: forward FLOPs per token, block kinds summed."""
+def block_forward_flops(cfg: ModelConfig, seq_len: int) -> list[float]:
+    """Forward FLOPs per token of each block of the pattern, in order."""
     first_mlp = cfg.pattern.find("-")
-    flops = {"M": 0.0, "*": 0.0, "-": 0.0}
+    costs = []
     for i, kind in enumerate(cfg.pattern):
         if kind == "M":
             terms = mamba_block_flops(cfg)
@@ -156,7 +156,15 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
             terms = attention_block_flops(cfg, seq_len)
         else:
             terms = mlp_block_flops(cfg, dense=cfg.mlp.dense_first_layer and i == first_mlp)
-        flops[kind] += sum(terms.values())
+        costs.append(float(sum(terms.values())))
+    return costs
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """{'M', '*', '-', 'lm_head', 'total'}: forward FLOPs per token, block kinds summed."""
+    flops = {"M": 0.0, "*": 0.0, "-": 0.0}
+    for kind, cost in zip(cfg.pattern, block_forward_flops(cfg, seq_len)):
+        flops[kind] += cost
     flops["lm_head"] = 2 * cfg.d_model * cfg.vocab_size
     flops["total"] = sum(flops.values())
     return flops

@@ -25,7 +25,7 @@ from torch import nn
 
 from kernels import ops
 from model.config import ModelConfig
-from model.counting import attention_block_flops, mamba_block_flops, mlp_block_flops
+from model.counting import block_forward_flops
 from model.hybrid import Block, HybridLM
 from parallel.tensor_parallel import Sharder, vocab_parallel_loss
 from parallel.topology import Topology
@@ -34,17 +34,7 @@ from parallel.tp_mappings import TPContext
 
 def layer_costs(cfg: ModelConfig, seq_len: int) -> list[float]:
     """Forward FLOPs per token of each pipeline layer: embedding, blocks, final norm, head."""
-    first_mlp = cfg.pattern.find("-")
-    costs = [0.0]
-    for i, kind in enumerate(cfg.pattern):
-        if kind == "M":
-            terms = mamba_block_flops(cfg)
-        elif kind == "*":
-            terms = attention_block_flops(cfg, seq_len)
-        else:
-            terms = mlp_block_flops(cfg, dense=cfg.mlp.dense_first_layer and i == first_mlp)
-        costs.append(float(sum(terms.values())))
-    return costs + [0.0, 2.0 * cfg.d_model * cfg.vocab_size]
+    return [0.0, *block_forward_flops(cfg, seq_len), 0.0, 2.0 * cfg.d_model * cfg.vocab_size]
 
 
 def stage_bounds(cfg: ModelConfig, seq_len: int, pp: int) -> list[int]:
