@@ -151,6 +151,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+def load_run_config(ckpt: str | Path) -> Config:
+    """The resolved Config a run saved beside its checkpoints: <run_dir>/config.yaml, where
+    ckpt is <run_dir>/checkpoints/step_XXXXXXXX."""
+    path = Path(ckpt).parent.parent / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {ckpt} has no {path}; the run's config.yaml must sit beside "
+                          "its checkpoints/ directory")
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:

@@ -169,17 +169,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     """Write the HF directory; returns (out, the arch written)."""
     import sentencepiece as spm
 
-    from parallel.consolidate import consolidate, resolve_checkpoint, run_config
+    from launcher.config import load_run_config
+    from parallel.consolidate import consolidate, resolve_checkpoint
 
     hf.require_transformers("strata export")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not empty; give a new directory or remove it")
     ckpt = resolve_checkpoint(checkpoint)
-    cfg = run_config(ckpt)
+    cfg = load_run_config(ckpt)
     arch = hf.choose_arch(dense_mlp_config(cfg.model), arch)  # refuse before reading any weights
     sp_model = find_tokenizer(cfg, ckpt, tokenizer)
-    state, model_cfg = premerge_structured(consolidate(ckpt), cfg.model)
+    state, model_cfg = premerge_structured(consolidate(ckpt, cfg.model), cfg.model)
     tensors = {k: v.to(DTYPES[dtype]) for k, v in hf.to_hf_state_dict(state, model_cfg, arch).items()}
     del state
     sp = spm.SentencePieceProcessor()

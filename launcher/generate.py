@@ -42,7 +42,7 @@ def load_model(ckpt, cfg, device: torch.device):
     from parallel.consolidate import consolidate
 
     # fp32 like training's master weights, whatever dtype an imported checkpoint was stored in
-    state = {k: v.float() if v.is_floating_point() else v for k, v in consolidate(ckpt).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in consolidate(ckpt, cfg.model).items()}
     with torch.device("meta"):
         model = HybridLM(cfg.model)
     for name, module in model.named_modules():
@@ -57,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     from data import DataError, Tokenizer
     from launcher.export import find_tokenizer
     from parallel.consolidate import CheckpointError  # (first: it quiets DeepSpeed's stdout logging)
-    from parallel.consolidate import resolve_checkpoint, run_config
+    from launcher.config import load_run_config
+    from parallel.consolidate import resolve_checkpoint
     from model.structured import premerge_where_faster
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
-        cfg = run_config(ckpt)
+        cfg = load_run_config(ckpt)
         tokenizer = Tokenizer(find_tokenizer(cfg, ckpt, args.tokenizer))
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                             tokenizer.eos_id, args.seed)

@@ -105,7 +105,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     newest = ckpt.newest_checkpoint(run_dir / "checkpoints") if cfg.checkpoint.resume else None
     imported = newest is not None and consolidate.is_weights_only(newest)
     if imported:  # weights from `strata import`: start training from them with a fresh optimizer
-        model.load_state_dict(consolidate.consolidate(newest))
+        model.load_state_dict(consolidate.consolidate(newest, cfg.model))
     model = parallel_model(model, topo, cfg.train.seq_len, cfg.parallel.sequence_parallel).to(info.device)
     guidance = start_guidance(cfg, model, None if imported else newest)
     extend_to_equal_flops(cfg)

@@ -2,7 +2,8 @@
 
     ckpt = resolve_checkpoint("runs/tiny")          # a run dir, its checkpoints/ dir, or a step dir
     state_dict = consolidate(ckpt)                  # {name: full fp32 tensor}, Strata's names
-    cfg = run_config(ckpt)                          # the run's resolved Config (config.yaml)
+    model_cfg = load_run_config(ckpt).model          # launcher.config: the run's config.yaml
+    state_dict = consolidate(ckpt, model_cfg)       # the model config is needed for TP / PP merges
 
 Layouts read (what parallel/checkpoint.py writes through DeepSpeed, and what `strata import`
 writes):
@@ -82,20 +83,6 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent
 
 
-def run_config(ckpt: Path):
-    """The run's resolved Config, from <run_dir>/config.yaml beside its checkpoints."""
-    from launcher.config import ConfigError, load_config
-
-    path = run_dir_of(ckpt) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} has no {path}; the run's config.yaml must sit beside "
-                              "its checkpoints/ directory")
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
 def read_manifest(ckpt: Path) -> dict:
     try:
         return json.loads((ckpt / MANIFEST).read_text())
@@ -114,8 +101,9 @@ def is_weights_only(ckpt: Path) -> bool:
 # Reading
 # ----------------------------------------------------------------------------------------
 
-def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The full state dict of a complete checkpoint, in Strata's parameter names."""
+def consolidate(ckpt: Path, model_cfg=None) -> dict[str, torch.Tensor]:
+    """The full state dict of a complete checkpoint, in Strata's parameter names. `model_cfg`
+    (the run's ModelConfig) is needed to merge tensor / pipeline-parallel shards."""
     ckpt = Path(ckpt)
     if is_weights_only(ckpt):
         return read_weights_only(ckpt)
@@ -123,7 +111,9 @@ def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     tp, pp = layout.get("tp", 1), layout.get("pp", 1)
     if tp * pp == 1:
         return read_data_parallel(ckpt)
-    model_cfg = run_config(ckpt).model
+    if model_cfg is None:
+        raise CheckpointError(f"checkpoint {ckpt} is split tp={tp} pp={pp}; merging it needs the run's model "
+                              "config (launcher.config.load_run_config)")
     return merge_model_parallel(read_model_parallel_ranks(ckpt, tp, pp, len(model_cfg.pattern)), model_cfg)
 
 

@@ -11,7 +11,8 @@ from launcher import import_hf as import_cli
 from model.generate import Sampling, generate
 from model.hf import load_weights
 from model.hybrid import HybridLM
-from parallel.consolidate import consolidate, resolve_checkpoint, run_config
+from launcher.config import load_run_config as run_config
+from parallel.consolidate import consolidate, resolve_checkpoint
 from tests.launcher.conftest import TINY, run_strata
 
 transformers = pytest.importorskip("transformers")

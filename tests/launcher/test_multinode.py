@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.config import load_run_config
 from tests.launcher.conftest import REPO, TINY, free_port, run_strata
 
 STEPS = 6
@@ -67,7 +68,8 @@ def assert_same_weights(run_dir: Path, one_dir: Path) -> None:
     run's weights: after 6 AdamW steps they agree to ~1e-5 (reduction order)."""
     from parallel.consolidate import consolidate
 
-    got = consolidate(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    ckpt = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    got = consolidate(ckpt, load_run_config(ckpt).model)
     want = consolidate(one_dir / "checkpoints" / f"step_{STEPS:08d}")
     assert sorted(got) == sorted(want)
     for name in want:
