@@ -8,7 +8,8 @@ import pytest
 
 from parallel.layout import LayoutError, check_layout
 from tests.parallel.dist_helpers import read_results, rel_error, spawn, write_result
-from tests.parallel.train_helpers import build_model, layout_training, reference_training, shard_errors, train_config
+from tests.parallel.train_helpers import (build_model, compare_to_reference, layout_training, reference_training,
+                                         train_config)
 
 STEPS, WORLD, TOL = 5, 8, 1e-4
 RUNS = {  # name: (tp, pp, zero stage, sequence parallel)
@@ -27,11 +28,7 @@ def composed_worker(rank: int, world_size: int, out_dir: str) -> None:
     for name, (tp, pp, zero, sp) in RUNS.items():
         run = layout_training(cfg, tp, pp, zero, STEPS, sequence_parallel=sp)
         full = build_model(cfg)
-        results[name] = {
-            "losses": run["losses"],
-            "grads": shard_errors(run["grads"], ref["grads"], full, run["topo"], rel_error) if run["grads"] else 0.0,
-            "params": shard_errors(run["params"], ref["params"], full, run["topo"], rel_error),
-        }
+        results[name] = compare_to_reference(run, ref, full, rel_error)
     write_result(out_dir, rank, results)
 
 

@@ -10,7 +10,8 @@ import pytest
 from model.config import ModelConfig
 from parallel.pipeline import layer_costs, layer_prefix, model_parameter_name, stage_bounds
 from tests.parallel.dist_helpers import read_results, rel_error, spawn, write_result
-from tests.parallel.train_helpers import build_model, layout_training, reference_training, shard_errors, train_config
+from tests.parallel.train_helpers import (build_model, compare_to_reference, layout_training, reference_training,
+                                         train_config)
 
 STEPS, WORLD = 5, 4
 LOSS_TOL, TENSOR_TOL = 1e-5, 1e-4
@@ -32,11 +33,7 @@ def pipeline_worker(rank: int, world_size: int, out_dir: str) -> None:
         ref = references[key]
         run = layout_training(cfg, 1, pp, zero, STEPS, positions=positions)
         full = build_model(cfg)
-        results[name] = {
-            "losses": run["losses"], "want": ref["losses"],
-            "grads": shard_errors(run["grads"], ref["grads"], full, run["topo"], rel_error) if run["grads"] else 0.0,
-            "params": shard_errors(run["params"], ref["params"], full, run["topo"], rel_error),
-        }
+        results[name] = compare_to_reference(run, ref, full, rel_error)
     write_result(out_dir, rank, results)
 
 

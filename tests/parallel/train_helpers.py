@@ -136,3 +136,12 @@ def shard_errors(got: dict, reference: dict, model: HybridLM, topo, rel_error) -
     want = shard_state_dict({n: reference[n].detach() for n in got}, parameter_splits(model, topo.tp),
                             topo.tp_rank, topo.tp)
     return max(rel_error(got[n], want[n]) for n in got)
+
+
+def compare_to_reference(run: dict, ref: dict, full: HybridLM, rel_error) -> dict:
+    """A layout's losses beside one process's, and its gradient and parameter errors."""
+    return {
+        "losses": run["losses"], "want": ref["losses"],
+        "grads": shard_errors(run["grads"], ref["grads"], full, run["topo"], rel_error) if run["grads"] else 0.0,
+        "params": shard_errors(run["params"], ref["params"], full, run["topo"], rel_error),
+    }
