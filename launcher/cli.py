@@ -1,4 +1,5 @@
-"""`strata`: the command-line entry point. Each subcommand is `main(argv) -> int` in its module.
+"""`strata`: the command-line entry point. Each subcommand is `main(argv) -> int` in its module
+(train: `run(argv)`, which exits the process with main's code).
 
     strata train [--config YAML] [key=value ...]   train (or resume) a model
     strata prepare --input PATH... --out DIR       tokenize a corpus into shards
@@ -11,12 +12,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {
-    "train": "launcher.train",
-    "prepare": "launcher.prepare",
-    "export": "launcher.export",
-    "import": "launcher.import_hf",
-    "generate": "launcher.generate",
+COMMANDS = {  # command: (module, its entry function)
+    "train": ("launcher.train", "run"),  # leaves the process itself: see launcher/train.py:run
+    "prepare": ("launcher.prepare", "main"),
+    "export": ("launcher.export", "main"),
+    "import": ("launcher.import_hf", "main"),
+    "generate": ("launcher.generate", "main"),
 }
 
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[command]).main(rest)
+    module, function = COMMANDS[command]
+    return getattr(importlib.import_module(module), function)(rest)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -335,5 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The process entry point (`strata train`, torchrun, the deepspeed launcher): main, then
+    leave the process without finalizing the interpreter. Gloo's worker threads may still be
+    releasing the last collective's tensors after the process group is destroyed; when that
+    happens during finalization the thread takes the GIL from a dying interpreter and the
+    rank aborts (SIGABRT, "terminate called without an active exception";
+    pytorch/pytorch#179291), failing a finished job. Everything Strata writes is closed by
+    then, so the rest of finalization has nothing left to do."""
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()
+
