@@ -33,7 +33,7 @@ from model.counting import format_counts, training_flops_per_token
 from model.guidance import SelfGuidance, equal_flops_extra_steps
 from model.mlp import describe_structure
 from parallel import checkpoint as ckpt
-from parallel import consolidate
+from parallel import consolidate, reshard
 from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
 from parallel.engine import build_engine, data_parallel_size, grad_accumulation_steps
 from parallel.layout import check_layout as check_parallel_layout
@@ -108,6 +108,9 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     imported = newest is not None and consolidate.is_weights_only(newest)
     if imported:  # weights from `strata import`: start training from them with a fresh optimizer
         model.load_state_dict(consolidate.consolidate(newest, cfg.model))
+    resharded = None if newest is None or imported else resharded_state(cfg, info, newest)
+    if resharded is not None:
+        reshard.load_full_weights(model, resharded)
     model = parallel_model(model, topo, cfg.train.seq_len, cfg.parallel.sequence_parallel).to(info.device)
     guidance = start_guidance(cfg, model, None if imported else newest)
     extend_to_equal_flops(cfg)
@@ -116,7 +119,11 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                               dp_rank, dp, cfg.train.seed)
     step = 0
     if newest is not None and not imported:
-        state = ckpt.load_checkpoint(engine, newest, info.rank, layout_of(cfg, info))
+        if resharded is None:
+            state = ckpt.load_checkpoint(engine, newest, info.rank)
+        else:
+            reshard.apply_optimizer_state(engine, resharded, topo.tp_rank, topo.tp, cfg.model)
+            state = ckpt.load_trainer_state(newest, info.rank)
         loader.load_state_dict(state["data"])
         step = state["step"]
     evals = data.eval_batches(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
@@ -129,13 +136,32 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
                  f"tp={topo.tp} pp={topo.pp} | {'resumed from ' + newest.name if newest else 'fresh start'} "
-                 f"at step {step}")
+                 f"at step {step}{resharded_note(newest) if resharded is not None else ''}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
     if describe_structure(cfg.model):
         reporter.log(describe_structure(cfg.model))
     flops = training_flops_per_token(cfg.model, cfg.train.seq_len)["total"]
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
                peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo)
+
+
+def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullState | None:
+    """None when DeepSpeed reloads the checkpoint as written; else its full training state,
+    read for this layout (another DP size under ZeRO, ZeRO stage or TP degree)."""
+    saved = ckpt.read_manifest(newest).get("layout", {})
+    now = layout_of(cfg, info)
+    if reshard.same_layout(saved, now):
+        return None
+    refusal = reshard.reshard_refusal(newest, saved, now)
+    if refusal:
+        raise ckpt.CheckpointError(refusal)
+    return reshard.read_full_state(newest, cfg.model, saved)
+
+
+def resharded_note(newest: Path) -> str:
+    saved = ckpt.read_manifest(newest)["layout"]
+    return (f" (resharded from world={saved['world_size']} tp={saved.get('tp', 1)} "
+            f"zero={saved.get('zero_stage', 0)})")
 
 
 def start_guidance(cfg: Config, model, newest: Path | None) -> SelfGuidance | None:
@@ -354,4 +380,3 @@ def run(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     run()
-

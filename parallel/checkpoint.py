@@ -131,30 +131,22 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
                                   f"({str(e).splitlines()[0][:200]}); it is damaged or not a Strata checkpoint") from None
 
 
-def check_resumable(ckpt: Path, saved: dict, now: dict) -> None:
-    """A layout change this checkpoint cannot follow is one line saying how to resume it."""
-    how = f"resume with parallel.tp={saved.get('tp', 1)} parallel.pp={saved.get('pp', 1)} " \
-          f"parallel.zero_stage={saved.get('zero_stage', 0)} on {saved.get('world_size')} ranks"
-    if (saved.get("tp", 1), saved.get("pp", 1)) != (now["tp"], now["pp"]):
-        raise CheckpointError(f"checkpoint {ckpt} was written with tp={saved.get('tp', 1)} pp={saved.get('pp', 1)}; "
-                              f"{how} (resharding across TP/PP layouts is not supported yet)")
-    zero_changed = saved.get("zero_stage", 0) != now["zero_stage"]
-    if zero_changed or (saved.get("world_size") != now["world_size"] and now["zero_stage"] > 0):
-        raise CheckpointError(f"checkpoint {ckpt} was written by {saved.get('world_size')} ranks with ZeRO stage "
-                              f"{saved.get('zero_stage', 0)}; {how} (resharding ZeRO partitions is not supported yet)")
-
-
-def load_checkpoint(engine, ckpt: Path, rank: int, layout: dict) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state.
-    `layout` is this job's {world_size, tp, pp, zero_stage}."""
-    state = read_manifest(ckpt)
-    check_resumable(ckpt, state.get("layout", {}), layout)
+def load_checkpoint(engine, ckpt: Path, rank: int) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from a checkpoint written by
+    this same layout (parallel/reshard.py handles another); returns the trainer state."""
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
     path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"checkpoint {ckpt}: DeepSpeed found no model states for this rank; "
                               "the directory is damaged: delete it to resume from the previous one")
+    return load_trainer_state(ckpt, rank)
+
+
+def load_trainer_state(ckpt: Path, rank: int) -> dict:
+    """The manifest, and this rank's RNG where the checkpoint has a file for it (a resharded
+    resume on more ranks than wrote it leaves the new ranks' RNG as seeded)."""
+    state = read_manifest(ckpt)
     rng_file = ckpt / f"rank_{rank:05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -31,7 +31,7 @@ def rebuild_engine(old, model: torch.nn.Module, train, par, world_size: int, mpu
     counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
     old.destroy()  # removes its gradient hooks from the parameters we keep
     new = build_engine(model, train, par, world_size, mpu)
-    _write_states(new, kept, states, step, par.zero_stage)
+    write_optimizer_states(new, kept, states, step, par.zero_stage)
     new.lr_scheduler.load_state_dict(lr_state)
     for group, lr in zip(new.optimizer.param_groups, lrs):
         group["lr"] = lr
@@ -58,7 +58,9 @@ def _read_states(engine, params, stage):
     return {p: {k: safe_get_full_optimizer_state(p, k) for k in ADAM_STATES} for p in params}, step
 
 
-def _write_states(engine, params, states, step, stage):
+def write_optimizer_states(engine, params, states, step, stage):
+    """Each parameter's AdamW state into a fresh engine (also parallel/reshard.py's way in):
+    states[p] holds exp_avg and exp_avg_sq (and, for stage 0, step), unpartitioned."""
     if step is None:
         return
     inner = _inner(engine)

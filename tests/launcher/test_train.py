@@ -96,15 +96,3 @@ def test_tensorboard_has_the_scalars(unbroken):
     assert len(events.Scalars("train/loss")) == STEPS
     assert [e.step for e in events.Scalars("eval/loss")] == [4, 8]
     assert events.Tensors("config/text_summary")
-
-
-def test_resume_on_a_layout_the_checkpoint_cannot_follow_is_one_line(unbroken, corpus_overrides):
-    run_dir, _, _ = unbroken
-    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = run_strata(["train", *TINY, *corpus_overrides, f"train.max_steps={STEPS}", f"train.run_dir={run_dir}",
-                       "parallel.zero_stage=1"])
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: checkpoint ") and "with ZeRO stage 0; resume with" in lines[-1]
-    assert "parallel.zero_stage=0 on 1 ranks" in lines[-1]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
