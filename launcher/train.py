@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
@@ -62,10 +62,13 @@ class Run:
     reporter: Reporter
     run_dir: Path
     flops_per_token: float
+    """Training FLOPs per token of the model without self-guided dense paths; a step adds
+    guide_flops_per_token times the share of layers that computed theirs."""
     peak_tflops: float | None
     step: int = 0
     guidance: SelfGuidance | None = None
     topo: Topology | None = None
+    guide_flops_per_token: float = 0.0
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -140,9 +143,14 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
     if describe_structure(cfg.model):
         reporter.log(describe_structure(cfg.model))
-    flops = training_flops_per_token(cfg.model, cfg.train.seq_len)["total"]
-    return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
-               peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo)
+    with_guides = training_flops_per_token(cfg.model, cfg.train.seq_len)["total"]
+    no_guides = training_flops_per_token(without_guides(cfg.model), cfg.train.seq_len)["total"]
+    return Run(cfg, info, engine, loader, evals, reporter, run_dir, no_guides,
+               peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, with_guides - no_guides)
+
+
+def without_guides(model_cfg):
+    return replace(model_cfg, mlp=replace(model_cfg.mlp, self_guided=False))
 
 
 def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullState | None:
@@ -234,7 +242,9 @@ def train_step(run: Run) -> dict:
     elapsed = time.perf_counter() - start
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     loss = mean_over_ranks(sum(losses) / len(losses), device)
-    hardware = hardware_metrics(tokens / elapsed / run.dist.world_size, run.flops_per_token, run.peak_tflops, device)
+    guide_share = run.guidance.dense_share() if run.guidance is not None else 0.0
+    flops_per_token = run.flops_per_token + run.guide_flops_per_token * guide_share
+    hardware = hardware_metrics(tokens / elapsed / run.dist.world_size, flops_per_token, run.peak_tflops, device)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
             "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens, **hardware}

@@ -86,6 +86,12 @@ class SelfGuidance:
             m.guide_active = not self.stochastic or guide_draw(self.seed, step, m.layer_idx) < self.alpha
         return self.alpha
 
+    def dense_share(self) -> float:
+        """The share of structured layers whose dense path the current step computes (set
+        by update; 0 once the paths are dropped): what its FLOPs and MFU count."""
+        linears = self.guided_linears()
+        return sum(m.guide_active for m in linears) / len(linears) if linears else 0.0
+
     def finished(self, step: int) -> bool:
         """True from step T on: a is 0 and the dense paths may be removed."""
         return step >= self.guided_steps

@@ -60,6 +60,30 @@ def test_dense_paths_leave_optimizer_and_checkpoints_at_t(unbroken):
         assert manifest["self_guided"]["alpha"] == pytest.approx(last_alpha)
 
 
+def test_throughput_counts_the_dense_paths_only_while_computed(unbroken):
+    """TFLOP/s (and MFU) count a step's dense-path FLOPs for the layers that ran them: all of
+    them at a = 1, none after T."""
+    from dataclasses import replace
+
+    from launcher.config import load_config
+    from model.counting import training_flops_per_token
+
+    model_cfg = load_config(unbroken / "config.yaml").model
+    seq_len = load_config(unbroken / "config.yaml").train.seq_len
+    with_guides = training_flops_per_token(model_cfg, seq_len)["total"]
+    no_guides = training_flops_per_token(replace(model_cfg, mlp=replace(model_cfg.mlp, self_guided=False)),
+                                         seq_len)["total"]
+    implied = {}
+    for line in (unbroken / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "tflops_per_gpu" in record:
+            implied[record["step"]] = record["tflops_per_gpu"] * 1e12 / record["tokens_per_s"]
+    assert implied[1] == pytest.approx(with_guides, rel=1e-9)  # a = 1: every draw keeps the dense path
+    for step in range(T + 1, STEPS + 1):
+        assert implied[step] == pytest.approx(no_guides, rel=1e-9), step
+    assert all(no_guides <= implied[s] * (1 + 1e-9) and implied[s] <= with_guides * (1 + 1e-9) for s in implied)
+
+
 @pytest.mark.parametrize("resume_at", [2, 6])  # before and after T
 def test_resume_reproduces_the_unbroken_run(tmp_path, corpus_overrides, unbroken, resume_at):
     run_dir = tmp_path / "run"
