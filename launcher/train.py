@@ -125,7 +125,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
         if resharded is None:
             state = ckpt.load_checkpoint(engine, newest, info.rank)
         else:
-            reshard.apply_optimizer_state(engine, resharded, topo.tp_rank, topo.tp, cfg.model)
+            reshard.apply_optimizer_state(engine, resharded, topo.tp_rank, topo.tp, topo.pp, cfg.model)
             state = ckpt.load_trainer_state(newest, info.rank)
         loader.load_state_dict(state["data"])
         step = state["step"]
@@ -168,7 +168,7 @@ def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullSt
 
 def resharded_note(newest: Path) -> str:
     saved = ckpt.read_manifest(newest)["layout"]
-    return (f" (resharded from world={saved['world_size']} tp={saved.get('tp', 1)} "
+    return (f" (resharded from world={saved['world_size']} tp={saved.get('tp', 1)} pp={saved.get('pp', 1)} "
             f"zero={saved.get('zero_stage', 0)})")
 
 

@@ -3,7 +3,8 @@ only once it is complete.
 
 Layout under <run_dir>/checkpoints:
     step_00000100/          DeepSpeed's files (model, optimizer and ZeRO partitions per rank)
-        rank_00000.pt       this rank's RNG states (plain tensors and ints)
+        rank_00000.pt       this rank's RNG states (plain tensors and ints) and, under ZeRO 0,
+                            the names of its optimizer's parameters in state order
         trainer.json        step, data cursor, self-guided state, layout (written last)
     latest                  the name of the newest complete checkpoint
 Each checkpoint is written as step_XXXXXXXX.tmp and renamed once every rank has
@@ -96,7 +97,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank: in
         shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left by a crash mid-save
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    torch.save(rng_state(), root / tmp_tag / f"rank_{rank:05d}.pt")
+    torch.save({**rng_state(), "optimizer_param_names": optimizer_param_names(engine)},
+               root / tmp_tag / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
         atomic_write_text(root / tmp_tag / MANIFEST, json.dumps(trainer_state, indent=2))
@@ -108,6 +110,16 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank: in
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def optimizer_param_names(engine) -> list[list[str]]:
+    """Under ZeRO 0 torch's optimizer state is keyed by position in its param groups; these
+    names, in that order, let parallel/reshard.py read it on another layout. Empty under
+    ZeRO 1-3, whose files name every parameter's fragment themselves."""
+    if engine.zero_optimization_stage() > 0:
+        return []
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in engine.optimizer.param_groups]
 
 
 def read_manifest(ckpt: Path) -> dict:

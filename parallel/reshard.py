@@ -1,28 +1,31 @@
-"""Resume a checkpoint on another layout: a different number of data-parallel ranks under
-ZeRO, another ZeRO stage, or another tensor-parallel degree.
+"""Resume a checkpoint on another layout: another number of data-parallel ranks under
+ZeRO, another ZeRO stage (0-2), another tensor- or pipeline-parallel degree.
 
 DeepSpeed can only reload its partitions onto the layout that wrote them. Here every
 rank reads the checkpoint's per-parameter training state in full (fp32 master weights,
 AdamW's exp_avg and exp_avg_sq, the step), in HybridLM names, and takes its own part:
 
     full = read_full_state(ckpt, model_cfg, saved_layout)   # every rank, from the files
-    model.load_state_dict(full.weights)                       # before parallel_model()
+    load_full_weights(model, full)                           # before parallel_model()
     ... parallel_model, build_engine ...
-    apply_optimizer_state(engine, full, topo)                  # this rank's slices, any ZeRO stage 0-2
+    apply_optimizer_state(engine, full, tp_rank, tp, pp, model_cfg)   # this rank's slices
 
-What the checkpoint files hold, per (tensor-parallel rank t, data-parallel rank d):
-- ZeRO 0: mp_rank_<t>_model_states.pt: the module and torch's AdamW state, indexed in the
-  order of parallel/engine.param_groups (decayed matrices, then the rest);
-- ZeRO 1-2: zero_pp_rank_<d>_mp_rank_<t>_optim_states.pt: flat fp32 partitions of each
+What the checkpoint files hold, per model-parallel index m = stage x tp + tp_rank (DeepSpeed's
+pipeline grid order; m = tp_rank without PP) and data-parallel rank d:
+- ZeRO 0: mp_rank_<m>_model_states.pt: torch's AdamW state, keyed by position in the
+  optimizer's param groups, named by the writing rank's rank_XXXXX.pt record; the module
+  there (pp = 1) or in the per-layer files layer_XX-model_<tp_rank> (pp > 1);
+- ZeRO 1-2: zero_pp_rank_<d>_mp_rank_<m>_optim_states.pt: flat fp32 partitions of each
   parameter group, their AdamW states, and where each named parameter's fragment lies
   (param_slice_mappings); a parameter is its fragments over d, in rank order.
-Tensor-parallel pieces are merged by parallel/tp_splits.py, the split that built them, and
-cut again for the new degree the same way. The LR schedule, DeepSpeed's step counters,
-the data cursor (global, so any DP size continues at the next sample) and self-guided
-training's state are layout-free and carry over as they are.
+Pipeline stage names map back to HybridLM names (pipeline.model_parameter_name; the tied
+embedding appears on the first and last stage with the same state), tensor-parallel pieces
+are merged by parallel/tp_splits.py, the split that built them, and cut again for the new
+degree the same way. The LR schedule, DeepSpeed's step counters, the data cursor (global,
+so any DP size continues at the next sample) and self-guided training's state are
+layout-free and carry over as they are.
 
-Not resharded (refused in one line by `reshard_refusal`): ZeRO-3 checkpoints or targets,
-and a pipeline-parallel degree change or pipeline-parallel checkpoints.
+Not resharded (refused in one line by `reshard_refusal`): ZeRO-3 checkpoints or targets.
 """
 from __future__ import annotations
 
@@ -61,14 +64,11 @@ def same_layout(saved: dict, now: dict) -> bool:
 
 def reshard_refusal(ckpt: Path, saved: dict, now: dict) -> str | None:
     """Why this layout change cannot be resharded (one line with the way out), else None."""
-    how = (f"resume with parallel.tp={saved.get('tp', 1)} parallel.pp={saved.get('pp', 1)} "
-           f"parallel.zero_stage={saved.get('zero_stage', 0)} on {saved.get('world_size')} ranks")
-    if saved.get("pp", 1) != 1 or now["pp"] != 1:
-        return (f"checkpoint {ckpt} was written with pp={saved.get('pp', 1)} and this run has pp={now['pp']}: "
-                f"resharding covers data and tensor parallelism, not pipeline stages; {how}")
     if saved.get("zero_stage", 0) == 3 or now["zero_stage"] == 3:
         return (f"checkpoint {ckpt} (ZeRO {saved.get('zero_stage', 0)}) cannot be resharded to ZeRO {now['zero_stage']}: "
-                f"ZeRO-3 partitions are not resharded; {how}")
+                f"ZeRO-3 partitions are not resharded; resume with parallel.tp={saved.get('tp', 1)} "
+                f"parallel.pp={saved.get('pp', 1)} parallel.zero_stage={saved.get('zero_stage', 0)} "
+                f"on {saved.get('world_size')} ranks")
     return None
 
 
@@ -82,30 +82,53 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
     from parallel.consolidate import safe_load
     from parallel.tp_splits import gather_state_dicts, parameter_splits
 
-    tp = saved.get("tp", 1)
-    dp = saved["world_size"] // tp
-    with torch.device("meta"):
-        meta = HybridLM(model_cfg)
-    no_decay_names = {n for n, p in meta.named_parameters() if getattr(p, "_no_weight_decay", False)}
-    pieces = []
+    tp, pp = saved.get("tp", 1), saved.get("pp", 1)
+    dp = saved["world_size"] // (tp * pp)
+    naming = stage_naming(pp, len(model_cfg.pattern))
+    pieces = []  # per TP rank, every pipeline stage's parameters
     for t in range(tp):
-        states = safe_load(_need(ckpt / MODEL_STATES.format(t=t)))
-        if saved.get("zero_stage", 0) == 0:
-            pieces.append(_read_zero0(states, no_decay_names))
-        else:
-            optim = [safe_load(_need(ckpt / ZERO_OPTIM.format(d=d, t=t)), zero_optimizer=True)["optimizer_state_dict"]
-                     for d in range(dp)]
-            pieces.append(_read_zero12(ckpt, states, optim))
-    head = safe_load(ckpt / MODEL_STATES.format(t=0))
-    splits = parameter_splits(meta, tp)
+        piece = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": None}
+        for stage in range(pp):
+            mp = stage * tp + t  # DeepSpeed's model-parallel file index (pipeline grid order)
+            states = safe_load(_need(ckpt / MODEL_STATES.format(t=mp)))
+            if saved.get("zero_stage", 0) == 0:
+                writer = t + tp * dp * stage  # the rank of data-parallel index 0 that wrote mp
+                part = _read_zero0(ckpt, states, writer, naming)
+            else:
+                optim = [safe_load(_need(ckpt / ZERO_OPTIM.format(d=d, t=mp)), zero_optimizer=True)
+                         ["optimizer_state_dict"] for d in range(dp)]
+                part = _read_zero12(ckpt, states, optim, naming)
+            for key in ("weights", *ADAM_STATES):
+                for name, tensor in part[key].items():
+                    piece[key].setdefault(name, tensor)  # a tied embedding: both stages hold the same
+            piece["step"] = piece["step"] if piece["step"] is not None else part["step"]
+        pieces.append(piece)
+    if saved.get("zero_stage", 0) == 0 and pp > 1:  # the pipeline keeps its modules in per-layer files
+        from parallel.consolidate import read_model_parallel_ranks
+
+        for piece, layers in zip(pieces, read_model_parallel_ranks(ckpt, tp, pp, len(model_cfg.pattern))):
+            piece["weights"] = layers
+    with torch.device("meta"):
+        splits = parameter_splits(HybridLM(model_cfg), tp)
     weights = gather_state_dicts([p["weights"] for p in pieces], splits)
     optimizer = {}
     if pieces[0]["step"] is not None:
         merged = {k: gather_state_dicts([p[k] for p in pieces], splits) for k in ADAM_STATES}
         optimizer = {name: {k: merged[k][name] for k in ADAM_STATES} for name in merged["exp_avg"]}
+    head = safe_load(ckpt / MODEL_STATES.format(t=0))
     return FullState(weights={k: v.contiguous() for k, v in weights.items()}, optimizer=optimizer,
                      adam_step=pieces[0]["step"], lr_scheduler=head.get("lr_scheduler"),
                      counters={k: head[k] for k in COUNTERS if k in head})
+
+
+def stage_naming(pp: int, n_blocks: int):
+    """Engine parameter name -> HybridLM name: the same with pp = 1, a PipelineModule's
+    ('3.mixer.in_proj.weight', 'tied_modules.embed.embed.weight') mapped back with pp > 1."""
+    if pp == 1:
+        return lambda name: name
+    from parallel.pipeline import model_parameter_name
+
+    return lambda name: model_parameter_name(name, n_blocks)
 
 
 def _need(path: Path) -> Path:
@@ -115,16 +138,19 @@ def _need(path: Path) -> Path:
     return path
 
 
-def _read_zero0(states: dict, no_decay_names: set[str]) -> dict:
-    """Torch's AdamW state, its integer keys named through parallel/engine.param_groups' order."""
-    from parallel.engine import no_decay
-
-    module = states["module"]
-    params = [n for n in module if n not in set(states.get("buffer_names") or []) and not n.endswith("_extra_state")]
-    decayed = [n for n in params if not (no_decay(n, module[n]) or n in no_decay_names)]
-    ordered = decayed + [n for n in params if n not in set(decayed)]
+def _read_zero0(ckpt: Path, states: dict, writer: int, naming) -> dict:
+    """Torch's AdamW state, its integer keys named by the writer's record of its param groups."""
+    record = ckpt / f"rank_{writer:05d}.pt"
+    names = torch.load(_need(record), weights_only=True).get("optimizer_param_names")
+    if not names:
+        raise CheckpointError(f"checkpoint {ckpt}: {record.name} does not name the optimizer's parameters "
+                              "(written before resharding existed); resume it on the layout that wrote it")
+    ordered = [naming(n) for group in names for n in group]
+    module = states.get("module") or {}
+    params = set(ordered)
+    out = {"weights": {naming(n): t for n, t in module.items() if naming(n) in params},
+           "step": None, "exp_avg": {}, "exp_avg_sq": {}}
     opt = states["optimizer"]["state"]
-    out = {"weights": {n: module[n] for n in params}, "step": None, "exp_avg": {}, "exp_avg_sq": {}}
     if not opt:
         return out
     for index, name in enumerate(ordered):
@@ -134,7 +160,7 @@ def _read_zero0(states: dict, no_decay_names: set[str]) -> dict:
     return out
 
 
-def _read_zero12(ckpt: Path, states: dict, optim: list[dict]) -> dict:
+def _read_zero12(ckpt: Path, states: dict, optim: list[dict], naming) -> dict:
     """Each named parameter's fragments of the flat fp32 partitions and their AdamW states,
     concatenated over the data-parallel ranks."""
     dp = len(optim)
@@ -156,7 +182,7 @@ def _read_zero12(ckpt: Path, states: dict, optim: list[dict]) -> dict:
                     if frag is not None and frag.numel > 0:
                         flat = fp32 if source is None else adam[source]
                         parts.append(flat.narrow(0, frag.start, frag.numel))
-                out[key][name] = torch.cat(parts).view(shape).clone()
+                out[key][naming(name)] = torch.cat(parts).view(shape).clone()
         if out["step"] is None and "step" in flats[0][1]:
             out["step"] = flats[0][1]["step"].clone()
     return out
@@ -176,7 +202,7 @@ def load_full_weights(model: torch.nn.Module, full: FullState) -> None:
                               f"{unexpected[:3]}); resume with the run's own config.yaml")
 
 
-def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, model_cfg) -> None:
+def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: int, model_cfg) -> None:
     """Collective (ZeRO 1-2 link their flat state on every rank). This rank's slices of each
     parameter's AdamW state, the LR schedule and DeepSpeed's counters."""
     from model.hybrid import HybridLM
@@ -186,7 +212,8 @@ def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, model_
     if full.adam_step is not None:
         with torch.device("meta"):
             splits = parameter_splits(HybridLM(model_cfg), tp)
-        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        naming = stage_naming(pp, len(model_cfg.pattern))
+        named = [(naming(n), p) for n, p in engine.module.named_parameters() if p.requires_grad]
         absent = [n for n, _ in named if n not in full.optimizer]
         if absent:
             raise CheckpointError(f"checkpoint holds no optimizer state for {absent[:3]}; "

@@ -1,5 +1,5 @@
-"""Resuming on another layout: a checkpoint from one world size / ZeRO stage / TP degree
-continues on another with the losses an unbroken run has (parallel/reshard.py)."""
+"""Resuming on another layout: a checkpoint from one world size / ZeRO stage / TP or PP
+degree continues on another with the losses an unbroken run has (parallel/reshard.py)."""
 import shutil
 
 import pytest
@@ -36,11 +36,17 @@ def assert_same_losses(got: dict, want: dict, rel: float):
         assert got[step] == pytest.approx(want[step], rel=rel), f"step {step}: {got[step]} != {want[step]}"
 
 
-# (layout that wrote the checkpoint, processes), (layout that resumes it, processes)
+# (layout that wrote the checkpoint, processes), (layout that resumes it, processes); None: the
+# one-process run itself. Together they read every source format (ZeRO 0 with and without PP,
+# ZeRO 1 fragments over DP, over TP and over pipeline stages) and build every target kind.
 CASES = {
     "dp2-zero1-to-one-process": ((["parallel.zero_stage=1"], 2), (["parallel.zero_stage=0"], 1)),
     "one-process-to-tp2-zero1": (None, (["parallel.tp=2", "parallel.zero_stage=1"], 2)),
-    "tp2-zero1-to-dp2-zero2": ((["parallel.tp=2", "parallel.zero_stage=1"], 2), (["parallel.zero_stage=2"], 2)),
+    "tp2-zero0-to-pp2-zero1": ((["parallel.tp=2", "parallel.zero_stage=0"], 2),
+                               (["parallel.pp=2", "parallel.zero_stage=1"], 2)),
+    "pp2-zero1-to-tp2-zero2": ((["parallel.pp=2", "parallel.zero_stage=1"], 2),
+                               (["parallel.tp=2", "parallel.zero_stage=2"], 2)),
+    "pp2-zero0-to-one-process": ((["parallel.pp=2", "parallel.zero_stage=0"], 2), (["parallel.zero_stage=0"], 1)),
 }
 
 
@@ -80,7 +86,7 @@ def test_which_layout_changes_reshard():
     assert same_layout({**saved, "zero_stage": 0}, {**saved, "zero_stage": 0, "world_size": 4})  # DP replicas
     assert not same_layout(saved, {**saved, "world_size": 4})
     assert not same_layout(saved, {**saved, "tp": 2})
-    assert reshard_refusal("c", saved, {**saved, "world_size": 8, "tp": 2, "zero_stage": 2}) is None
-    assert "pipeline stages" in reshard_refusal("c", saved, {**saved, "pp": 2})
-    assert "pipeline stages" in reshard_refusal("c", {**saved, "pp": 2}, saved)
+    assert not same_layout(saved, {**saved, "pp": 2})
+    assert reshard_refusal("c", saved, {**saved, "world_size": 8, "tp": 2, "pp": 2, "zero_stage": 0}) is None
     assert "ZeRO-3" in reshard_refusal("c", {**saved, "zero_stage": 3}, {**saved, "world_size": 4})
+    assert "ZeRO-3" in reshard_refusal("c", saved, {**saved, "zero_stage": 3})
