@@ -155,14 +155,11 @@ def without_guides(model_cfg):
 
 def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullState | None:
     """None when DeepSpeed reloads the checkpoint as written; else its full training state,
-    read for this layout (another DP size under ZeRO, ZeRO stage or TP degree)."""
+    read for this layout (another DP size under ZeRO, ZeRO stage, TP or PP degree)."""
     saved = ckpt.read_manifest(newest).get("layout", {})
     now = layout_of(cfg, info)
     if reshard.same_layout(saved, now):
         return None
-    refusal = reshard.reshard_refusal(newest, saved, now)
-    if refusal:
-        raise ckpt.CheckpointError(refusal)
     return reshard.read_full_state(newest, cfg.model, saved)
 
 

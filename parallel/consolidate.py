@@ -9,13 +9,13 @@ Layouts read (what parallel/checkpoint.py writes through DeepSpeed, and what `st
 writes):
 - ZeRO 0-2: mp_rank_00_model_states.pt holds the full module (DeepSpeed gathers it there).
 - ZeRO-3: parameters are flat fp32 partitions, one per data-parallel rank, in
-  zero_pp_rank_<r>_mp_rank_00_optim_states.pt; each parameter is cut out of every rank's
+  zero_pp_rank_<r>_mp_rank_<t>_optim_states.pt; each parameter is cut out of every rank's
   partition and concatenated (DeepSpeed's zero_to_fp32 merge, on memory-mapped files, so
   only the model itself is ever held in memory, never the optimizer states).
 - weights only (`strata import`): model.safetensors and a manifest with "weights_only".
 - Tensor / pipeline parallel (tp or pp > 1): per TP rank, the module files (mp_rank_YY) or
   DeepSpeed's per-layer pipeline files (layer_XX-model_YY), merged over TP by
-  parallel/tp_splits.py (ZeRO-3 with TP is not read yet).
+  parallel/tp_splits.py; with ZeRO-3, each TP rank's partitions (mp_rank_YY) are merged first.
 
 Loading never unpickles arbitrary objects: torch.load(weights_only=True), with only
 DeepSpeed's own records (parallel.checkpoint.DEEPSPEED_RECORDS) allowed in ZeRO optimizer files.
@@ -51,8 +51,8 @@ quiet_deepspeed_import()  # before parallel.checkpoint, which imports DeepSpeed
 from parallel.checkpoint import DEEPSPEED_RECORDS, MANIFEST, STEP_DIR, CheckpointError, newest_checkpoint  # noqa: E402
 
 WEIGHTS_FILE = "model.safetensors"
-ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
-ZERO3_OPTIM = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+ZERO3_OPTIM = "zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
 PIPELINE_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
@@ -128,18 +128,21 @@ def read_data_parallel(ckpt: Path) -> dict[str, torch.Tensor]:
                           "zero_pp_rank_*_model_states.pt); it is damaged or not a Strata checkpoint")
 
 
-def read_zero3(ckpt: Path) -> dict[str, torch.Tensor]:
+def read_zero3(ckpt: Path, mp: int = 0, state: str | None = None) -> dict[str, torch.Tensor]:
+    """Model-parallel rank `mp`'s parameters from its ZeRO-3 partitions: the fp32 weights, or
+    with `state` ('exp_avg', 'exp_avg_sq') that AdamW state, which ZeRO-3 lays out exactly
+    like the fp32 partitions (one flat tensor per sub-group and rank)."""
     from deepspeed.utils import zero_to_fp32
 
-    ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL.match(p.name)))
+    ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL.match(p.name)) and int(m.group(2)) == mp)
     world = len(ranks)
-    missing = [ZERO3_OPTIM.format(r) for r in range(world) if not (ckpt / ZERO3_OPTIM.format(r)).is_file()]
-    if ranks != list(range(world)) or missing:
+    missing = [ZERO3_OPTIM.format(r, mp) for r in range(world) if not (ckpt / ZERO3_OPTIM.format(r, mp)).is_file()]
+    if not world or ranks != list(range(world)) or missing:
         raise CheckpointError(f"ZeRO-3 checkpoint {ckpt} lacks shards ({', '.join(missing) or 'model states'}); "
                               "a rank did not finish saving: use an earlier complete checkpoint")
     model_states = []
     for r in ranks:
-        sd = safe_load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        sd = safe_load(ckpt / f"zero_pp_rank_{r}_mp_rank_{mp:02d}_model_states.pt")
         model_states.append(zero_to_fp32.zero_model_state(
             buffers={k: v for k, v in sd["module"].items() if k in sd["buffer_names"]},
             param_shapes=sd["param_shapes"], shared_params=list(map(list, (sd.get("shared_params") or {}).items())),
@@ -147,14 +150,27 @@ def read_zero3(ckpt: Path) -> dict[str, torch.Tensor]:
             frozen_param_fragments=sd.get("frozen_param_fragments")))
     flat_groups = []
     for r in ranks:
-        optim = safe_load(ckpt / ZERO3_OPTIM.format(r), zero_optimizer=True)["optimizer_state_dict"]
+        optim = safe_load(ckpt / ZERO3_OPTIM.format(r, mp), zero_optimizer=True)["optimizer_state_dict"]
         if optim.get("partition_count") not in (world, [world]):
             raise CheckpointError(f"ZeRO-3 checkpoint {ckpt}: rank {r} was partitioned over "
                                   f"{optim.get('partition_count')} ranks but {world} shards are present")
-        flat_groups.append(optim["fp32_flat_groups"])
+        groups = optim["fp32_flat_groups"]
+        if state is not None:
+            adam = optim["optimizer_state_dict"]["state"]
+            groups = [adam[i][state] for i in range(len(groups))]
+        flat_groups.append(groups)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
         lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
-        return {name: t.contiguous() for name, t in lazy.items()}
+        out = {name: t.contiguous() for name, t in lazy.items()}
+    if state is not None:  # buffers ride along with the weights only
+        out = {k: v for k, v in out.items() if k not in model_states[0].buffers}
+    return out
+
+
+def zero3_adam_step(ckpt: Path, mp: int = 0) -> torch.Tensor | None:
+    adam = safe_load(ckpt / ZERO3_OPTIM.format(0, mp), zero_optimizer=True)["optimizer_state_dict"]
+    state = adam["optimizer_state_dict"]["state"]
+    return state[0]["step"].clone() if state else None
 
 
 def read_model_parallel_ranks(ckpt: Path, tp: int, pp: int, n_blocks: int) -> list[dict[str, torch.Tensor]]:
@@ -174,10 +190,12 @@ def read_model_parallel_ranks(ckpt: Path, tp: int, pp: int, n_blocks: int) -> li
                                   "a rank did not finish saving: use an earlier complete checkpoint")
         return parts
     files = [ckpt / f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
-    if not all(f.is_file() for f in files):
-        raise CheckpointError(f"checkpoint {ckpt} (tp={tp}) lacks mp_rank_XX_model_states.pt files (ZeRO-3 "
-                              "with tensor parallelism is not consolidated yet); use a ZeRO 0-2 checkpoint")
-    return [safe_load(f)["module"] for f in files]
+    if all(f.is_file() for f in files):
+        return [safe_load(f)["module"] for f in files]
+    if any(ZERO3_MODEL.match(p.name) for p in ckpt.iterdir()):
+        return [read_zero3(ckpt, t) for t in range(tp)]
+    raise CheckpointError(f"checkpoint {ckpt} (tp={tp}) lacks mp_rank_XX_model_states.pt files and ZeRO-3 "
+                          "partitions; a rank did not finish saving: use an earlier complete checkpoint")
 
 
 def merge_model_parallel(parts: list[dict[str, torch.Tensor]], model_cfg) -> dict:

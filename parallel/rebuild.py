@@ -4,12 +4,15 @@ state, the LR schedule and the step counters over: the run continues as if the r
 parameters had never been there, and they hold no optimizer state afterwards.
 
 ZeRO stage 0 keeps torch's per-parameter state; stages 1 and 2 keep flat fp32 partitions,
-read and written per parameter through deepspeed.utils' safe_get/safe_set helpers.
+read and written per parameter through deepspeed.utils' safe_get/safe_set helpers (stage 3,
+written only by parallel/reshard.py, through safe_set_local_optimizer_state).
 """
 from __future__ import annotations
 
 import torch
-from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+import torch.distributed as dist
+from deepspeed.utils import (safe_get_full_optimizer_state, safe_set_full_optimizer_state,
+                             safe_set_local_optimizer_state)
 
 from parallel.engine import build_engine
 
@@ -70,6 +73,9 @@ def write_optimizer_states(engine, params, states, step, stage):
                 inner.state[p] = states[p]
         return
     zero = engine.optimizer
+    if stage == 3:
+        _write_zero3_states(zero, params, states, step)
+        return
     # ZeRO links per-parameter views into its flat state only after a first step; create
     # the flat state now (the values are overwritten below) and link it.
     for flat in zero.single_partition_of_fp32_groups:
@@ -78,6 +84,21 @@ def write_optimizer_states(engine, params, states, step, stage):
     for p in params:
         for k in ADAM_STATES:
             safe_set_full_optimizer_state(p, states[p][k].to(p.device), k)
+
+
+def _write_zero3_states(zero, params, states, step) -> None:
+    """ZeRO-3 creates AdamW's state per flat sub-group at the first step: create it, then copy
+    each parameter's partition of its state in (DeepSpeed's set_full_hp_param cannot: it
+    reads past the end of a parameter whose size the ranks do not divide)."""
+    for flat in zero.fp32_partitioned_groups_flat:
+        zero.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
+    rank, world = dist.get_rank(group=zero.dp_process_group), dist.get_world_size(group=zero.dp_process_group)
+    for p in params:
+        part = p.ds_tensor.numel()
+        for k in ADAM_STATES:
+            flat = states[p][k].flatten()
+            padded = torch.nn.functional.pad(flat, (0, part * world - flat.numel()))
+            safe_set_local_optimizer_state(p, padded.narrow(0, part * rank, part).to(p.ds_tensor.device), k)
 
 
 def _relink(zero) -> None:

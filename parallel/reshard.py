@@ -1,5 +1,5 @@
 """Resume a checkpoint on another layout: another number of data-parallel ranks under
-ZeRO, another ZeRO stage (0-2), another tensor- or pipeline-parallel degree.
+ZeRO, another ZeRO stage, another tensor- or pipeline-parallel degree.
 
 DeepSpeed can only reload its partitions onto the layout that wrote them. Here every
 rank reads the checkpoint's per-parameter training state in full (fp32 master weights,
@@ -17,15 +17,16 @@ pipeline grid order; m = tp_rank without PP) and data-parallel rank d:
   there (pp = 1) or in the per-layer files layer_XX-model_<tp_rank> (pp > 1);
 - ZeRO 1-2: zero_pp_rank_<d>_mp_rank_<m>_optim_states.pt: flat fp32 partitions of each
   parameter group, their AdamW states, and where each named parameter's fragment lies
-  (param_slice_mappings); a parameter is its fragments over d, in rank order.
+  (param_slice_mappings); a parameter is its fragments over d, in rank order;
+- ZeRO-3 (pp = 1): the same files, per-parameter partitions padded to equal size; weights and
+  each AdamW state (laid out like the fp32 partitions) are gathered by DeepSpeed's
+  zero_to_fp32 merge (parallel/consolidate.read_zero3).
 Pipeline stage names map back to HybridLM names (pipeline.model_parameter_name; the tied
 embedding appears on the first and last stage with the same state), tensor-parallel pieces
 are merged by parallel/tp_splits.py, the split that built them, and cut again for the new
 degree the same way. The LR schedule, DeepSpeed's step counters, the data cursor (global,
 so any DP size continues at the next sample) and self-guided training's state are
 layout-free and carry over as they are.
-
-Not resharded (refused in one line by `reshard_refusal`): ZeRO-3 checkpoints or targets.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from parallel.checkpoint import CheckpointError
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 ZERO_OPTIM = "zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt"
 MODEL_STATES = "mp_rank_{t:02d}_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 keeps the schedule here
 COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
@@ -62,16 +64,6 @@ def same_layout(saved: dict, now: dict) -> bool:
     return now["zero_stage"] == 0 or saved.get("world_size") == now["world_size"]
 
 
-def reshard_refusal(ckpt: Path, saved: dict, now: dict) -> str | None:
-    """Why this layout change cannot be resharded (one line with the way out), else None."""
-    if saved.get("zero_stage", 0) == 3 or now["zero_stage"] == 3:
-        return (f"checkpoint {ckpt} (ZeRO {saved.get('zero_stage', 0)}) cannot be resharded to ZeRO {now['zero_stage']}: "
-                f"ZeRO-3 partitions are not resharded; resume with parallel.tp={saved.get('tp', 1)} "
-                f"parallel.pp={saved.get('pp', 1)} parallel.zero_stage={saved.get('zero_stage', 0)} "
-                f"on {saved.get('world_size')} ranks")
-    return None
-
-
 # ----------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------
@@ -90,8 +82,10 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
         piece = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": None}
         for stage in range(pp):
             mp = stage * tp + t  # DeepSpeed's model-parallel file index (pipeline grid order)
-            states = safe_load(_need(ckpt / MODEL_STATES.format(t=mp)))
-            if saved.get("zero_stage", 0) == 0:
+            states = safe_load(_need(ckpt / MODEL_STATES.format(t=mp))) if saved.get("zero_stage", 0) < 3 else None
+            if saved.get("zero_stage", 0) == 3:  # pp = 1: the plain engine
+                part = _read_zero3(ckpt, t)
+            elif saved.get("zero_stage", 0) == 0:
                 writer = t + tp * dp * stage  # the rank of data-parallel index 0 that wrote mp
                 part = _read_zero0(ckpt, states, writer, naming)
             else:
@@ -115,7 +109,7 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
     if pieces[0]["step"] is not None:
         merged = {k: gather_state_dicts([p[k] for p in pieces], splits) for k in ADAM_STATES}
         optimizer = {name: {k: merged[k][name] for k in ADAM_STATES} for name in merged["exp_avg"]}
-    head = safe_load(ckpt / MODEL_STATES.format(t=0))
+    head = safe_load(ckpt / MODEL_STATES.format(t=0) if saved.get("zero_stage", 0) < 3 else ckpt / ZERO3_MODEL_STATES)
     return FullState(weights={k: v.contiguous() for k, v in weights.items()}, optimizer=optimizer,
                      adam_step=pieces[0]["step"], lr_scheduler=head.get("lr_scheduler"),
                      counters={k: head[k] for k in COUNTERS if k in head})
@@ -157,6 +151,17 @@ def _read_zero0(ckpt: Path, states: dict, writer: int, naming) -> dict:
         for k in ADAM_STATES:
             out[k][name] = opt[index][k]
     out["step"] = opt[0]["step"].clone()
+    return out
+
+
+def _read_zero3(ckpt: Path, t: int) -> dict:
+    """Weights and AdamW states of TP rank t, each gathered from the ZeRO-3 partitions."""
+    from parallel.consolidate import read_zero3, zero3_adam_step
+
+    step = zero3_adam_step(ckpt, t)
+    out = {"weights": read_zero3(ckpt, t), "step": step, "exp_avg": {}, "exp_avg_sq": {}}
+    if step is not None:
+        out.update({k: read_zero3(ckpt, t, k) for k in ADAM_STATES})
     return out
 
 
@@ -203,7 +208,7 @@ def load_full_weights(model: torch.nn.Module, full: FullState) -> None:
 
 
 def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: int, model_cfg) -> None:
-    """Collective (ZeRO 1-2 link their flat state on every rank). This rank's slices of each
+    """Collective (ZeRO 1-3 set up their flat state on every rank). This rank's slices of each
     parameter's AdamW state, the LR schedule and DeepSpeed's counters."""
     from model.hybrid import HybridLM
     from parallel.rebuild import write_optimizer_states
