@@ -113,6 +113,20 @@ def test_two_data_parallel_ranks_with_zero2_match_one_process(tmp_path, corpus_o
     assert sorted(got) == sorted(want)
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    # The same checkpoints resharded onto one process, before T (dense paths and their ZeRO-2
+    # state still there) and after it (gone), continue the unbroken run.
+    for resume_at in (2, 6):
+        run_dir = tmp_path.parent / f"{tmp_path.name}_from_{resume_at}"
+        shutil.copytree(tmp_path, run_dir)
+        for later in range(resume_at + 2, STEPS + 1, 2):
+            shutil.rmtree(run_dir / "checkpoints" / f"step_{later:08d}")
+        (run_dir / "checkpoints" / "latest").write_text(f"step_{resume_at:08d}\n")
+        proc = run_strata(command(run_dir, corpus_overrides))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"resumed from step_{resume_at:08d} at step {resume_at} (resharded from world=2" in proc.stdout
+        got = train_losses(run_dir)
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-5), (resume_at, step)
 
 
 def test_equal_flops_extends_the_run_to_the_dense_budget(tmp_path, corpus_overrides):
