@@ -349,21 +349,32 @@ def check_layout(cfg: Config, world_size: int) -> None:
         raise ConfigError(str(e)) from None
 
 
+REPORT_GRACE_S = 10.0
+
+
+def report_error_once(message: str, is_main: bool) -> None:
+    """Every rank finds the same problem; rank 0 says it. The others wait before they exit:
+    torchrun and the deepspeed launcher stop every rank as soon as one exits with an error,
+    and rank 0 must have printed by then (rank 0's own exit ends the wait for them)."""
+    if is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(REPORT_GRACE_S)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
         check_layout(cfg, rank_environment()[1])
     except ConfigError as e:
-        if rank_environment()[0] == 0:  # every rank finds the same problem: say it once
-            print(f"error: {e}", file=sys.stderr)
+        report_error_once(str(e), rank_environment()[0] == 0)
         return 2
     info = init_distributed(cfg.parallel.backend)
     try:
         train(cfg, info)
     except (ConfigError, ckpt.CheckpointError, data.DataError) as e:
-        if info.is_main:
-            print(f"error: {e}", file=sys.stderr)
+        report_error_once(str(e), info.is_main)
         return 2 if isinstance(e, ConfigError) else 1
     finally:
         shutdown()

@@ -128,10 +128,11 @@ def read_data_parallel(ckpt: Path) -> dict[str, torch.Tensor]:
                           "zero_pp_rank_*_model_states.pt); it is damaged or not a Strata checkpoint")
 
 
-def read_zero3(ckpt: Path, mp: int = 0, state: str | None = None) -> dict[str, torch.Tensor]:
+def read_zero3(ckpt: Path, mp: int = 0, state: str | None = None, materialize: bool = True) -> dict:
     """Model-parallel rank `mp`'s parameters from its ZeRO-3 partitions: the fp32 weights, or
     with `state` ('exp_avg', 'exp_avg_sq') that AdamW state, which ZeRO-3 lays out exactly
-    like the fp32 partitions (one flat tensor per sub-group and rank)."""
+    like the fp32 partitions (one flat tensor per sub-group and rank). materialize=False
+    leaves each parameter as DeepSpeed's GatheredTensor, joined on .contiguous()."""
     from deepspeed.utils import zero_to_fp32
 
     ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL.match(p.name)) and int(m.group(2)) == mp)
@@ -161,7 +162,7 @@ def read_zero3(ckpt: Path, mp: int = 0, state: str | None = None) -> dict[str, t
         flat_groups.append(groups)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
         lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
-        out = {name: t.contiguous() for name, t in lazy.items()}
+    out = {name: t.contiguous() for name, t in lazy.items()} if materialize else dict(lazy)
     if state is not None:  # buffers ride along with the weights only
         out = {k: v for k, v in out.items() if k not in model_states[0].buffers}
     return out

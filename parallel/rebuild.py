@@ -34,7 +34,7 @@ def rebuild_engine(old, model: torch.nn.Module, train, par, world_size: int, mpu
     counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
     old.destroy()  # removes its gradient hooks from the parameters we keep
     new = build_engine(model, train, par, world_size, mpu)
-    write_optimizer_states(new, kept, states, step, par.zero_stage)
+    write_optimizer_states(new, kept, states.get, step, par.zero_stage)
     new.lr_scheduler.load_state_dict(lr_state)
     for group, lr in zip(new.optimizer.param_groups, lrs):
         group["lr"] = lr
@@ -61,20 +61,22 @@ def _read_states(engine, params, stage):
     return {p: {k: safe_get_full_optimizer_state(p, k) for k in ADAM_STATES} for p in params}, step
 
 
-def write_optimizer_states(engine, params, states, step, stage):
+def write_optimizer_states(engine, params, state_of, step, stage):
     """Each parameter's AdamW state into a fresh engine (also parallel/reshard.py's way in):
-    states[p] holds exp_avg and exp_avg_sq (and, for stage 0, step), unpartitioned."""
+    state_of(p) gives exp_avg and exp_avg_sq (and, for stage 0, step), unpartitioned, or
+    None for a parameter without state; it is called once per parameter, when needed."""
     if step is None:
         return
     inner = _inner(engine)
     if stage == 0:
         for p in params:
-            if p in states:
-                inner.state[p] = states[p]
+            state = state_of(p)
+            if state is not None:
+                inner.state[p] = state
         return
     zero = engine.optimizer
     if stage == 3:
-        _write_zero3_states(zero, params, states, step)
+        _write_zero3_states(zero, params, state_of, step)
         return
     # ZeRO links per-parameter views into its flat state only after a first step; create
     # the flat state now (the values are overwritten below) and link it.
@@ -82,11 +84,12 @@ def write_optimizer_states(engine, params, states, step, stage):
         inner.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
     _relink(zero)
     for p in params:
+        state = state_of(p)
         for k in ADAM_STATES:
-            safe_set_full_optimizer_state(p, states[p][k].to(p.device), k)
+            safe_set_full_optimizer_state(p, state[k].to(p.device), k)
 
 
-def _write_zero3_states(zero, params, states, step) -> None:
+def _write_zero3_states(zero, params, state_of, step) -> None:
     """ZeRO-3 creates AdamW's state per flat sub-group at the first step: create it, then copy
     each parameter's partition of its state in (DeepSpeed's set_full_hp_param cannot: it
     reads past the end of a parameter whose size the ranks do not divide)."""
@@ -94,9 +97,9 @@ def _write_zero3_states(zero, params, states, step) -> None:
         zero.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
     rank, world = dist.get_rank(group=zero.dp_process_group), dist.get_world_size(group=zero.dp_process_group)
     for p in params:
-        part = p.ds_tensor.numel()
+        part, state = p.ds_tensor.numel(), state_of(p)
         for k in ADAM_STATES:
-            flat = states[p][k].flatten()
+            flat = state[k].flatten()
             padded = torch.nn.functional.pad(flat, (0, part * world - flat.numel()))
             safe_set_local_optimizer_state(p, padded.narrow(0, part * rank, part).to(p.ds_tensor.device), k)
 

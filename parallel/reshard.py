@@ -30,6 +30,7 @@ layout-free and carry over as they are.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,12 +45,17 @@ ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 keeps
 COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
+Lazy = Callable[[], torch.Tensor]
+"""A tensor read from the checkpoint when called: fragments are cut from memory-mapped files
+and joined only then, so no rank ever holds a whole optimizer state at once."""
+
+
 @dataclass
 class FullState:
     """A checkpoint's training state in full (TP = 1) tensors, keyed by HybridLM names."""
 
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    weights: dict[str, Lazy]
+    optimizer: dict[str, dict[str, Lazy]] = field(default_factory=dict)
     """name -> {"exp_avg", "exp_avg_sq"}; empty before the first optimizer step."""
     adam_step: torch.Tensor | None = None
     lr_scheduler: dict | None = None
@@ -72,7 +78,7 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
     """Every rank calls it on the same files; tensors are memory-mapped until used."""
     from model.hybrid import HybridLM
     from parallel.consolidate import safe_load
-    from parallel.tp_splits import gather_state_dicts, parameter_splits
+    from parallel.tp_splits import parameter_splits
 
     tp, pp = saved.get("tp", 1), saved.get("pp", 1)
     dp = saved["world_size"] // (tp * pp)
@@ -101,18 +107,32 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
         from parallel.consolidate import read_model_parallel_ranks
 
         for piece, layers in zip(pieces, read_model_parallel_ranks(ckpt, tp, pp, len(model_cfg.pattern))):
-            piece["weights"] = layers
+            piece["weights"] = {name: _ready(t) for name, t in layers.items()}
     with torch.device("meta"):
         splits = parameter_splits(HybridLM(model_cfg), tp)
-    weights = gather_state_dicts([p["weights"] for p in pieces], splits)
+    weights = _gather_lazily([p["weights"] for p in pieces], splits)
     optimizer = {}
     if pieces[0]["step"] is not None:
-        merged = {k: gather_state_dicts([p[k] for p in pieces], splits) for k in ADAM_STATES}
+        merged = {k: _gather_lazily([p[k] for p in pieces], splits) for k in ADAM_STATES}
         optimizer = {name: {k: merged[k][name] for k in ADAM_STATES} for name in merged["exp_avg"]}
     head = safe_load(ckpt / MODEL_STATES.format(t=0) if saved.get("zero_stage", 0) < 3 else ckpt / ZERO3_MODEL_STATES)
-    return FullState(weights={k: v.contiguous() for k, v in weights.items()}, optimizer=optimizer,
-                     adam_step=pieces[0]["step"], lr_scheduler=head.get("lr_scheduler"),
-                     counters={k: head[k] for k in COUNTERS if k in head})
+    return FullState(weights=weights, optimizer=optimizer, adam_step=pieces[0]["step"],
+                     lr_scheduler=head.get("lr_scheduler"), counters={k: head[k] for k in COUNTERS if k in head})
+
+
+def _ready(tensor) -> Lazy:
+    """A tensor already at hand (memory-mapped), or a ZeRO-3 GatheredTensor, as a Lazy."""
+    return lambda: tensor.contiguous()
+
+
+def _gather_lazily(pieces: list[dict[str, Lazy]], splits: dict) -> dict[str, Lazy]:
+    """Each name's TP pieces joined (tp_splits.gather) when it is read."""
+    from parallel.tp_splits import split_of
+
+    def joined(name: str) -> Lazy:
+        return lambda: split_of(splits, name).gather([piece[name]() for piece in pieces])
+
+    return {name: joined(name) for name in pieces[0] if not name.endswith("_extra_state")}
 
 
 def stage_naming(pp: int, n_blocks: int):
@@ -142,14 +162,14 @@ def _read_zero0(ckpt: Path, states: dict, writer: int, naming) -> dict:
     ordered = [naming(n) for group in names for n in group]
     module = states.get("module") or {}
     params = set(ordered)
-    out = {"weights": {naming(n): t for n, t in module.items() if naming(n) in params},
+    out = {"weights": {naming(n): _ready(t) for n, t in module.items() if naming(n) in params},
            "step": None, "exp_avg": {}, "exp_avg_sq": {}}
     opt = states["optimizer"]["state"]
     if not opt:
         return out
     for index, name in enumerate(ordered):
         for k in ADAM_STATES:
-            out[k][name] = opt[index][k]
+            out[k][name] = _ready(opt[index][k])
     out["step"] = opt[0]["step"].clone()
     return out
 
@@ -158,10 +178,13 @@ def _read_zero3(ckpt: Path, t: int) -> dict:
     """Weights and AdamW states of TP rank t, each gathered from the ZeRO-3 partitions."""
     from parallel.consolidate import read_zero3, zero3_adam_step
 
+    def lazy(state: str | None) -> dict[str, Lazy]:
+        return {name: _ready(gathered) for name, gathered in read_zero3(ckpt, t, state, materialize=False).items()}
+
     step = zero3_adam_step(ckpt, t)
-    out = {"weights": read_zero3(ckpt, t), "step": step, "exp_avg": {}, "exp_avg_sq": {}}
+    out = {"weights": lazy(None), "step": step, "exp_avg": {}, "exp_avg_sq": {}}
     if step is not None:
-        out.update({k: read_zero3(ckpt, t, k) for k in ADAM_STATES})
+        out.update({k: lazy(k) for k in ADAM_STATES})
     return out
 
 
@@ -179,18 +202,25 @@ def _read_zero12(ckpt: Path, states: dict, optim: list[dict], naming) -> dict:
                  for o in optim]
         for name, shape in shapes.items():
             for key, source in (("weights", None), *((k, k) for k in ADAM_STATES)):
-                if source is not None and source not in flats[0][1]:
-                    continue
-                parts = []
-                for o, (fp32, adam) in zip(optim, flats):
-                    frag = o["param_slice_mappings"][g].get(name)
-                    if frag is not None and frag.numel > 0:
-                        flat = fp32 if source is None else adam[source]
-                        parts.append(flat.narrow(0, frag.start, frag.numel))
-                out[key][naming(name)] = torch.cat(parts).view(shape).clone()
+                if source is None or source in flats[0][1]:
+                    out[key][naming(name)] = _fragments(optim, flats, g, name, shape, source)
         if out["step"] is None and "step" in flats[0][1]:
             out["step"] = flats[0][1]["step"].clone()
     return out
+
+
+def _fragments(optim: list[dict], flats: list, group: int, name: str, shape, source: str | None) -> Lazy:
+    """The parameter `name` of ZeRO-1/2 group `group`: its fragment of every rank's flat fp32
+    partition (source None) or AdamW state, in rank order."""
+    def read() -> torch.Tensor:
+        parts = []
+        for o, (fp32, adam) in zip(optim, flats):
+            frag = o["param_slice_mappings"][group].get(name)
+            if frag is not None and frag.numel > 0:
+                parts.append((fp32 if source is None else adam[source]).narrow(0, frag.start, frag.numel))
+        return torch.cat(parts).view(shape)
+
+    return read
 
 
 # ----------------------------------------------------------------------------------------
@@ -200,11 +230,19 @@ def _read_zero12(ckpt: Path, states: dict, optim: list[dict], naming) -> dict:
 def load_full_weights(model: torch.nn.Module, full: FullState) -> None:
     """Into the full HybridLM, before it is parallelised. Self-guided dense paths (`guide`)
     a checkpoint written after the guided phase no longer has are dropped later."""
-    missing, unexpected = model.load_state_dict(full.weights, strict=False)
-    missing = [m for m in missing if not m.endswith(".guide")]
+    own = model.state_dict()
+    missing = [n for n in own if n not in full.weights and not n.endswith(".guide")]
+    unexpected = [n for n in full.weights if n not in own]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match the model (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}); resume with the run's own config.yaml")
+    with torch.no_grad():
+        for name, read in full.weights.items():  # one parameter in memory at a time
+            value = read()
+            if value.shape != own[name].shape:
+                raise CheckpointError(f"checkpoint's {name} has shape {tuple(value.shape)}, the model's is "
+                                      f"{tuple(own[name].shape)}; resume with the run's own config.yaml")
+            own[name].copy_(value)
 
 
 def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: int, model_cfg) -> None:
@@ -223,11 +261,16 @@ def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: in
         if absent:
             raise CheckpointError(f"checkpoint holds no optimizer state for {absent[:3]}; "
                                   "resume with the run's own config.yaml")
-        states = {p: {"step": full.adam_step.clone(),
-                      **{k: split_of(splits, n).shard(full.optimizer[n][k], tp_rank, tp).to(p.device, p.dtype)
-                         for k in ADAM_STATES}}
-                  for n, p in named}
-        write_optimizer_states(engine, [p for _, p in named], states, full.adam_step, engine.zero_optimization_stage())
+        name_of = {p: n for n, p in named}
+
+        def state_of(p) -> dict:  # this rank's slice, read when the engine takes it
+            n = name_of[p]
+            return {"step": full.adam_step.clone(),
+                    **{k: split_of(splits, n).shard(full.optimizer[n][k](), tp_rank, tp).to(p.device, p.dtype, copy=True)
+                       for k in ADAM_STATES}}
+
+        write_optimizer_states(engine, [p for _, p in named], state_of, full.adam_step,
+                               engine.zero_optimization_stage())
     if full.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(full.lr_scheduler)
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
