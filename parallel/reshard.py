@@ -81,33 +81,22 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
     from parallel.tp_splits import parameter_splits
 
     tp, pp = saved.get("tp", 1), saved.get("pp", 1)
-    dp = saved["world_size"] // (tp * pp)
     naming = stage_naming(pp, len(model_cfg.pattern))
     pieces = []  # per TP rank, every pipeline stage's parameters
     for t in range(tp):
         piece = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": None}
         for stage in range(pp):
-            mp = stage * tp + t  # DeepSpeed's model-parallel file index (pipeline grid order)
-            states = safe_load(_need(ckpt / MODEL_STATES.format(t=mp))) if saved.get("zero_stage", 0) < 3 else None
-            if saved.get("zero_stage", 0) == 3:  # pp = 1: the plain engine
-                part = _read_zero3(ckpt, t)
-            elif saved.get("zero_stage", 0) == 0:
-                writer = t + tp * dp * stage  # the rank of data-parallel index 0 that wrote mp
-                part = _read_zero0(ckpt, states, writer, naming)
-            else:
-                optim = [safe_load(_need(ckpt / ZERO_OPTIM.format(d=d, t=mp)), zero_optimizer=True)
-                         ["optimizer_state_dict"] for d in range(dp)]
-                part = _read_zero12(ckpt, states, optim, naming)
+            part = _read_stage(ckpt, saved, t, stage, naming)
             for key in ("weights", *ADAM_STATES):
-                for name, tensor in part[key].items():
-                    piece[key].setdefault(name, tensor)  # a tied embedding: both stages hold the same
+                for name, lazy in part[key].items():
+                    piece[key].setdefault(name, lazy)  # a tied embedding: both stages hold the same
             piece["step"] = piece["step"] if piece["step"] is not None else part["step"]
         pieces.append(piece)
     if saved.get("zero_stage", 0) == 0 and pp > 1:  # the pipeline keeps its modules in per-layer files
         from parallel.consolidate import read_model_parallel_ranks
 
         for piece, layers in zip(pieces, read_model_parallel_ranks(ckpt, tp, pp, len(model_cfg.pattern))):
-            piece["weights"] = {name: _ready(t) for name, t in layers.items()}
+            piece["weights"] = {name: _ready(tensor) for name, tensor in layers.items()}
     with torch.device("meta"):
         splits = parameter_splits(HybridLM(model_cfg), tp)
     weights = _gather_lazily([p["weights"] for p in pieces], splits)
@@ -118,6 +107,24 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
     head = safe_load(ckpt / MODEL_STATES.format(t=0) if saved.get("zero_stage", 0) < 3 else ckpt / ZERO3_MODEL_STATES)
     return FullState(weights=weights, optimizer=optimizer, adam_step=pieces[0]["step"],
                      lr_scheduler=head.get("lr_scheduler"), counters={k: head[k] for k in COUNTERS if k in head})
+
+
+def _read_stage(ckpt: Path, saved: dict, t: int, stage: int, naming) -> dict:
+    """TP rank t of pipeline stage `stage`, gathered over its data-parallel ranks."""
+    from parallel.consolidate import safe_load
+
+    tp, pp, zero = saved.get("tp", 1), saved.get("pp", 1), saved.get("zero_stage", 0)
+    dp = saved["world_size"] // (tp * pp)
+    if zero == 3:  # pp = 1: ZeRO-3 runs on the plain engine only
+        return _read_zero3(ckpt, t)
+    mp = stage * tp + t  # DeepSpeed's model-parallel file index (pipeline grid order)
+    states = safe_load(_need(ckpt / MODEL_STATES.format(t=mp)))
+    if zero == 0:
+        writer = t + tp * dp * stage  # the rank of data-parallel index 0, which wrote file mp
+        return _read_zero0(ckpt, states, writer, naming)
+    optim = [safe_load(_need(ckpt / ZERO_OPTIM.format(d=d, t=mp)), zero_optimizer=True)["optimizer_state_dict"]
+             for d in range(dp)]
+    return _read_zero12(ckpt, states, optim, naming)
 
 
 def _ready(tensor) -> Lazy:
