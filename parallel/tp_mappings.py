@@ -75,62 +75,27 @@ class _ReduceGradient(torch.autograd.Function):
         return grad, None
 
 
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _conjugate(name: str, forward, backward, dim: int) -> type[torch.autograd.Function]:
+    """An autograd function doing the collective `forward` along `dim` over the group, and
+    `backward` (its conjugate) on the gradient."""
+
+    def fwd(ctx, x, group):
         ctx.group = group
-        return gather_along(x, SEQ_DIM, group)
+        return forward(x, dim, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_along(grad, SEQ_DIM, ctx.group), None
+    def bwd(ctx, grad):
+        return backward(grad, dim, ctx.group), None
 
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_along(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return gather_along(grad, SEQ_DIM, ctx.group), None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _SplitSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split_along(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return gather_along(grad, SEQ_DIM, ctx.group), None
-
-
-class _GatherSequenceKeepGrad(torch.autograd.Function):
-    """All-gather over the sequence; backward keeps this rank's part of a gradient that the
-    consumer already summed over the group."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return gather_along(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split_along(grad, SEQ_DIM, ctx.group), None
-
-
-class _GatherLastDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return gather_along(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split_along(grad, -1, ctx.group), None
+_GatherSequence = _conjugate("_GatherSequence", gather_along, reduce_scatter_along, SEQ_DIM)
+_ReduceScatterSequence = _conjugate("_ReduceScatterSequence", reduce_scatter_along, gather_along, SEQ_DIM)
+_SplitSequence = _conjugate("_SplitSequence", split_along, gather_along, SEQ_DIM)
+# All-gather over the sequence; backward keeps this rank's part of a gradient that the
+# consumer already summed over the group.
+_GatherSequenceKeepGrad = _conjugate("_GatherSequenceKeepGrad", gather_along, split_along, SEQ_DIM)
+_GatherLastDim = _conjugate("_GatherLastDim", gather_along, split_along, -1)
 
 
 def reduce_gradient(x: torch.Tensor, group) -> torch.Tensor:
