@@ -127,7 +127,7 @@ def read_manifest(ckpt: Path) -> dict:
         return json.loads((ckpt / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has no readable {MANIFEST} ({e.__class__.__name__}); "
-                              "it is incomplete: delete it to resume from the previous one") from None
+                              "it is incomplete: delete it, or use an earlier complete checkpoint") from None
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):

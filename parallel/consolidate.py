@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +49,8 @@ def quiet_deepspeed_import() -> None:
 
 quiet_deepspeed_import()  # before parallel.checkpoint, which imports DeepSpeed
 
-from parallel.checkpoint import DEEPSPEED_RECORDS, MANIFEST, STEP_DIR, CheckpointError, newest_checkpoint  # noqa: E402
+from parallel.checkpoint import (DEEPSPEED_RECORDS, MANIFEST, STEP_DIR, CheckpointError,  # noqa: E402
+                                 newest_checkpoint, read_manifest)
 
 WEIGHTS_FILE = "model.safetensors"
 ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -81,14 +83,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent
-
-
-def read_manifest(ckpt: Path) -> dict:
-    try:
-        return json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {ckpt}: unreadable {MANIFEST} ({e.__class__.__name__}); "
-                              "it is incomplete: use an earlier complete one") from None
 
 
 def is_weights_only(ckpt: Path) -> bool:
@@ -128,11 +122,43 @@ def read_data_parallel(ckpt: Path) -> dict[str, torch.Tensor]:
                           "zero_pp_rank_*_model_states.pt); it is damaged or not a Strata checkpoint")
 
 
-def read_zero3(ckpt: Path, mp: int = 0, state: str | None = None, materialize: bool = True) -> dict:
-    """Model-parallel rank `mp`'s parameters from its ZeRO-3 partitions: the fp32 weights, or
-    with `state` ('exp_avg', 'exp_avg_sq') that AdamW state, which ZeRO-3 lays out exactly
-    like the fp32 partitions (one flat tensor per sub-group and rank). materialize=False
-    leaves each parameter as DeepSpeed's GatheredTensor, joined on .contiguous()."""
+@dataclass
+class Zero3Files:
+    """Model-parallel rank `mp`'s ZeRO-3 files, opened once (memory-mapped)."""
+
+    ckpt: Path
+    model_states: list
+    """DeepSpeed's zero_model_state per data-parallel rank: shapes and buffers."""
+    optimizers: list[dict]
+    """Each data-parallel rank's optimizer_state_dict: fp32 partitions and AdamW state."""
+
+    def adam_step(self) -> torch.Tensor | None:
+        state = self.optimizers[0]["optimizer_state_dict"]["state"]
+        return state[0]["step"].clone() if state else None
+
+    def gather(self, state: str | None = None, materialize: bool = True) -> dict:
+        """Every parameter in full: the fp32 weights (with the buffers), or with `state`
+        ('exp_avg', 'exp_avg_sq') that AdamW state, which ZeRO-3 lays out exactly like the
+        fp32 partitions (one flat tensor per sub-group and rank). materialize=False leaves
+        each parameter as DeepSpeed's GatheredTensor, joined on .contiguous()."""
+        from deepspeed.utils import zero_to_fp32
+
+        flat_groups = []
+        for optim in self.optimizers:
+            groups = optim["fp32_flat_groups"]
+            if state is not None:
+                groups = [optim["optimizer_state_dict"]["state"][i][state] for i in range(len(groups))]
+            flat_groups.append(groups)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(len(flat_groups), flat_groups,
+                                                                          self.model_states, False)
+        out = {name: t.contiguous() for name, t in lazy.items()} if materialize else dict(lazy)
+        if state is not None:  # buffers ride along with the weights only
+            out = {k: v for k, v in out.items() if k not in self.model_states[0].buffers}
+        return out
+
+
+def open_zero3(ckpt: Path, mp: int = 0) -> Zero3Files:
     from deepspeed.utils import zero_to_fp32
 
     ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL.match(p.name)) and int(m.group(2)) == mp)
@@ -149,29 +175,19 @@ def read_zero3(ckpt: Path, mp: int = 0, state: str | None = None, materialize: b
             param_shapes=sd["param_shapes"], shared_params=list(map(list, (sd.get("shared_params") or {}).items())),
             ds_version=sd.get("ds_version"), frozen_param_shapes=sd.get("frozen_param_shapes"),
             frozen_param_fragments=sd.get("frozen_param_fragments")))
-    flat_groups = []
+    optimizers = []
     for r in ranks:
         optim = safe_load(ckpt / ZERO3_OPTIM.format(r, mp), zero_optimizer=True)["optimizer_state_dict"]
         if optim.get("partition_count") not in (world, [world]):
             raise CheckpointError(f"ZeRO-3 checkpoint {ckpt}: rank {r} was partitioned over "
                                   f"{optim.get('partition_count')} ranks but {world} shards are present")
-        groups = optim["fp32_flat_groups"]
-        if state is not None:
-            adam = optim["optimizer_state_dict"]["state"]
-            groups = [adam[i][state] for i in range(len(groups))]
-        flat_groups.append(groups)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
-        lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
-    out = {name: t.contiguous() for name, t in lazy.items()} if materialize else dict(lazy)
-    if state is not None:  # buffers ride along with the weights only
-        out = {k: v for k, v in out.items() if k not in model_states[0].buffers}
-    return out
+        optimizers.append(optim)
+    return Zero3Files(ckpt, model_states, optimizers)
 
 
-def zero3_adam_step(ckpt: Path, mp: int = 0) -> torch.Tensor | None:
-    adam = safe_load(ckpt / ZERO3_OPTIM.format(0, mp), zero_optimizer=True)["optimizer_state_dict"]
-    state = adam["optimizer_state_dict"]["state"]
-    return state[0]["step"].clone() if state else None
+def read_zero3(ckpt: Path, mp: int = 0) -> dict[str, torch.Tensor]:
+    """Model-parallel rank `mp`'s fp32 weights, gathered from its ZeRO-3 partitions."""
+    return open_zero3(ckpt, mp).gather()
 
 
 def read_model_parallel_ranks(ckpt: Path, tp: int, pp: int, n_blocks: int) -> list[dict[str, torch.Tensor]]:

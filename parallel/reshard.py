@@ -20,7 +20,7 @@ pipeline grid order; m = tp_rank without PP) and data-parallel rank d:
   (param_slice_mappings); a parameter is its fragments over d, in rank order;
 - ZeRO-3 (pp = 1): the same files, per-parameter partitions padded to equal size; weights and
   each AdamW state (laid out like the fp32 partitions) are gathered by DeepSpeed's
-  zero_to_fp32 merge (parallel/consolidate.read_zero3).
+  zero_to_fp32 merge (parallel/consolidate.Zero3Files).
 Pipeline stage names map back to HybridLM names (pipeline.model_parameter_name; the tied
 embedding appears on the first and last stage with the same state), tensor-parallel pieces
 are merged by parallel/tp_splits.py, the split that built them, and cut again for the new
@@ -183,12 +183,14 @@ def _read_zero0(ckpt: Path, states: dict, writer: int, naming) -> dict:
 
 def _read_zero3(ckpt: Path, t: int) -> dict:
     """Weights and AdamW states of TP rank t, each gathered from the ZeRO-3 partitions."""
-    from parallel.consolidate import read_zero3, zero3_adam_step
+    from parallel.consolidate import open_zero3
+
+    files = open_zero3(ckpt, t)
 
     def lazy(state: str | None) -> dict[str, Lazy]:
-        return {name: _ready(gathered) for name, gathered in read_zero3(ckpt, t, state, materialize=False).items()}
+        return {name: _ready(gathered) for name, gathered in files.gather(state, materialize=False).items()}
 
-    step = zero3_adam_step(ckpt, t)
+    step = files.adam_step()
     out = {"weights": lazy(None), "step": step, "exp_avg": {}, "exp_avg_sq": {}}
     if step is not None:
         out.update({k: lazy(k) for k in ADAM_STATES})
