@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
@@ -30,7 +30,7 @@ from launcher.config import Config, ConfigError, dump_yaml, load_config
 from launcher.metrics import Reporter, hardware_metrics, peak_tflops
 from model import HybridLM
 from model.counting import format_counts, training_flops_per_token
-from model.guidance import SelfGuidance, equal_flops_extra_steps
+from model.guidance import SelfGuidance, equal_flops_extra_steps, split_guide_flops
 from model.mlp import describe_structure
 from parallel import checkpoint as ckpt
 from parallel import consolidate, reshard
@@ -139,18 +139,13 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
                  f"tp={topo.tp} pp={topo.pp} | {'resumed from ' + newest.name if newest else 'fresh start'} "
-                 f"at step {step}{resharded_note(newest) if resharded is not None else ''}")
+                 f"at step {step}{resharded_note(resharded.layout) if resharded is not None else ''}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
     if describe_structure(cfg.model):
         reporter.log(describe_structure(cfg.model))
-    with_guides = training_flops_per_token(cfg.model, cfg.train.seq_len)["total"]
-    no_guides = training_flops_per_token(without_guides(cfg.model), cfg.train.seq_len)["total"]
-    return Run(cfg, info, engine, loader, evals, reporter, run_dir, no_guides,
-               peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, with_guides - no_guides)
-
-
-def without_guides(model_cfg):
-    return replace(model_cfg, mlp=replace(model_cfg.mlp, self_guided=False))
+    flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)
+    return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
+               peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, guide_flops)
 
 
 def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullState | None:
@@ -163,8 +158,7 @@ def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullSt
     return reshard.read_full_state(newest, cfg.model, saved)
 
 
-def resharded_note(newest: Path) -> str:
-    saved = ckpt.read_manifest(newest)["layout"]
+def resharded_note(saved: dict) -> str:
     return (f" (resharded from world={saved['world_size']} tp={saved.get('tp', 1)} pp={saved.get('pp', 1)} "
             f"zero={saved.get('zero_stage', 0)})")
 

@@ -144,6 +144,13 @@ def guide_step_fraction_sum(mlp_cfg: MLPConfig, guided: int) -> float:
     return sum(alpha_at(t, guided, mlp_cfg.guide_schedule) for t in range(guided))
 
 
+def split_guide_flops(cfg: ModelConfig, seq_len: int, per_token=forward_flops_per_token) -> tuple[float, float]:
+    """(FLOPs per token of the model without its self-guided dense paths, those of the dense
+    paths), by `per_token` (model/counting.py's forward or training count)."""
+    without = per_token(replace(cfg, mlp=replace(cfg.mlp, self_guided=False)), seq_len)["total"]
+    return without, per_token(cfg, seq_len)["total"] - without
+
+
 def equal_flops_extra_steps(cfg: ModelConfig, total_steps: int, seq_len: int) -> int:
     """Steps to add to `total_steps` so that this run (structured MLPs, guided phase of T =
     guide_ratio * total_steps steps) spends the FLOPs the same model with dense MLPs spends
@@ -155,8 +162,7 @@ def equal_flops_extra_steps(cfg: ModelConfig, total_steps: int, seq_len: int) ->
     dense_cfg = replace(cfg, mlp=replace(mlp, structure="dense", param_fraction=0.0, rank=0, nblocks=0,
                                          self_guided=False, equal_flops=False))
     dense = forward_flops_per_token(dense_cfg, seq_len)["total"]
-    structured = forward_flops_per_token(replace(cfg, mlp=replace(mlp, self_guided=False)), seq_len)["total"]
-    guide = forward_flops_per_token(cfg, seq_len)["total"] - structured
+    structured, guide = split_guide_flops(cfg, seq_len)
     saved = (dense - structured) * total_steps
     spent = guide * guide_step_fraction_sum(mlp, guided_steps(mlp, total_steps))
     if spent > saved:

@@ -30,17 +30,24 @@ def rebuild_engine(old, model: torch.nn.Module, train, par, world_size: int, mpu
                          f"not {par.zero_stage}")
     kept = [p for p in model.parameters() if p.requires_grad]
     states, step = _read_states(old, kept, par.zero_stage)
-    lr_state, lrs = old.lr_scheduler.state_dict(), [g["lr"] for g in old.optimizer.param_groups]
+    lr_state = old.lr_scheduler.state_dict()
     counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
     old.destroy()  # removes its gradient hooks from the parameters we keep
     new = build_engine(model, train, par, world_size, mpu)
     write_optimizer_states(new, kept, states.get, step, par.zero_stage)
-    new.lr_scheduler.load_state_dict(lr_state)
-    for group, lr in zip(new.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    for k, v in counters.items():
-        setattr(new, k, v)
+    restore_schedule(new, lr_state, counters)
     return new
+
+
+def restore_schedule(engine, lr_scheduler_state: dict | None, counters: dict) -> None:
+    """The LR schedule where it was, each param group's lr with it, and DeepSpeed's step
+    counters, in a fresh engine (also parallel/reshard.py's)."""
+    if lr_scheduler_state is not None:
+        engine.lr_scheduler.load_state_dict(lr_scheduler_state)
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    for k, v in counters.items():
+        setattr(engine, k, v)
 
 
 def _inner(engine):

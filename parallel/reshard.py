@@ -54,6 +54,8 @@ and joined only then, so no rank ever holds a whole optimizer state at once."""
 class FullState:
     """A checkpoint's training state in full (TP = 1) tensors, keyed by HybridLM names."""
 
+    layout: dict
+    """The layout that wrote it: {world_size, tp, pp, zero_stage}."""
     weights: dict[str, Lazy]
     optimizer: dict[str, dict[str, Lazy]] = field(default_factory=dict)
     """name -> {"exp_avg", "exp_avg_sq"}; empty before the first optimizer step."""
@@ -105,7 +107,7 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
         merged = {k: _gather_lazily([p[k] for p in pieces], splits) for k in ADAM_STATES}
         optimizer = {name: {k: merged[k][name] for k in ADAM_STATES} for name in merged["exp_avg"]}
     head = safe_load(ckpt / MODEL_STATES.format(t=0) if saved.get("zero_stage", 0) < 3 else ckpt / ZERO3_MODEL_STATES)
-    return FullState(weights=weights, optimizer=optimizer, adam_step=pieces[0]["step"],
+    return FullState(layout=saved, weights=weights, optimizer=optimizer, adam_step=pieces[0]["step"],
                      lr_scheduler=head.get("lr_scheduler"), counters={k: head[k] for k in COUNTERS if k in head})
 
 
@@ -258,7 +260,7 @@ def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: in
     """Collective (ZeRO 1-3 set up their flat state on every rank). This rank's slices of each
     parameter's AdamW state, the LR schedule and DeepSpeed's counters."""
     from model.hybrid import HybridLM
-    from parallel.rebuild import write_optimizer_states
+    from parallel.rebuild import restore_schedule, write_optimizer_states
     from parallel.tp_splits import parameter_splits, split_of
 
     if full.adam_step is not None:
@@ -280,9 +282,4 @@ def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: in
 
         write_optimizer_states(engine, [p for _, p in named], state_of, full.adam_step,
                                engine.zero_optimization_stage())
-    if full.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(full.lr_scheduler)
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
-    for k, v in full.counters.items():
-        setattr(engine, k, v)
+    restore_schedule(engine, full.lr_scheduler, full.counters)
