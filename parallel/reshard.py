@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from parallel.checkpoint import CheckpointError
+from parallel.rebuild import ADAM_STATES, restore_schedule, write_optimizer_states
 
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
 ZERO_OPTIM = "zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt"
 MODEL_STATES = "mp_rank_{t:02d}_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 keeps the schedule here
@@ -260,7 +260,6 @@ def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: in
     """Collective (ZeRO 1-3 set up their flat state on every rank). This rank's slices of each
     parameter's AdamW state, the LR schedule and DeepSpeed's counters."""
     from model.hybrid import HybridLM
-    from parallel.rebuild import restore_schedule, write_optimizer_states
     from parallel.tp_splits import parameter_splits, split_of
 
     if full.adam_step is not None:
