@@ -28,6 +28,31 @@ class ConfigError(ValueError):
     """A config problem; str() is one line naming the key and the fix."""
 
 
+class YamlBool(str):
+    """A plain YAML 1.1 boolean word (yes/no/on/off/true/false, any case) as it was written.
+
+    YAML reads ``verify: off`` as false; the config loader keeps the spelling instead, and
+    ``coerce`` decides by the field's type: a bool field gets the truth value, a str field the
+    word itself (``"off"``), and untyped values (dicts, Any) the bool YAML would have given.
+    """
+
+    @property
+    def truth(self) -> bool:
+        return self.lower() in ("yes", "true", "on")
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that boolean words stay YamlBool strings (see coerce)."""
+
+
+_Loader.add_constructor("tag:yaml.org,2002:bool", lambda loader, node: YamlBool(loader.construct_scalar(node)))
+
+
+def parse_yaml(text: str):
+    """YAML as the config reads it, config files and dotted overrides alike."""
+    return yaml.load(text, Loader=_Loader)
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
@@ -139,7 +164,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. {DEFAULT_CONFIG}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -175,7 +200,7 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {p} is not a section")
     try:
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        node[leaf] = parse_yaml(value) if value != "" else ""
     except yaml.YAMLError:
         node[leaf] = value
 
@@ -201,6 +226,21 @@ def suggest(key: str, fields, prefix: str) -> str:
 
 
 def coerce(hint, value, key: str):
+    """``value`` as read from YAML, checked against (and converted to) the field type ``hint``.
+
+    The one place that knows types: a YAML boolean word is the string it spells for a str
+    field (``data.verify: off``) and a bool for a bool field; everywhere else it is a bool.
+    """
+    if isinstance(value, YamlBool):
+        if hint is str:
+            return str(value)
+        if hint is bool or hint is typing.Any or origin_is_dict(hint):
+            return value.truth
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint):
+            return str(value)
+        value = value.truth  # then checked like any bool: an int or float field refuses it
+    elif isinstance(value, (dict, list)) and (hint is typing.Any or origin_is_dict(hint)):
+        return plain(value)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, prefix=key + ".")
     origin = typing.get_origin(hint)
@@ -233,6 +273,21 @@ def coerce(hint, value, key: str):
         return value
     name = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def origin_is_dict(hint) -> bool:
+    return hint is dict or typing.get_origin(hint) is dict
+
+
+def plain(value):
+    """An untyped YAML value with every YamlBool turned into the bool YAML 1.1 means."""
+    if isinstance(value, YamlBool):
+        return value.truth
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def to_dict(cfg) -> dict:

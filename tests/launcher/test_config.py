@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError, load_config
+from launcher.config import ConfigError, dump_yaml, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,3 +56,27 @@ def test_layout_that_does_not_divide_the_batch_fails_before_start(tmp_path):
     assert proc.returncode == 2
     assert "train.global_batch_size: 12 is not a multiple" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_yaml_boolean_words_are_strings_for_string_fields(tmp_path):
+    """YAML 1.1 reads off/on/yes/no as booleans; a str field gets the word, a bool field the bool."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  verify: off\n  inputs: [yes, 'no', On]\n"
+                    "model:\n  attention: {rope: off, qkv_bias: Yes}\ncheckpoint:\n  resume: no\n")
+    cfg = load_config(path)
+    assert cfg.data.verify == "off" and type(cfg.data.verify) is str
+    assert cfg.data.inputs == ["yes", "no", "On"]
+    assert cfg.model.attention.rope is False and cfg.model.attention.qkv_bias is True
+    assert cfg.checkpoint.resume is False
+    over = load_config(None, ["data.verify=off", "model.attention.rope=on",
+                              "logging.tensorboard=no", "data.mixture=[{dir: d, weight: 1}]"])
+    assert over.data.verify == "off" and over.logging.tensorboard is False and over.model.attention.rope is True
+    assert over.data.mixture == [{"dir": "d", "weight": 1}]
+    with pytest.raises(ConfigError, match="logging.progress: 'on' is not one of"):  # the word, not False
+        load_config(None, ["logging.progress=on"])
+    with pytest.raises(ConfigError, match="model.d_model: expected int, got bool True"):
+        load_config(None, ["model.d_model=yes"])
+    assert load_config(path).data.verify == load_config(None, ["data.verify=off"]).data.verify
+    dumped = tmp_path / "dumped.yaml"  # the resolved config a run saves reads back the same
+    dumped.write_text(dump_yaml(cfg))
+    assert load_config(dumped) == cfg
