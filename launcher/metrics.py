@@ -3,6 +3,7 @@ bar on a terminal, plain log lines otherwise). Only rank 0 reports."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -38,6 +39,47 @@ def hardware_metrics(tokens_per_s_per_rank: float, flops_per_token: float, peak:
     return out
 
 
+def cut_metrics(path: Path, start_step: int) -> None:
+    """Drop the records of ``path`` past ``start_step`` before a run (re)starting there appends.
+
+    A run resumed from the checkpoint of step s redoes the steps after s; their records from
+    before the interruption (train, eval, any kind) are cut so that each step appears once. A
+    last line that is not JSON (torn by a kill mid-write) is dropped too. The file is rewritten
+    atomically (a new file, fsync, rename), so a kill during the cut loses nothing.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    lines = data.splitlines(keepends=True)
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                continue  # a torn write at the end
+            kept.append(line)  # not ours to judge: keep it
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > start_step:
+            continue
+        kept.append(line if line.endswith(b"\n") else line + b"\n")
+    new = b"".join(kept)
+    if new == data:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+
+
 class Reporter:
     def __init__(self, run_dir: Path, logging_cfg, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled
@@ -50,7 +92,9 @@ class Reporter:
         if logging_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        cut_metrics(path, start_step)
+        self.jsonl = open(path, "a")
         use_bar = logging_cfg.progress == "bar" or (logging_cfg.progress == "auto" and sys.stderr.isatty())
         if use_bar:
             from tqdm import tqdm
