@@ -132,6 +132,17 @@ class DataConfig:
             settings["stdlib_max_mb"] = self.stdlib_max_mb
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
+    def prepare_options(self) -> dict:
+        """What a manifest records so ``strata prepare`` can rebuild the same corpus: the inputs
+        as given, every setting of ``prepare_key`` (``vocab_size`` 0 when a tokenizer was given,
+        whose absolute path is kept), and the directory relative inputs were read from."""
+        return {"inputs": list(self.inputs), "cwd": os.getcwd(),
+                "tokenizer": os.path.abspath(self.tokenizer) if self.tokenizer else "",
+                "vocab_size": 0 if self.tokenizer else self.vocab_size, "text_field": self.text_field,
+                "val_fraction": self.val_fraction, "shard_input_mb": self.shard_input_mb,
+                "max_shard_tokens": self.max_shard_tokens, "tokenizer_sample_mb": self.tokenizer_sample_mb,
+                "stdlib_max_mb": self.stdlib_max_mb}
+
     def prepared_path(self) -> Path:
         """The directory of the single (non-mixture) corpus."""
         if self.prepared_dir:

@@ -110,7 +110,7 @@ def _run_tokenizer(cfg: DataConfig, root: Path, manifest: dict) -> Tokenizer:
         return Tokenizer(cfg.tokenizer)
     path = root / TOKENIZER
     if not path.is_file():
-        raise DataError(f"tokenizer {path} is missing: rebuild the corpus with {prepare_command(manifest, root)} --force")
+        raise DataError(f"tokenizer {path} is missing: rebuild the corpus with {prepare_command(manifest, root)}")
     return Tokenizer(path)
 
 

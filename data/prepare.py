@@ -121,7 +121,15 @@ def _reuse_or_reset(root: Path, fingerprint: str, force: bool) -> dict | None:
 
 
 def _drop_damaged_units(root: Path, manifest: dict) -> bool:
-    """Verify all shards; delete the manifest and the records of units that fail. True if any."""
+    """Verify the tokenizer and all shards; delete the manifest and the records of units that
+    fail (of every unit when the tokenizer is missing or not the recorded one). True if any."""
+    tokenizer = root / TOKENIZER
+    if not tokenizer.is_file() or file_sha256(tokenizer) != manifest["tokenizer"]["sha256"]:
+        log.warning("%s is missing or is not the tokenizer %s records; rebuilding the corpus", tokenizer, MANIFEST)
+        tokenizer.unlink(missing_ok=True)
+        shutil.rmtree(root / "units", ignore_errors=True)
+        (root / MANIFEST).unlink()
+        return True
     damaged: set[str] = set()
     for info in manifest["shards"]:
         try:
@@ -344,7 +352,8 @@ def _manifest(cfg: DataConfig, key: str, fingerprint: str, tokenizer: Tokenizer,
     totals["invalid_utf8_docs"] = sum(r["invalid_utf8_docs"] for r in records)
     return {"format": "strata-tokens", "version": FORMAT_VERSION, "key": key, "fingerprint": fingerprint,
             "inputs": list(cfg.inputs), "text_field": cfg.text_field, "val_fraction": cfg.val_fraction,
-            "dtype": token_dtype(tokenizer.vocab_size).name, "tokenizer": tokenizer.describe(),
+            "options": cfg.prepare_options(), "dtype": token_dtype(tokenizer.vocab_size).name,
+            "tokenizer": tokenizer.describe(),
             "invalid_utf8_examples": [p for r in records for p in r["invalid_utf8_examples"]][:5],
             "totals": totals, "shards": shards}
 

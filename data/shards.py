@@ -23,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from .config import FORMAT_VERSION
+from .config import FORMAT_VERSION, STDLIB, DataConfig
 from .errors import DataError
 
 MANIFEST = "manifest.json"
@@ -74,10 +75,42 @@ def write_shard(root: Path, name: str, tokens: np.ndarray, offsets: np.ndarray,
             "tokens_sha256": sha256_bytes(tok_bytes), "index_sha256": sha256_bytes(idx_bytes)}
 
 
-def prepare_command(manifest: dict, root: Path) -> str:
-    """The command that (re)builds ``root``, for error messages."""
-    inputs = " ".join(manifest.get("inputs", ["..."]))
-    return f"strata prepare --input {inputs} --out {root}"
+def prepare_command(manifest: dict, root: Path, tokenizer: str = "") -> str:
+    """The ``strata prepare`` command that rebuilds ``root`` as it was prepared, for error messages.
+
+    The inputs as given and every setting the manifest records (``options``), so the command has
+    the corpus's fingerprint: it verifies every shard and rebuilds only what is damaged, into the
+    same corpus. No ``--force``: inputs changed since are refused, never silently used. Relative
+    inputs are read from the directory prepare ran in (a ``cd`` is added when that is not this
+    one). ``tokenizer``: the command with that tokenizer instead (a new corpus: callers add --force).
+    """
+    opts = manifest.get("options")
+    if not isinstance(opts, dict):  # a manifest from before options were recorded: the best guess
+        opts = {"inputs": manifest.get("inputs") or ["PATH..."], "text_field": manifest.get("text_field"),
+                "val_fraction": manifest.get("val_fraction"),
+                "vocab_size": (manifest.get("tokenizer") or {}).get("vocab_size")}
+    inputs = [str(i) for i in opts["inputs"]]
+    out, prefix = str(root), ""
+    cwd = opts.get("cwd")
+    if cwd and any(i != STDLIB and not os.path.isabs(i) for i in inputs) and \
+            os.path.realpath(cwd) != os.path.realpath(os.getcwd()):
+        out, prefix = os.path.abspath(root), f"cd {shlex.quote(cwd)} && "
+    args = ["strata", "prepare", "--input", *inputs, "--out", out]
+    tokenizer = tokenizer or opts.get("tokenizer") or ""
+    if tokenizer:
+        args += ["--tokenizer", os.path.abspath(tokenizer)]
+    elif opts.get("vocab_size"):
+        args += ["--vocab-size", str(opts["vocab_size"])]
+    defaults = DataConfig()
+    for flag, name in (("--text-field", "text_field"), ("--val-fraction", "val_fraction"),
+                       ("--shard-input-mb", "shard_input_mb"), ("--max-shard-tokens", "max_shard_tokens"),
+                       ("--tokenizer-sample-mb", "tokenizer_sample_mb"), ("--stdlib-max-mb", "stdlib_max_mb")):
+        value = opts.get(name)
+        if name == "stdlib_max_mb" and STDLIB not in inputs:
+            continue  # no effect on this corpus
+        if value is not None and value != getattr(defaults, name):
+            args += [flag, str(value)]
+    return prefix + shlex.join(args)
 
 
 def read_manifest(root: Path) -> dict:

@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fraction of documents held out for validation (default {DataConfig.val_fraction})")
     p.add_argument("--shard-input-mb", type=float, default=DataConfig.shard_input_mb,
                    help="input megabytes per shard / unit of work (default 0: automatic, total/64 within [1, 64])")
+    p.add_argument("--max-shard-tokens", type=int, default=DataConfig.max_shard_tokens,
+                   help=f"tokens per shard at most (default {DataConfig.max_shard_tokens})")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=DataConfig.tokenizer_sample_mb,
+                   help=f"megabytes of text the tokenizer is trained on (default {DataConfig.tokenizer_sample_mb})")
+    p.add_argument("--stdlib-max-mb", type=float, default=DataConfig.stdlib_max_mb,
+                   help=f"cap on the 'stdlib' input in megabytes (default {DataConfig.stdlib_max_mb})")
     p.add_argument("--force", action="store_true", help="replace a corpus prepared from other inputs or settings")
     p.add_argument("--verify", action="store_true",
                    help="with no --input: verify every shard checksum of --out and exit")
@@ -44,7 +50,9 @@ def main(argv: list[str]) -> int:
             return _verify(Path(args.out))
         cfg = DataConfig(inputs=args.input, prepared_dir=args.out, vocab_size=args.vocab_size,
                          tokenizer=args.tokenizer, text_field=args.text_field, workers=args.workers,
-                         val_fraction=args.val_fraction, shard_input_mb=args.shard_input_mb)
+                         val_fraction=args.val_fraction, shard_input_mb=args.shard_input_mb,
+                         max_shard_tokens=args.max_shard_tokens, tokenizer_sample_mb=args.tokenizer_sample_mb,
+                         stdlib_max_mb=args.stdlib_max_mb)
         from data.prepare import prepare_corpus
         prepare_corpus(cfg, args.out, force=args.force)
         return 0
