@@ -118,7 +118,7 @@ def _check_tokenizer(root: Path, manifest: dict, tokenizer: Tokenizer, cfg: Data
     recorded = manifest["tokenizer"]
     if recorded["sha256"] == tokenizer.sha256:
         return
-    hint = f"re-prepare it with {prepare_command(manifest, root)} --tokenizer {tokenizer.path} --force"
+    hint = f"re-prepare it with {prepare_command(manifest, root, tokenizer=tokenizer.path)} --force"
     if cfg.tokenizer:
         hint += f", or set data.tokenizer to {root / TOKENIZER}"
     raise DataError(f"{root / 'manifest.json'} was prepared with another tokenizer (sha256 {recorded['sha256'][:12]}, "

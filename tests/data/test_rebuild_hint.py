@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import make_documents, write_text_files
+from data_helpers import make_documents, prepared_config, write_text_files
 
 from data import DataConfig, DataError, ensure_prepared, open_corpus, prepare_corpus
 from data.shards import TOKENIZER
@@ -111,3 +111,16 @@ def test_hint_for_a_corpus_of_a_given_tokenizer(tmp_path, small_corpus):
     assert f"--tokenizer {cfg.tokenizer}" in command and "--vocab-size" not in command
     assert prepare_main(["--verify", "--out", str(root)]) == 0
     assert snapshot(root) == reference
+
+
+def test_another_tokenizer_hint_reprepares_with_the_run_tokenizer(tmp_path, tokenizer_path):
+    src = write_text_files(tmp_path / "src", make_documents(40, seed=5))
+    cfg = prepared_config(tmp_path / "trained", [str(src)], vocab_size=380, tokenizer_sample_mb=0.05)
+    run_cfg = DataConfig(**{**vars(cfg), "tokenizer": tokenizer_path})  # not the one it was trained with
+    with pytest.raises(DataError) as exc:
+        open_corpus(run_cfg)
+    command = str(exc.value).split("re-prepare it with ", 1)[1].split(", or set data.tokenizer")[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["strata", "prepare"] and argv[-1] == "--force"
+    assert prepare_main(argv[2:]) == 0
+    open_corpus(DataConfig(**{**vars(run_cfg), "verify": "full"}))
