@@ -6,6 +6,8 @@
     strata export --checkpoint RUN --format hf --out DIR
     strata import --format hf --from DIR --out RUN_DIR
     strata generate --checkpoint RUN --prompt TEXT
+    strata launch slurm --nodes N --gpus-per-node G --config YAML [key=value ...] [--submit]
+                                                   an sbatch script that saves and requeues itself
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ COMMANDS = {  # command: (module, its entry function)
     "export": ("launcher.export", "main"),
     "import": ("launcher.import_hf", "main"),
     "generate": ("launcher.generate", "main"),
+    "launch": ("launcher.launch", "main"),
 }
 
 
