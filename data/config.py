@@ -29,7 +29,9 @@ class DataConfig:
     text field, split), so the next run with the same settings reuses it."""
 
     vocab_size: int = 4096
-    """Vocabulary size of the sentencepiece model trained when ``tokenizer`` is empty."""
+    """Vocabulary size of the sentencepiece model trained when ``tokenizer`` is empty. A corpus
+    prepared beforehand (``prepared_dir``, ``mixture``) must have been prepared with this
+    vocabulary (``--vocab-size``), or it is refused; with ``tokenizer`` set it is not used."""
 
     tokenizer: str = ""
     """Path of an existing sentencepiece .model to use instead of training one. When set, every

@@ -91,9 +91,11 @@ def open_corpus(cfg: DataConfig) -> Corpus:
         roots, weights = [cfg.prepared_path()], [1.0]
     manifests = [read_manifest(root) for root in roots]
     tokenizer = _run_tokenizer(cfg, roots[0], manifests[0])
-    all_shards, train, val = [], [], []
     for root, manifest in zip(roots, manifests):
         _check_tokenizer(root, manifest, tokenizer, cfg)
+    _check_vocab_size(cfg, roots[0], manifests[0], mixture=bool(cfg.mixture))
+    all_shards, train, val = [], [], []
+    for root, manifest in zip(roots, manifests):
         check_shard_sizes(root, manifest)
         if cfg.verify == "full":
             for info in manifest["shards"]:
@@ -112,6 +114,30 @@ def _run_tokenizer(cfg: DataConfig, root: Path, manifest: dict) -> Tokenizer:
     if not path.is_file():
         raise DataError(f"tokenizer {path} is missing: rebuild the corpus with {prepare_command(manifest, root)}")
     return Tokenizer(path)
+
+
+def _check_vocab_size(cfg: DataConfig, root: Path, manifest: dict, mixture: bool) -> None:
+    """Refuse a corpus prepared with another vocabulary than ``data.vocab_size``.
+
+    The model's vocabulary follows the corpus's tokenizer, so training on it silently would give
+    a vocabulary nobody asked for. The corpus's vocabulary is the ``--vocab-size`` its tokenizer
+    was trained to (an upper bound: sentencepiece may stop short on a tiny corpus), or the size of
+    the tokenizer it was given. Not checked when ``data.tokenizer`` names the model (vocab_size is
+    then unused), nor for a corpus prepared with exactly this run's settings.
+    """
+    if cfg.tokenizer or manifest.get("key") == cfg.prepare_key():
+        return
+    options = manifest.get("options") or {}
+    pieces = manifest["tokenizer"]["vocab_size"]
+    trained_to = options.get("vocab_size") if not options.get("tokenizer") else 0
+    vocab = trained_to or pieces
+    if vocab == cfg.vocab_size:
+        return
+    where = "data.mixture's corpora" if mixture else "data.prepared_dir"
+    pieces_note = f" (its tokenizer has {pieces} pieces)" if pieces != vocab else ""
+    raise DataError(f"data.vocab_size is {cfg.vocab_size} but the corpus at {root} was prepared with a vocabulary of "
+                    f"{vocab}{pieces_note}: set data.vocab_size={vocab} to train on it, or prepare another corpus "
+                    f"with --vocab-size {cfg.vocab_size} for {where}")
 
 
 def _check_tokenizer(root: Path, manifest: dict, tokenizer: Tokenizer, cfg: DataConfig) -> None:
