@@ -6,6 +6,7 @@
     strata export --checkpoint RUN --format hf --out DIR
     strata import --format hf --from DIR --out RUN_DIR
     strata generate --checkpoint RUN --prompt TEXT
+    strata checkpoint verify RUN_OR_CKPT           check checkpoints' files against their checksums
     strata launch slurm --nodes N --gpus-per-node G --config YAML [key=value ...] [--submit]
                                                    an sbatch script that saves and requeues itself
 """
@@ -20,6 +21,7 @@ COMMANDS = {  # command: (module, its entry function)
     "export": ("launcher.export", "main"),
     "import": ("launcher.import_hf", "main"),
     "generate": ("launcher.generate", "main"),
+    "checkpoint": ("launcher.checkpoints", "main"),
     "launch": ("launcher.launch", "main"),
 }
 

@@ -1,23 +1,37 @@
-"""Sharded checkpoints: every rank writes only its own shard, and a checkpoint counts
-only once it is complete.
+"""Sharded checkpoints: the one module that knows their files, how they are written, verified
+and opened. Every rank writes only its own shard; a checkpoint counts only once complete.
 
 Layout under <run_dir>/checkpoints:
-    step_00000100/          DeepSpeed's files (model, optimizer and ZeRO partitions per rank)
+    step_00000100/          DeepSpeed's files (names below), written by torch's zipfile format
         rank_00000.pt       this rank's RNG states (plain tensors and ints) and, under ZeRO 0,
                             the names of its optimizer's parameters in state order
-        trainer.json        step, data cursor, self-guided state, layout (written last)
+        trainer.json        the manifest, written last: step, layout, data cursor, self-guided
+                            state, and every other file's size and CRC32
     latest                  the name of the newest complete checkpoint
-Each checkpoint is written as step_XXXXXXXX.tmp and renamed once every rank has
-finished; `latest` is replaced atomically afterwards. A directory without
-trainer.json, or still named .tmp, is never loaded.
+Each checkpoint is written as step_XXXXXXXX.tmp and renamed once every rank has finished; `latest`
+is replaced atomically afterwards. A directory without trainer.json, or still named .tmp, is never
+loaded; a .tmp left by a kill is removed when the next run starts. Every reader verifies what it
+opens against the manifest (`verify`), so a damaged or missing file is one line naming it, never
+a silently wrong model.
+
+DeepSpeed's file names, per model-parallel index mp (stage x tp + tp_rank) and data-parallel rank dp
+(deepspeed/runtime/engine.py: _get_ckpt_name, _get_zero_ckpt_name; pipe/module.py: ckpt_layer_path):
+    mp_rank_<mp>_model_states.pt                  module (ZeRO 0-2, pp = 1), schedule, counters
+    zero_pp_rank_<dp>_mp_rank_<mp>_optim_states.pt ZeRO 1-3 partitions of the fp32 weights and AdamW
+    zero_pp_rank_<dp>_mp_rank_<mp>_model_states.pt ZeRO-3's per-rank module record
+    layer_<i>-model_<tp_rank>-model_states.pt     pp > 1: one file per pipeline layer and TP rank
+A weights-only checkpoint (`strata import`) holds model.safetensors and its manifest.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +42,26 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from parallel.layout import Layout
+
 # DeepSpeed's own plain records inside ZeRO optimizer shards: the only classes a load may build.
 DEEPSPEED_RECORDS = [fragment_address, LossScaler, ZeroStageEnum]
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "trainer.json"
+FORMAT_VERSION = 2
+MODEL_STATES = "mp_rank_{mp:02d}_model_states.pt"
+ZERO_OPTIM = "zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+ZERO3_MODEL = "zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt"
+ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+PIPELINE_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+RANK_FILE = "rank_{rank:05d}.pt"
+WEIGHTS_FILE = "model.safetensors"
+DAMAGED_SUFFIX = ".damaged"
+HASH_CHUNK = 16 << 20
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; str() is one line naming it and the fix."""
+    """A checkpoint that cannot be used or written; str() is one line naming it and the fix."""
 
 
 def step_name(step: int) -> str:
@@ -50,6 +76,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
+
+# ----------------------------------------------------------------------------------------
+# RNG
+# ----------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -70,6 +100,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ----------------------------------------------------------------------------------------
+# Finding checkpoints
+# ----------------------------------------------------------------------------------------
+
 def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -82,34 +116,294 @@ def newest_checkpoint(root: Path) -> Path | None:
     latest = root / "latest"
     if latest.is_file():
         candidate = root / latest.read_text().strip()
-        if (candidate / MANIFEST).is_file():
+        if STEP_DIR.match(candidate.name) and (candidate / MANIFEST).is_file():
             return candidate
     done = complete_checkpoints(root)
     return done[-1] if done else None
 
 
-def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank: int, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
-    final = root / step_name(step)
-    tmp_tag = step_name(step) + ".tmp"
+def remove_stale_partials(root: Path) -> list[str]:
+    """Saves a kill interrupted (step_*.tmp, latest.tmp): never loadable, so they only take disk."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete, verified step directory from a run dir, a run's checkpoints/ dir, or a step dir
+    (the single-process readers' way in: export, generate). A damaged one is refused in one line
+    naming the file and the newest earlier checkpoint that verifies."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a run directory or one of its "
+                              "checkpoints/step_XXXXXXXX directories")
+    if STEP_DIR.match(path.name) or path.name.endswith(".tmp"):
+        if not (path / MANIFEST).is_file() or path.name.endswith(".tmp"):
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}: its save was interrupted); "
+                                  "use an earlier complete one or the run directory")
+        ckpt = path
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        ckpt = newest_checkpoint(root)
+        if ckpt is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint (looked for {root}/step_XXXXXXXX with "
+                                  f"{MANIFEST}); train first, or give a step directory")
+    problems = verify(ckpt)
+    if problems:
+        raise CheckpointError(damaged_message(ckpt, problems, newest_verified_before(ckpt), "--checkpoint"))
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------
+# The manifest and integrity
+# ----------------------------------------------------------------------------------------
+
+def read_manifest(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} has no readable {MANIFEST} ({e.__class__.__name__}); "
+                              "it is incomplete or damaged: delete it, or use an earlier complete checkpoint") from None
+
+
+def saved_layout(manifest: dict) -> Layout:
+    """The layout that wrote a checkpoint (checkpoints of `strata import` have none: one process)."""
+    return Layout.from_record(manifest.get("layout") or {"world_size": 1})
+
+
+def file_digest(path: Path) -> dict:
+    """Size and CRC32 of a file, read in chunks. zlib's CRC32 runs at several GB/s (measured in
+    bench/checkpoint.py), a few percent of a save; it catches flipped and truncated bytes, which
+    is its job here (hostile files are handled by weights-only loading)."""
+    crc, size = 0, 0
+    view = memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return {"bytes": size, "crc32": f"{crc:08x}"}
+
+
+def digest_files(directory: Path, names: list[str]) -> dict[str, dict]:
+    return {name: file_digest(directory / name) for name in names}
+
+
+def verify(ckpt: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """Problems of a checkpoint's files against its manifest: this rank's share (every world-th
+    file) of them; [] when all match. A manifest written before checksums existed lists none."""
+    try:
+        files = read_manifest(ckpt).get("files", {})
+    except CheckpointError as e:
+        return [str(e)]
+    problems = []
+    for name in sorted(files)[rank::world]:
+        path = ckpt / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        found, want = file_digest(path), files[name]
+        if found["bytes"] != want["bytes"]:
+            problems.append(f"{name} has {found['bytes']} bytes, the manifest says {want['bytes']} (truncated or replaced)")
+        elif found["crc32"] != want["crc32"]:
+            problems.append(f"{name} fails its checksum (crc32 {found['crc32']}, manifest {want['crc32']})")
+    return problems
+
+
+def verify_collective(ckpt: Path) -> list[str]:
+    """Collective: the ranks share the reading; every rank gets every problem."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return verify(ckpt)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, verify(ckpt, dist.get_rank(), dist.get_world_size()))
+    return sorted(p for part in gathered for p in part)
+
+
+def newest_verified_before(ckpt: Path, check: Callable[[Path], list[str]] = verify) -> Path | None:
+    earlier = [p for p in complete_checkpoints(ckpt.parent) if p.name < ckpt.name]
+    return next((p for p in reversed(earlier) if not check(p)), None)
+
+
+def damaged_message(ckpt: Path, problems: list[str], earlier: Path | None, how: str) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if earlier is None:
+        fix = "no earlier checkpoint verifies: restore the file from a copy, or start the run anew"
+    elif how == "--checkpoint":
+        fix = f"the newest earlier checkpoint that verifies is {earlier}: pass --checkpoint {earlier}"
+    else:
+        fix = (f"the newest earlier checkpoint that verifies is {earlier.name}: resume from it with "
+               f"checkpoint.on_corrupt=previous, or restore the file")
+    return f"checkpoint {ckpt} is damaged: {problems[0]}{more}; {fix}"
+
+
+def checkpoint_to_resume(root: Path, on_corrupt: str, is_main: bool) -> tuple[Path | None, list[str]]:
+    """Collective. The newest complete checkpoint that verifies, and what was done on the way
+    (stale partial saves removed; with on_corrupt='previous', damaged ones set aside as
+    step_XXXXXXXX.damaged). With on_corrupt='fail' a damaged newest checkpoint stops the run in
+    one line naming the file and the newest earlier one that verifies."""
+    notes, set_aside_any = [], False
+    if is_main:
+        stale = remove_stale_partials(root)
+        if stale:
+            notes.append(f"removed {len(stale)} unfinished save(s) left by an interrupted run: {', '.join(stale)}")
+    if dist.is_initialized():
+        dist.barrier()
+    ckpt = newest_checkpoint(root)
+    while ckpt is not None:
+        problems = verify_collective(ckpt)
+        if not problems:
+            return ckpt, notes
+        if on_corrupt == "fail":
+            raise CheckpointError(damaged_message(ckpt, problems, newest_verified_before(ckpt, verify_collective),
+                                                  "on_corrupt"))
+        notes.append(f"checkpoint {ckpt.name} is damaged ({problems[0]}): set aside as "
+                     f"{ckpt.name}{DAMAGED_SUFFIX}; trying the one before it")
+        set_aside(ckpt, is_main)
+        set_aside_any = True
+        ckpt = newest_checkpoint(root)
+    if set_aside_any:
+        raise CheckpointError(f"no checkpoint under {root} verifies ({notes[-1]}); restore the files from a "
+                              "copy, or move the run directory away to start anew")
+    return None, notes
+
+
+def set_aside(ckpt: Path, is_main: bool) -> None:
+    """A damaged checkpoint is renamed (kept for inspection), so no reader or rotation meets it again."""
+    if is_main:
+        target = ckpt.with_name(ckpt.name + DAMAGED_SUFFIX)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(ckpt, target)
+        latest = ckpt.parent / "latest"
+        if latest.is_file() and latest.read_text().strip() == ckpt.name:
+            latest.unlink()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------
+
+def safe_load(path: Path, zero_optimizer: bool = False, mmap: bool = True) -> dict:
+    """torch.load without unpickling arbitrary objects (memory-mapped: tensors are read on use).
+    ZeRO optimizer files also hold DeepSpeed's plain records, allowed by name with zero_optimizer."""
+    allowed = DEEPSPEED_RECORDS if zero_optimizer else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises several types for damaged or hostile files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise CheckpointError(f"cannot read {path}: {first[:200]}; the file is damaged or not from Strata") from None
+
+
+def need(path: Path) -> Path:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path.parent} lacks {path.name}; a rank did not finish saving: "
+                              "use an earlier complete checkpoint")
+    return path
+
+
+class StrataCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch engine, always writing torch's zipfile format (which every reader
+    memory-maps) and loading without unpickling arbitrary objects. Installed on every engine
+    before each save and load: DeepSpeed's own default depends on how the engine was built."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.zipfile_serialization = True
+
+    def load(self, path: str, map_location=None):
+        return safe_load(Path(path), zero_optimizer=True, mmap=False)
+
+
+def use_strata_format(engine) -> None:
+    if not isinstance(engine.checkpoint_engine, StrataCheckpointEngine):
+        engine.checkpoint_engine = StrataCheckpointEngine()
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------
+
+def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final directory. A failure on any rank
+    (a full disk, an I/O error) is a CheckpointError on every rank, the partial save removed and
+    the previous checkpoints untouched."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final, tmp = root / step_name(step), root / (step_name(step) + ".tmp")
+    use_strata_format(engine)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left by a crash mid-save
+        shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    torch.save({**rng_state(), "optimizer_param_names": optimizer_param_names(engine)},
-               root / tmp_tag / f"rank_{rank:05d}.pt")
-    dist.barrier()
+    error = _try_write(lambda: engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False),
+                       deepspeed_save=True)
+    error = error or _try_write(lambda: torch.save({**rng_state(), "optimizer_param_names": optimizer_param_names(engine)},
+                                                   tmp / RANK_FILE.format(rank=rank)))
+    _raise_if_any_failed(error, root, tmp, step)
+    names = sorted(p.name for p in tmp.iterdir())
+    mine, error = {}, None
+    try:
+        mine = digest_files(tmp, names[rank::world])
+    except OSError as e:
+        error = _describe_write_error(e)
+    _raise_if_any_failed(error, root, tmp, step)
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
     if rank == 0:
-        atomic_write_text(root / tmp_tag / MANIFEST, json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(root / tmp_tag, final)
-        atomic_write_text(root / "latest", final.name + "\n")
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        files = {k: v for part in parts for k, v in part.items()}
+        error = _try_write(lambda: _commit(root, tmp, final, {**trainer_state, "format": FORMAT_VERSION,
+                                                              "files": files}, keep_last))
+    _raise_if_any_failed(error if rank == 0 else None, root, tmp, step)
     return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, manifest: dict, keep_last: int) -> None:
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _try_write(write: Callable[[], object], deepspeed_save: bool = False) -> str | None:
+    """None, or one line saying why this rank's write failed."""
+    try:
+        write()
+        return None
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos")
+        if deepspeed_save and dist.is_initialized():
+            dist.barrier()  # the barrier DeepSpeed ends its save with, which this rank did not reach
+        return _describe_write_error(e)
+
+
+def _describe_write_error(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e)
+    return "no space left on device" if full else text
+
+
+def _raise_if_any_failed(error: str | None, root: Path, tmp: Path, step: int) -> None:
+    """Collective: every rank learns whether any failed; the partial save is removed."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first is None:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    previous = newest_checkpoint(root)
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    fix = ("free disk space (or lower checkpoint.keep_last; docs/OPERATIONS.md sizes it)"
+           if first == "no space left on device" else "check the file system")
+    free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0.0
+    raise CheckpointError(f"cannot write checkpoint {step_name(step)} under {root}: {first} "
+                          f"({free:.0f} MiB free); {fix}, then run the same command again: {kept}")
 
 
 def optimizer_param_names(engine) -> list[list[str]]:
@@ -122,31 +416,35 @@ def optimizer_param_names(engine) -> list[list[str]]:
     return [[names[id(p)] for p in group["params"]] for group in engine.optimizer.param_groups]
 
 
-def read_manifest(ckpt: Path) -> dict:
-    try:
-        return json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {ckpt} has no readable {MANIFEST} ({e.__class__.__name__}); "
-                              "it is incomplete: delete it, or use an earlier complete checkpoint") from None
+def write_weights_only(root: Path, state_dict: dict[str, torch.Tensor], step: int = 0) -> Path:
+    """A complete checkpoint under root (a run's checkpoints/ dir) holding only the weights
+    (`strata import`): written under a .tmp name, manifest (with the file's checksum) last,
+    renamed, then `latest` updated."""
+    from safetensors.torch import save_file
+
+    final = root / step_name(step)
+    tmp = root / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    manifest = {"step": step, "weights_only": True, "format": FORMAT_VERSION,
+                "files": digest_files(tmp, [WEIGHTS_FILE])}
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    return final
 
 
-class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch engine, but loading never unpickles arbitrary objects: a
-    checkpoint from an untrusted source cannot run code in every rank of the job."""
-
-    def load(self, path: str, map_location=None):
-        try:
-            with torch.serialization.safe_globals(DEEPSPEED_RECORDS):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError for disallowed globals, others for damage
-            raise CheckpointError(f"checkpoint file {path} cannot be loaded safely "
-                                  f"({str(e).splitlines()[0][:200]}); it is damaged or not a Strata checkpoint") from None
-
+# ----------------------------------------------------------------------------------------
+# Loading (same layout; parallel/reshard.py reads another)
+# ----------------------------------------------------------------------------------------
 
 def load_checkpoint(engine, ckpt: Path, rank: int) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from a checkpoint written by
-    this same layout (parallel/reshard.py handles another); returns the trainer state."""
-    engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
+    """Restore model, optimizer, scheduler and this rank's RNG from a verified checkpoint written
+    by this same layout; returns the trainer state."""
+    use_strata_format(engine)
     path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
@@ -159,7 +457,7 @@ def load_trainer_state(ckpt: Path, rank: int) -> dict:
     """The manifest, and this rank's RNG where the checkpoint has a file for it (a resharded
     resume on more ranks than wrote it leaves the new ranks' RNG as seeded)."""
     state = read_manifest(ckpt)
-    rng_file = ckpt / f"rank_{rank:05d}.pt"
+    rng_file = ckpt / RANK_FILE.format(rank=rank)
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_load(rng_file, mmap=False))
     return state

@@ -41,9 +41,15 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are deleted after a new one is complete."""
     resume: bool = True
     """Resume from the newest complete checkpoint in the run directory when there is one."""
+    on_corrupt: str = "fail"
+    """When the newest checkpoint fails verification (a file missing, truncated or damaged):
+    'fail' stops in one line naming the file and the newest earlier checkpoint that verifies;
+    'previous' sets the damaged one aside (renamed step_XXXXXXXX.damaged) and resumes from that one."""
 
     def validate(self) -> None:
         if self.every < 0:
             raise ValueError(f"every: must be >= 0, got {self.every}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last: must be >= 1, got {self.keep_last}")
+        if self.on_corrupt not in ("fail", "previous"):
+            raise ValueError(f"on_corrupt: {self.on_corrupt!r} is not one of 'fail', 'previous'")

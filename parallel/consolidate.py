@@ -1,6 +1,7 @@
 """Read a sharded training checkpoint into one full state dict, shard by shard.
 
-    ckpt = resolve_checkpoint("runs/tiny")          # a run dir, its checkpoints/ dir, or a step dir
+    ckpt = resolve_checkpoint("runs/tiny")          # a run dir, its checkpoints/ dir, or a step dir,
+                                                    # verified (parallel/checkpoint.py)
     state_dict = consolidate(ckpt)                  # {name: full fp32 tensor}, Strata's names
     model_cfg = load_run_config(ckpt).model          # launcher.config: the run's config.yaml
     state_dict = consolidate(ckpt, model_cfg)       # the model config is needed for TP / PP merges
@@ -17,16 +18,14 @@ writes):
   DeepSpeed's per-layer pipeline files (layer_XX-model_YY), merged over TP by
   parallel/tp_splits.py; with ZeRO-3, each TP rank's partitions (mp_rank_YY) are merged first.
 
-Loading never unpickles arbitrary objects: torch.load(weights_only=True), with only
-DeepSpeed's own records (parallel.checkpoint.DEEPSPEED_RECORDS) allowed in ZeRO optimizer files.
+File names and safe loading come from parallel/checkpoint.py, the one module that knows the
+format; loading never unpickles arbitrary objects.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,37 +48,16 @@ def quiet_deepspeed_import() -> None:
 
 quiet_deepspeed_import()  # before parallel.checkpoint, which imports DeepSpeed
 
-from parallel.checkpoint import (DEEPSPEED_RECORDS, MANIFEST, STEP_DIR, CheckpointError,  # noqa: E402
-                                 newest_checkpoint, read_manifest)
+from parallel.checkpoint import (MODEL_STATES, PIPELINE_LAYER, WEIGHTS_FILE, ZERO3_MODEL,  # noqa: E402
+                                 ZERO3_MODEL_FILE, ZERO_OPTIM, CheckpointError, read_manifest,
+                                 resolve_checkpoint, safe_load, saved_layout)
 
-WEIGHTS_FILE = "model.safetensors"
-ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-ZERO3_OPTIM = "zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
-PIPELINE_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+__all__ = ["CheckpointError", "consolidate", "resolve_checkpoint", "run_dir_of", "is_weights_only"]
 
 
 # ----------------------------------------------------------------------------------------
 # Finding the checkpoint and its config
 # ----------------------------------------------------------------------------------------
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete step directory from a run dir, a run's checkpoints/ dir, or a step dir."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a run directory or one of its "
-                              "checkpoints/step_XXXXXXXX directories")
-    if STEP_DIR.match(path.name) or path.name.endswith(".tmp"):
-        if not (path / MANIFEST).is_file() or path.name.endswith(".tmp"):
-            raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}: its save was interrupted); "
-                                  "use an earlier complete one or the run directory")
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    newest = newest_checkpoint(root)
-    if newest is None:
-        raise CheckpointError(f"{path} holds no complete checkpoint (looked for {root}/step_XXXXXXXX with "
-                              f"{MANIFEST}); train first, or give a step directory")
-    return newest
-
 
 def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent
@@ -101,8 +79,8 @@ def consolidate(ckpt: Path, model_cfg=None) -> dict[str, torch.Tensor]:
     ckpt = Path(ckpt)
     if is_weights_only(ckpt):
         return read_weights_only(ckpt)
-    layout = read_manifest(ckpt).get("layout", {})
-    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
+    layout = saved_layout(read_manifest(ckpt))
+    tp, pp = layout.tp, layout.pp
     if tp * pp == 1:
         return read_data_parallel(ckpt)
     if model_cfg is None:
@@ -113,10 +91,10 @@ def consolidate(ckpt: Path, model_cfg=None) -> dict[str, torch.Tensor]:
 
 def read_data_parallel(ckpt: Path) -> dict[str, torch.Tensor]:
     """The model of one (tp, pp) rank, gathered over its data-parallel (ZeRO) ranks."""
-    if (ckpt / "mp_rank_00_model_states.pt").is_file():
-        module = safe_load(ckpt / "mp_rank_00_model_states.pt")["module"]
+    if (ckpt / MODEL_STATES.format(mp=0)).is_file():
+        module = safe_load(ckpt / MODEL_STATES.format(mp=0))["module"]
         return {name: t.contiguous() for name, t in module.items()}
-    if any(ZERO3_MODEL.match(p.name) for p in ckpt.iterdir()):
+    if any(ZERO3_MODEL_FILE.match(p.name) for p in ckpt.iterdir()):
         return read_zero3(ckpt)
     raise CheckpointError(f"checkpoint {ckpt} has no model states (mp_rank_00_model_states.pt or ZeRO-3 "
                           "zero_pp_rank_*_model_states.pt); it is damaged or not a Strata checkpoint")
@@ -161,15 +139,15 @@ class Zero3Files:
 def open_zero3(ckpt: Path, mp: int = 0) -> Zero3Files:
     from deepspeed.utils import zero_to_fp32
 
-    ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL.match(p.name)) and int(m.group(2)) == mp)
+    ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL_FILE.match(p.name)) and int(m.group(2)) == mp)
     world = len(ranks)
-    missing = [ZERO3_OPTIM.format(r, mp) for r in range(world) if not (ckpt / ZERO3_OPTIM.format(r, mp)).is_file()]
+    missing = [ZERO_OPTIM.format(dp=r, mp=mp) for r in range(world) if not (ckpt / ZERO_OPTIM.format(dp=r, mp=mp)).is_file()]
     if not world or ranks != list(range(world)) or missing:
         raise CheckpointError(f"ZeRO-3 checkpoint {ckpt} lacks shards ({', '.join(missing) or 'model states'}); "
                               "a rank did not finish saving: use an earlier complete checkpoint")
     model_states = []
     for r in ranks:
-        sd = safe_load(ckpt / f"zero_pp_rank_{r}_mp_rank_{mp:02d}_model_states.pt")
+        sd = safe_load(ckpt / ZERO3_MODEL.format(dp=r, mp=mp))
         model_states.append(zero_to_fp32.zero_model_state(
             buffers={k: v for k, v in sd["module"].items() if k in sd["buffer_names"]},
             param_shapes=sd["param_shapes"], shared_params=list(map(list, (sd.get("shared_params") or {}).items())),
@@ -177,7 +155,7 @@ def open_zero3(ckpt: Path, mp: int = 0) -> Zero3Files:
             frozen_param_fragments=sd.get("frozen_param_fragments")))
     optimizers = []
     for r in ranks:
-        optim = safe_load(ckpt / ZERO3_OPTIM.format(r, mp), zero_optimizer=True)["optimizer_state_dict"]
+        optim = safe_load(ckpt / ZERO_OPTIM.format(dp=r, mp=mp), zero_optimizer=True)["optimizer_state_dict"]
         if optim.get("partition_count") not in (world, [world]):
             raise CheckpointError(f"ZeRO-3 checkpoint {ckpt}: rank {r} was partitioned over "
                                   f"{optim.get('partition_count')} ranks but {world} shards are present")
@@ -206,10 +184,10 @@ def read_model_parallel_ranks(ckpt: Path, tp: int, pp: int, n_blocks: int) -> li
             raise CheckpointError(f"checkpoint {ckpt} (tp={tp}, pp={pp}) lacks pipeline layer files; "
                                   "a rank did not finish saving: use an earlier complete checkpoint")
         return parts
-    files = [ckpt / f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
+    files = [ckpt / MODEL_STATES.format(mp=t) for t in range(tp)]
     if all(f.is_file() for f in files):
         return [safe_load(f)["module"] for f in files]
-    if any(ZERO3_MODEL.match(p.name) for p in ckpt.iterdir()):
+    if any(ZERO3_MODEL_FILE.match(p.name) for p in ckpt.iterdir()):
         return [read_zero3(ckpt, t) for t in range(tp)]
     raise CheckpointError(f"checkpoint {ckpt} (tp={tp}) lacks mp_rank_XX_model_states.pt files and ZeRO-3 "
                           "partitions; a rank did not finish saving: use an earlier complete checkpoint")
@@ -234,42 +212,3 @@ def read_weights_only(ckpt: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"weights-only checkpoint {ckpt} has no {WEIGHTS_FILE}; re-run strata import")
     return load_file(path)
-
-
-def safe_load(path: Path, zero_optimizer: bool = False) -> dict:
-    """torch.load without unpickling arbitrary objects (memory-mapped: tensors are read on use).
-    ZeRO optimizer files also hold two DeepSpeed classes, allowed by name with zero_optimizer."""
-    allowed = DEEPSPEED_RECORDS if zero_optimizer else []
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises several types for damaged or hostile files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise CheckpointError(f"cannot read {path}: {first[:200]}; the file is damaged or not from Strata") from None
-
-
-# ----------------------------------------------------------------------------------------
-# Writing a weights-only checkpoint (strata import)
-# ----------------------------------------------------------------------------------------
-
-def write_weights_only(root: Path, state_dict: dict[str, torch.Tensor], step: int = 0) -> Path:
-    """A complete checkpoint under root (a run's checkpoints/ dir) holding only the weights:
-    written under a .tmp name, manifest last, renamed, then `latest` updated."""
-    import os
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from parallel.checkpoint import atomic_write_text, step_name
-
-    final = root / step_name(step)
-    tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "weights_only": True}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(root / "latest", final.name + "\n")
-    return final

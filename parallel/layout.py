@@ -25,12 +25,38 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
+    """How a job splits the model: also what a checkpoint records of the job that wrote it."""
+
     tp: int
     pp: int
     dp: int
+    zero_stage: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
 
     def __str__(self) -> str:
         return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+
+    def describe(self) -> str:
+        return f"world={self.world_size} tp={self.tp} pp={self.pp} zero={self.zero_stage}"
+
+    def record(self) -> dict:
+        """As a checkpoint's manifest stores it."""
+        return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "zero_stage": self.zero_stage}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Layout":
+        tp, pp = record.get("tp", 1), record.get("pp", 1)
+        return cls(tp, pp, record["world_size"] // (tp * pp), record.get("zero_stage", 0))
+
+    def reloads_as_written(self, saved: "Layout") -> bool:
+        """DeepSpeed reloads its own files: same TP, PP and ZeRO stage, and the same world size
+        unless nothing is partitioned over data-parallel ranks (ZeRO 0)."""
+        if (saved.tp, saved.pp, saved.zero_stage) != (self.tp, self.pp, self.zero_stage):
+            return False
+        return self.zero_stage == 0 or saved.world_size == self.world_size
 
 
 def _divides(what: str, value: int, tp: int) -> list[str]:

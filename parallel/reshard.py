@@ -36,12 +36,11 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import CheckpointError
+from parallel.checkpoint import (MODEL_STATES, RANK_FILE, ZERO3_MODEL, ZERO_OPTIM, CheckpointError, need,
+                                 safe_load)
+from parallel.layout import Layout
 from parallel.rebuild import ADAM_STATES, restore_schedule, write_optimizer_states
 
-ZERO_OPTIM = "zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt"
-MODEL_STATES = "mp_rank_{t:02d}_model_states.pt"
-ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 keeps the schedule here
 COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
@@ -54,8 +53,8 @@ and joined only then, so no rank ever holds a whole optimizer state at once."""
 class FullState:
     """A checkpoint's training state in full (TP = 1) tensors, keyed by HybridLM names."""
 
-    layout: dict
-    """The layout that wrote it: {world_size, tp, pp, zero_stage}."""
+    layout: Layout
+    """The layout that wrote it."""
     weights: dict[str, Lazy]
     optimizer: dict[str, dict[str, Lazy]] = field(default_factory=dict)
     """name -> {"exp_avg", "exp_avg_sq"}; empty before the first optimizer step."""
@@ -64,25 +63,16 @@ class FullState:
     counters: dict = field(default_factory=dict)
 
 
-def same_layout(saved: dict, now: dict) -> bool:
-    """DeepSpeed reloads its own files: same TP, PP and ZeRO stage, and the same world size
-    unless nothing is partitioned over data-parallel ranks (ZeRO 0)."""
-    if (saved.get("tp", 1), saved.get("pp", 1), saved.get("zero_stage", 0)) != (now["tp"], now["pp"], now["zero_stage"]):
-        return False
-    return now["zero_stage"] == 0 or saved.get("world_size") == now["world_size"]
-
-
 # ----------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------
 
-def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
-    """Every rank calls it on the same files; tensors are memory-mapped until used."""
+def read_full_state(ckpt: Path, model_cfg, saved: Layout) -> FullState:
+    """Every rank calls it on the same (verified) files; tensors are memory-mapped until used."""
     from model.hybrid import HybridLM
-    from parallel.consolidate import safe_load
     from parallel.tp_splits import parameter_splits
 
-    tp, pp = saved.get("tp", 1), saved.get("pp", 1)
+    tp, pp = saved.tp, saved.pp
     naming = stage_naming(pp, len(model_cfg.pattern))
     pieces = []  # per TP rank, every pipeline stage's parameters
     for t in range(tp):
@@ -94,7 +84,7 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
                     piece[key].setdefault(name, lazy)  # a tied embedding: both stages hold the same
             piece["step"] = piece["step"] if piece["step"] is not None else part["step"]
         pieces.append(piece)
-    if saved.get("zero_stage", 0) == 0 and pp > 1:  # the pipeline keeps its modules in per-layer files
+    if saved.zero_stage == 0 and pp > 1:  # the pipeline keeps its modules in per-layer files
         from parallel.consolidate import read_model_parallel_ranks
 
         for piece, layers in zip(pieces, read_model_parallel_ranks(ckpt, tp, pp, len(model_cfg.pattern))):
@@ -106,25 +96,22 @@ def read_full_state(ckpt: Path, model_cfg, saved: dict) -> FullState:
     if pieces[0]["step"] is not None:
         merged = {k: _gather_lazily([p[k] for p in pieces], splits) for k in ADAM_STATES}
         optimizer = {name: {k: merged[k][name] for k in ADAM_STATES} for name in merged["exp_avg"]}
-    head = safe_load(ckpt / MODEL_STATES.format(t=0) if saved.get("zero_stage", 0) < 3 else ckpt / ZERO3_MODEL_STATES)
+    head = safe_load(ckpt / (MODEL_STATES if saved.zero_stage < 3 else ZERO3_MODEL).format(dp=0, mp=0))
     return FullState(layout=saved, weights=weights, optimizer=optimizer, adam_step=pieces[0]["step"],
                      lr_scheduler=head.get("lr_scheduler"), counters={k: head[k] for k in COUNTERS if k in head})
 
 
-def _read_stage(ckpt: Path, saved: dict, t: int, stage: int, naming) -> dict:
+def _read_stage(ckpt: Path, saved: Layout, t: int, stage: int, naming) -> dict:
     """TP rank t of pipeline stage `stage`, gathered over its data-parallel ranks."""
-    from parallel.consolidate import safe_load
-
-    tp, pp, zero = saved.get("tp", 1), saved.get("pp", 1), saved.get("zero_stage", 0)
-    dp = saved["world_size"] // (tp * pp)
+    tp, dp, zero = saved.tp, saved.dp, saved.zero_stage
     if zero == 3:  # pp = 1: ZeRO-3 runs on the plain engine only
         return _read_zero3(ckpt, t)
     mp = stage * tp + t  # DeepSpeed's model-parallel file index (pipeline grid order)
-    states = safe_load(_need(ckpt / MODEL_STATES.format(t=mp)))
+    states = safe_load(need(ckpt / MODEL_STATES.format(mp=mp)))
     if zero == 0:
         writer = t + tp * dp * stage  # the rank of data-parallel index 0, which wrote file mp
         return _read_zero0(ckpt, states, writer, naming)
-    optim = [safe_load(_need(ckpt / ZERO_OPTIM.format(d=d, t=mp)), zero_optimizer=True)["optimizer_state_dict"]
+    optim = [safe_load(need(ckpt / ZERO_OPTIM.format(dp=d, mp=mp)), zero_optimizer=True)["optimizer_state_dict"]
              for d in range(dp)]
     return _read_zero12(ckpt, states, optim, naming)
 
@@ -154,17 +141,10 @@ def stage_naming(pp: int, n_blocks: int):
     return lambda name: model_parameter_name(name, n_blocks)
 
 
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path.parent} lacks {path.name}, which resharding it needs; "
-                              "a rank did not finish saving: use an earlier complete checkpoint")
-    return path
-
-
 def _read_zero0(ckpt: Path, states: dict, writer: int, naming) -> dict:
     """Torch's AdamW state, its integer keys named by the writer's record of its param groups."""
-    record = ckpt / f"rank_{writer:05d}.pt"
-    names = torch.load(_need(record), weights_only=True).get("optimizer_param_names")
+    record = ckpt / RANK_FILE.format(rank=writer)
+    names = safe_load(need(record), mmap=False).get("optimizer_param_names")
     if not names:
         raise CheckpointError(f"checkpoint {ckpt}: {record.name} does not name the optimizer's parameters "
                               "(written before resharding existed); resume it on the layout that wrote it")

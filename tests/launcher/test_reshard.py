@@ -7,7 +7,7 @@ import torch
 
 from launcher.config import load_run_config
 from parallel.consolidate import consolidate
-from parallel.reshard import same_layout
+from parallel.layout import Layout
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 STEPS, HALF = 8, 4
@@ -86,8 +86,8 @@ def test_resume_on_another_layout_continues_the_unbroken_run(tmp_path, corpus_ov
 
 
 def test_a_checkpoint_missing_a_shard_is_one_line_and_left_as_it_is(one_process, corpus_overrides, tmp_path):
-    """Resharding reads every rank's files; one that did not finish saving stops the run
-    before anything is written."""
+    """Resharding reads every rank's files; a missing one is found by verification against the
+    manifest and stops the run before anything is written, naming the earlier checkpoint."""
     run_dir = tmp_path / "run"
     proc = run_strata(args(run_dir, corpus_overrides, "parallel.zero_stage=1"), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -96,16 +96,20 @@ def test_a_checkpoint_missing_a_shard_is_one_line_and_left_as_it_is(one_process,
     proc = run_strata(args(run_dir, corpus_overrides, "parallel.zero_stage=0"))
     assert proc.returncode == 1
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: checkpoint ") and "lacks zero_pp_rank_1_mp_rank_00_optim_states.pt" in line
-    assert "use an earlier complete checkpoint" in line
+    assert line.startswith("error: checkpoint ") and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in line
+    assert f"the newest earlier checkpoint that verifies is step_{HALF:08d}" in line
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
 
 
 def test_which_layout_changes_reshard():
-    saved = {"world_size": 2, "tp": 1, "pp": 1, "zero_stage": 1}
-    assert same_layout(saved, dict(saved))
-    assert same_layout({**saved, "zero_stage": 0}, {**saved, "zero_stage": 0, "world_size": 4})  # DP replicas
-    assert not same_layout(saved, {**saved, "world_size": 4})
-    assert not same_layout(saved, {**saved, "tp": 2})
-    assert not same_layout(saved, {**saved, "pp": 2})
-    assert not same_layout(saved, {**saved, "zero_stage": 3})
+    saved = Layout(tp=1, pp=1, dp=2, zero_stage=1)
+    assert Layout.from_record(saved.record()) == saved
+    assert saved.reloads_as_written(saved)
+    zero0 = Layout(1, 1, 2, zero_stage=0)
+    assert Layout(1, 1, 4, zero_stage=0).reloads_as_written(zero0)  # DP replicas
+    assert not Layout(1, 1, 4, zero_stage=1).reloads_as_written(saved)
+    assert not Layout(2, 1, 1, zero_stage=1).reloads_as_written(saved)
+    assert not Layout(1, 2, 1, zero_stage=1).reloads_as_written(saved)
+    assert not Layout(1, 1, 2, zero_stage=3).reloads_as_written(saved)
+    # a manifest written before the typed record, or by `strata import` (no layout): one process
+    assert Layout.from_record({"world_size": 1}) == Layout(1, 1, 1, 0)
