@@ -93,6 +93,12 @@ class TrainConfig:
     """Held-out batches (of micro_batch_size sequences per rank) per evaluation."""
     precision: str = "auto"
     """'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    max_skipped_steps: int = 5
+    """Consecutive steps with a non-finite loss or gradient (each skipped, never applied) after
+    which the run stops with exit code 3, its last good checkpoint intact."""
+    preempt_signal: str = "SIGUSR1"
+    """A signal that, like SIGTERM and SIGINT, saves a checkpoint at the next step boundary and
+    exits with code 75 (preempted); '' leaves it to its default action."""
 
     def validate(self) -> None:
         for name in ("max_steps", "seq_len", "global_batch_size"):
@@ -110,6 +116,11 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_batches < 1:
             raise ValueError("warmup_steps/eval_every: must be >= 0 and eval_batches >= 1")
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps: must be >= 1, got {self.max_skipped_steps}")
+        if self.preempt_signal not in ("", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"):
+            raise ValueError(f"preempt_signal: {self.preempt_signal!r} is not one of 'SIGUSR1', 'SIGUSR2', "
+                             "'SIGHUP', 'SIGQUIT' or '' (SIGTERM and SIGINT always save)")
 
 
 @dataclass

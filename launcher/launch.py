@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from launcher.config import ConfigError, load_config
+from launcher.signals import PREEMPTED_EXIT
 from parallel.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
-PREEMPTED_EXIT = 75  # launcher/train.py's "preempted: checkpoint saved, run again" (EX_TEMPFAIL)
 SIGNAL_SECONDS = 180  # default warning before the time limit
 STOP_MARGIN_S = 30  # torchrun SIGKILLs workers still saving this long before the time limit
 CPUS_PER_GPU = 8  # default --cpus-per-task = this x --gpus-per-node

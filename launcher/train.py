@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch.distributed as dist
 import data
 from launcher.config import Config, ConfigError, dump_yaml, load_config
 from launcher.metrics import Reporter, hardware_metrics, peak_tflops
+from launcher.signals import DIVERGED_EXIT, PREEMPTED_EXIT, Preempted, StopRequest
 from model import HybridLM
 from model.counting import format_counts, training_flops_per_token
 from model.guidance import SelfGuidance, equal_flops_extra_steps, split_guide_flops
@@ -35,7 +38,9 @@ from model.mlp import describe_structure
 from parallel import checkpoint as ckpt
 from parallel import consolidate, reshard
 from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
-from parallel.engine import build_engine, data_parallel_size, grad_accumulation_steps
+from parallel.engine import apply_schedule_now, build_engine, data_parallel_size, grad_accumulation_steps
+from parallel.guard import parameters_finite, poison_non_finite
+from parallel.layout import Layout
 from parallel.layout import check_layout as check_parallel_layout
 from parallel.layout import effective_vocab_size
 from parallel.parallelize import parallel_model, pipeline_item
@@ -69,6 +74,13 @@ class Run:
     guidance: SelfGuidance | None = None
     topo: Topology | None = None
     guide_flops_per_token: float = 0.0
+    stop: StopRequest | None = None
+    skipped_in_a_row: int = 0
+    last_saved: Path | None = None
+
+
+class Diverged(Exception):
+    """Too many consecutive non-finite steps, or non-finite weights; str() is one line."""
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -78,10 +90,18 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def mean_loss_and_stop(loss: float, stop: bool, device: torch.device) -> tuple[float, bool]:
+    """The loss averaged over ranks, and whether any rank was asked to stop: one all-reduce per
+    step carries both, so every rank takes the same decision at the same step boundary."""
+    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return t[0].item() / dist.get_world_size(), bool(t[1].item())
+
+
+def any_rank_asked_to_stop(stop: StopRequest, device: torch.device) -> bool:
+    t = torch.tensor([float(stop.requested)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return bool(t.item())
 
 
 def open_data(cfg: Config, info: DistInfo):
@@ -107,7 +127,9 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     torch.manual_seed(cfg.train.seed)
     model = HybridLM(cfg.model)  # on the CPU: sharded / cut into stages before it moves
     n_params = sum(p.numel() for p in model.parameters())
-    newest = ckpt.newest_checkpoint(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    newest, notes = None, []
+    if cfg.checkpoint.resume:
+        newest, notes = ckpt.checkpoint_to_resume(run_dir / "checkpoints", cfg.checkpoint.on_corrupt, info.is_main)
     imported = newest is not None and consolidate.is_weights_only(newest)
     if imported:  # weights from `strata import`: start training from them with a fresh optimizer
         model.load_state_dict(consolidate.consolidate(newest, cfg.model))
@@ -127,6 +149,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
         else:
             reshard.apply_optimizer_state(engine, resharded, topo.tp_rank, topo.tp, topo.pp, cfg.model)
             state = ckpt.load_trainer_state(newest, info.rank)
+        apply_schedule_now(engine, cfg.train.lr)
         loader.load_state_dict(state["data"])
         step = state["step"]
     evals = data.eval_batches(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
@@ -136,31 +159,28 @@ def setup(cfg: Config, info: DistInfo) -> Run:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     reporter = Reporter(run_dir, cfg.logging, info.is_main, cfg.train.max_steps, step)
     reporter.text("config", dump_yaml(cfg))
+    for note in notes:
+        reporter.log(f"strata: {note}")
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
                  f"tp={topo.tp} pp={topo.pp} | {'resumed from ' + newest.name if newest else 'fresh start'} "
-                 f"at step {step}{resharded_note(resharded.layout) if resharded is not None else ''}")
+                 f"at step {step}{f' (resharded from {resharded.layout.describe()})' if resharded is not None else ''}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
     if describe_structure(cfg.model):
         reporter.log(describe_structure(cfg.model))
     flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
-               peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, guide_flops)
+               peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, guide_flops,
+               last_saved=newest)
 
 
 def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullState | None:
     """None when DeepSpeed reloads the checkpoint as written; else its full training state,
     read for this layout (another DP size under ZeRO, ZeRO stage, TP or PP degree)."""
-    saved = ckpt.read_manifest(newest).get("layout", {})
-    now = layout_of(cfg, info)
-    if reshard.same_layout(saved, now):
+    saved = ckpt.saved_layout(ckpt.read_manifest(newest))
+    if layout_of(cfg, info).reloads_as_written(saved):
         return None
     return reshard.read_full_state(newest, cfg.model, saved)
-
-
-def resharded_note(saved: dict) -> str:
-    return (f" (resharded from world={saved['world_size']} tp={saved.get('tp', 1)} pp={saved.get('pp', 1)} "
-            f"zero={saved.get('zero_stage', 0)})")
 
 
 def start_guidance(cfg: Config, model, newest: Path | None) -> SelfGuidance | None:
@@ -208,10 +228,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(run: Run) -> dict:
+def train_step(run: Run) -> tuple[dict, bool]:
+    """One optimizer step; returns its metrics and whether the ranks agreed to stop after it."""
     engine, cfg, device = run.engine, run.cfg, run.dist.device
     start = time.perf_counter()
     lr = engine.get_lr()[0]
+    skipped_before = engine.skipped_steps
     losses, data_wait, own_norm = [], 0.0, float("nan")
     if run.topo.pp > 1:  # the pipeline engine runs the step's micro-batches itself (1F1B)
         waits = []
@@ -224,7 +246,7 @@ def train_step(run: Run) -> dict:
             data_wait += run.loader.last_wait_s
             with autocast(cfg, device):
                 loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
-            engine.backward(loss)
+            engine.backward(poison_non_finite(loss))  # a non-finite loss is skipped (parallel/guard.py)
             own_norm = grad_norm_if_engine_has_none(engine, run.topo)
             engine.step()
             losses.append(loss.item())
@@ -232,13 +254,14 @@ def train_step(run: Run) -> dict:
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
     elapsed = time.perf_counter() - start
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
-    loss = mean_over_ranks(sum(losses) / len(losses), device)
+    loss, stop = mean_loss_and_stop(sum(losses) / len(losses), run.stop.requested, device)
+    run.skipped_in_a_row = run.skipped_in_a_row + 1 if engine.skipped_steps > skipped_before else 0
     guide_share = run.guidance.dense_share() if run.guidance is not None else 0.0
     flops_per_token = run.flops_per_token + run.guide_flops_per_token * guide_share
     hardware = hardware_metrics(tokens / elapsed / run.dist.world_size, flops_per_token, run.peak_tflops, device)
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": engine.skipped_steps,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-            "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens, **hardware}
+            "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens, **hardware}, stop
 
 
 def pipeline_micro_batches(run: Run, waits: list):
@@ -289,38 +312,81 @@ def report_eval(run: Run, result: dict) -> None:
     run.reporter.log(f"step {run.step:6d} | eval loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}")
 
 
-def layout_of(cfg: Config, info: DistInfo) -> dict:
+def layout_of(cfg: Config, info: DistInfo) -> Layout:
     par = cfg.parallel
-    return {"world_size": info.world_size, "tp": par.tp, "pp": par.pp, "zero_stage": par.zero_stage}
+    return Layout(par.tp, par.pp, data_parallel_size(info.world_size, par), par.zero_stage)
 
 
 def save(run: Run) -> None:
-    state = {"step": run.step, "data": run.loader.state_dict(), "layout": layout_of(run.cfg, run.dist)}
+    """Collective. Only weights that are finite are ever written: a checkpoint is what a
+    diverged run falls back to."""
+    if not parameters_finite(run.engine):
+        raise Diverged(f"the weights became non-finite at step {run.step} after a step whose loss was finite "
+                       f"(damaged optimizer state?); not saved. {last_good(run)}")
+    state = {"step": run.step, "data": run.loader.state_dict(), "layout": layout_of(run.cfg, run.dist).record()}
     if run.guidance is not None:
         state["self_guided"] = run.guidance.state_dict()
-    ckpt.save_checkpoint(run.engine, run.run_dir / "checkpoints", run.step, state, run.dist.rank,
-                         run.cfg.checkpoint.keep_last)
+    run.last_saved = ckpt.save_checkpoint(run.engine, run.run_dir / "checkpoints", run.step, state,
+                                          run.cfg.checkpoint.keep_last)
+
+
+def last_good(run: Run) -> str:
+    if run.last_saved is None:
+        return "No checkpoint was written before: start again with a lower train.lr"
+    return (f"The last good checkpoint {run.last_saved} is intact: the same command resumes from it; "
+            "lower train.lr or change train.seed if it diverges again")
+
+
+def check_divergence(run: Run) -> None:
+    """A skipped step is logged; too many in a row stop the run (parallel/guard.py skips them)."""
+    if run.skipped_in_a_row == 0:
+        return
+    run.reporter.log(f"step {run.step:6d} | non-finite loss or gradient: step skipped "
+                     f"({run.skipped_in_a_row} in a row, limit {run.cfg.train.max_skipped_steps})")
+    if run.skipped_in_a_row >= run.cfg.train.max_skipped_steps:
+        raise Diverged(f"training diverged: {run.skipped_in_a_row} consecutive steps (to step {run.step}) had a "
+                       f"non-finite loss or gradient and were skipped. {last_good(run)}")
+
+
+def stop_for_preemption(run: Run) -> None:
+    """Every rank agreed to stop: save where the run stands (unless that step was skipped, or is
+    saved already) and leave with the preempted code."""
+    saved_now = run.last_saved is not None and run.last_saved.name == ckpt.step_name(run.step)
+    if run.skipped_in_a_row == 0 and not saved_now:
+        save(run)
+    where = f"checkpoint {run.last_saved}" if run.last_saved is not None else "no checkpoint (none was due yet)"
+    raise Preempted(f"stopped by {run.stop.signal or 'a signal on another rank'} at step {run.step}: "
+                    f"{where}; run the same command again to resume")
 
 
 def due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def train(cfg: Config, info: DistInfo) -> dict:
+def train(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
     run = setup(cfg, info)
+    run.stop = stop
     t0, last = time.perf_counter(), cfg.train.max_steps
-    result = None
-    while run.step < last:
-        alpha = run.guidance.update(run.step) if run.guidance is not None else None
-        metrics = train_step(run)
-        run.step += 1
-        run.reporter.step_done(run.step, metrics if alpha is None else {**metrics, "self_guided_alpha": alpha})
-        end_guided_phase_if_due(run)
-        if due(run.step, cfg.train.eval_every, last):
-            result = evaluate(run)
-            report_eval(run, result)
-        if due(run.step, cfg.checkpoint.every, last):
-            save(run)
+    result, save_pending = None, False
+    with stop.deferred():  # from here a signal is acted on at the next step boundary
+        while run.step < last:
+            alpha = run.guidance.update(run.step) if run.guidance is not None else None
+            metrics, stop_now = train_step(run)
+            run.step += 1
+            run.reporter.step_done(run.step, metrics if alpha is None else {**metrics, "self_guided_alpha": alpha})
+            check_divergence(run)
+            end_guided_phase_if_due(run)
+            if stop_now:
+                stop_for_preemption(run)
+            if due(run.step, cfg.train.eval_every, last):
+                result = evaluate(run)
+                report_eval(run, result)
+                if any_rank_asked_to_stop(stop, info.device):
+                    stop_for_preemption(run)
+            save_pending = save_pending or due(run.step, cfg.checkpoint.every, last)
+            if save_pending and run.skipped_in_a_row == 0:  # never from a step that was skipped
+                save(run)
+                save_pending = False
     if result is None:  # resumed at the end: report the final model's eval loss all the same
         result = evaluate(run)
     final = f"{result['loss']:.4f}" if result else "n/a (no held-out data)"
@@ -358,21 +424,55 @@ def report_error_once(message: str, is_main: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    is_main = rank_environment()[0] == 0
     try:
         cfg = load_config(args.config, args.overrides)
         check_layout(cfg, rank_environment()[1])
     except ConfigError as e:
-        report_error_once(str(e), rank_environment()[0] == 0)
+        report_error_once(str(e), is_main)
         return 2
-    info = init_distributed(cfg.parallel.backend)
+    stop = StopRequest(cfg.train.preempt_signal)
+    stop.install()
+    threading.excepthook = leave_os_errors_to_the_main_thread
     try:
-        train(cfg, info)
-    except (ConfigError, ckpt.CheckpointError, data.DataError) as e:
-        report_error_once(str(e), info.is_main)
-        return 2 if isinstance(e, ConfigError) else 1
+        info = init_distributed(cfg.parallel.backend)
+        train(cfg, info, stop)
+        return 0
+    except (Preempted, Diverged, ConfigError, ckpt.CheckpointError, data.DataError, OSError) as e:
+        stop.restore()  # a launcher stopping the other ranks now must not interrupt the report
+        if isinstance(e, Preempted):
+            if is_main:
+                print(f"strata: {e}", file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT
+        report_error_once(describe_os_error(e) if isinstance(e, OSError) else str(e), is_main)
+        return exit_code_of(e)
     finally:
+        stop.restore()
         shutdown()
-    return 0
+
+
+def exit_code_of(e: Exception) -> int:
+    """docs/OPERATIONS.md, "Exit codes": 2 a bad config, 3 diverged, 75 preempted, 1 anything else."""
+    if isinstance(e, ConfigError):
+        return 2
+    if isinstance(e, Diverged):
+        return DIVERGED_EXIT
+    return 1
+
+
+def leave_os_errors_to_the_main_thread(args) -> None:
+    """A writer thread (TensorBoard's) that fails on a full disk would print a traceback; the
+    main thread meets the same error at its next write and says it in one line."""
+    if not issubclass(args.exc_type, OSError):
+        threading.__excepthook__(args)
+
+
+def describe_os_error(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on device{where}: free disk space (or lower checkpoint.keep_last), then run the "
+                "same command again; complete checkpoints are intact")
+    return f"{e.strerror or e}{where}: check the path, its permissions and the file system"
 
 
 def run(argv: list[str] | None = None) -> None:

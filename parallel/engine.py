@@ -8,6 +8,7 @@ import deepspeed
 import torch
 
 from parallel.config import ParallelConfig
+from parallel.guard import GuardedAdamW
 from parallel.parallelize import deepspeed_pipeline_section
 
 
@@ -71,9 +72,23 @@ def lr_multiplier(step: int, train) -> float:
 
 def build_engine(model: torch.nn.Module, train, par: ParallelConfig, world_size: int, mpu=None):
     dp = data_parallel_size(world_size, par)
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                                  betas=(train.beta1, train.beta2), eps=train.eps)
+    # ZeRO 1-3 skip a non-finite step themselves; at stage 0 the engine calls AdamW directly.
+    adamw = GuardedAdamW if par.zero_stage == 0 else torch.optim.AdamW
+    optimizer = adamw(param_groups(model, train.weight_decay), lr=train.lr,
+                      betas=(train.beta1, train.beta2), eps=train.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, par, dp), mpu=mpu)
     return engine
+
+
+def apply_schedule_now(engine, lr: float) -> None:
+    """Every param group's lr as this run's schedule (peak `lr`, train.lr) gives it at the restored
+    step. A checkpoint stores the lr its own schedule gave; after a resume with another
+    train.max_steps, warmup, schedule or lr, the first step must already use the new one."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(engine.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -27,6 +27,7 @@ from kernels import ops
 from model.config import ModelConfig
 from model.counting import block_forward_flops
 from model.hybrid import Block, HybridLM
+from parallel.guard import poison_non_finite
 from parallel.tensor_parallel import Sharder, vocab_parallel_loss
 from parallel.topology import Topology
 from parallel.tp_mappings import TPContext
@@ -109,8 +110,10 @@ class PipelineLoss:
     def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         h, weight = outputs
         if self.ctx is None:
-            return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1))
-        return vocab_parallel_loss(self.ctx, h, weight, labels)
+            loss = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1))
+        else:
+            loss = vocab_parallel_loss(self.ctx, h, weight, labels)
+        return poison_non_finite(loss)  # the step is then skipped (parallel/guard.py)
 
 
 class CostBalancedPipeline(PipelineModule):

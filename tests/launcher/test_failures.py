@@ -1,0 +1,107 @@
+"""What a run does when things go wrong: each failure is one line naming the file or setting and
+the fix, a non-zero exit, and the complete checkpoints left intact."""
+import shutil
+import subprocess
+
+import pytest
+
+from parallel.checkpoint import complete_checkpoints, verify
+from tests.launcher.conftest import TINY, run_strata, train_losses
+
+DIVERGED = 3
+
+
+def args(run_dir, corpus_overrides, *more):
+    return ["train", *TINY, *corpus_overrides, f"train.run_dir={run_dir}", "train.eval_every=0", *more]
+
+
+def error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("every, says", [
+    (0, "3 consecutive steps (to step 6) had a non-finite loss or gradient and were skipped"),
+    (1, "the weights became non-finite at step 3 after a step whose loss was finite"),
+])
+def test_a_diverging_run_stops_with_its_last_good_checkpoint_intact(tmp_path, corpus_overrides, every, says):
+    run_dir = tmp_path / "run"
+    ok = run_strata(args(run_dir, corpus_overrides, "train.max_steps=2", "checkpoint.every=2"))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    good = run_dir / "checkpoints" / "step_00000002"
+    # a peak LR this large makes the weights infinite in one step (3): every later step is
+    # non-finite and skipped, and the run stops; a save due at step 3 is refused instead
+    proc = run_strata(args(run_dir, corpus_overrides, "train.max_steps=40", f"checkpoint.every={every}",
+                           "train.lr=1e30", "train.warmup_steps=0", "train.max_skipped_steps=3"))
+    assert proc.returncode == DIVERGED, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    assert says in line and str(good) in line and "train.lr" in line
+    if every == 0:
+        assert proc.stdout.count("non-finite loss or gradient: step skipped") == 3
+    written = complete_checkpoints(run_dir / "checkpoints")
+    assert good in written and all(verify(c) == [] for c in written)
+    import torch
+
+    from parallel.checkpoint import safe_load
+    for ckpt in written:
+        module = safe_load(ckpt / "mp_rank_00_model_states.pt")["module"]
+        assert all(torch.isfinite(t).all() for t in module.values()), f"{ckpt.name} holds non-finite weights"
+
+
+def test_raising_max_steps_on_resume_uses_the_new_schedule_at_once(tmp_path, corpus_overrides):
+    """A checkpoint stores the LR its schedule gave; the resumed run's first step must use the
+    new schedule's, as a run started with the new max_steps has at that step."""
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    assert run_strata(args(resumed, corpus_overrides, "train.max_steps=4", "checkpoint.every=2")).returncode == 0
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    proc = run_strata(args(resumed, corpus_overrides, "train.max_steps=8", "checkpoint.every=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_strata(args(fresh, corpus_overrides, "train.max_steps=8", "checkpoint.every=2")).returncode == 0
+    import json
+    lrs = {}
+    for name, run_dir in (("resumed", resumed), ("fresh", fresh)):
+        lrs[name] = {r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                     if r["kind"] == "train"}
+    for step in range(3, 9):
+        assert lrs["resumed"][step] == pytest.approx(lrs["fresh"][step], rel=1e-12), f"step {step}"
+    assert train_losses(resumed)[8] == pytest.approx(train_losses(fresh)[8], rel=1e-6)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB file system: room for the tiny model's first checkpoint (1.7 MiB), not its second."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk, corpus_overrides):
+    run_dir = small_disk / "run"
+    proc = run_strata(args(run_dir, corpus_overrides, "train.max_steps=6", "checkpoint.every=2",
+                           "checkpoint.keep_last=3"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    assert "cannot write checkpoint step_00000004" in line and "no space left on device" in line
+    assert "free disk space" in line and "the previous checkpoint step_00000002 is intact" in line
+    ckpts = run_dir / "checkpoints"
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith("step_")] == ["step_00000002"]
+    assert verify(ckpts / "step_00000002") == []
+    # restarted on the still-full disk: the same kind of line, nothing lost
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    proc = run_strata(args(run_dir, corpus_overrides, "train.max_steps=6", "checkpoint.every=2",
+                           "checkpoint.keep_last=3"))
+    assert proc.returncode == 1
+    assert "no space left on device" in error_line(proc.stderr)
+    assert verify(ckpts / "step_00000002") == []

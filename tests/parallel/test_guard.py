@@ -1,0 +1,79 @@
+"""The divergence guard (parallel/guard.py): a step whose gradient is not finite on any rank is
+skipped by every rank, and the run then equals one that never took that step: same weights,
+same AdamW state, same LR schedule."""
+import pytest
+import torch
+
+from launcher.config import TrainConfig
+from model.config import ModelConfig
+from model.hybrid import HybridLM
+from parallel.config import ParallelConfig
+from parallel.engine import build_engine
+from parallel.guard import parameters_finite, poison_non_finite
+from tests.parallel.dist_helpers import read_results, spawn, write_result
+
+STEPS, BAD = 5, 2  # batch 2 (0-based) gets a NaN gradient on rank 1 only
+
+
+def batches(rank: int):
+    """The same batches in both runs: batch i of rank r from seed (i, r)."""
+    for i in range(STEPS):
+        g = torch.Generator().manual_seed(1000 * i + rank)
+        ids = torch.randint(0, 64, (2, 17), generator=g)
+        yield i, ids[:, :-1], ids[:, 1:]
+
+
+def run(rank: int, world: int, out_dir: str, stage: int, inject: bool) -> dict:
+    torch.manual_seed(0)
+    cfg = ModelConfig(pattern="M*-", d_model=32, vocab_size=64, max_seq_len=16)
+    cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.chunk_size, cfg.attention.n_heads = 8, 8, 8, 4
+    cfg.validate()
+    model = HybridLM(cfg)
+    engine = build_engine(model, TrainConfig(max_steps=STEPS, warmup_steps=1, lr=1e-2, global_batch_size=2 * world,
+                                             seq_len=16),
+                          ParallelConfig(zero_stage=stage, micro_batch_size=2), world)
+    poisoned = [False]
+    if rank == 1:
+        next(engine.module.parameters()).register_hook(lambda g: g * float("nan") if poisoned[0] else g)
+    lrs, skipped = [], []
+    for i, x, y in batches(rank):
+        if i == BAD and not inject:
+            continue  # the run that never took the step
+        poisoned[0] = inject and i == BAD
+        lrs.append(engine.get_lr()[0])
+        engine.backward(engine(x, labels=y))
+        engine.step()
+        skipped.append(engine.skipped_steps)
+    weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    torch.save(weights, f"{out_dir}/weights_{inject}_{rank}.pt")
+    return {"lrs": lrs, "skipped": skipped, "finite": parameters_finite(engine)}
+
+
+def worker(rank, world, out_dir, stage):
+    write_result(out_dir, rank, {"skip": run(rank, world, out_dir, stage, True),
+                                 "never": run(rank, world, out_dir, stage, False)})
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_non_finite_gradient_on_one_rank_is_skipped_by_all(tmp_path, stage):
+    spawn(worker, 2, str(tmp_path), stage)
+    for rank, result in enumerate(read_results(tmp_path, 2)):
+        skip, never = result["skip"], result["never"]
+        assert skip["skipped"] == [0, 0, 1, 1, 1], "the poisoned step, and only it, is counted"
+        assert skip["finite"] and never["finite"]
+        # the skipped step's LR is the next step's: the schedule did not move
+        assert skip["lrs"][BAD] == skip["lrs"][BAD + 1] == never["lrs"][BAD]
+        got = torch.load(tmp_path / f"weights_True_{rank}.pt")
+        want = torch.load(tmp_path / f"weights_False_{rank}.pt")
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"rank {rank} {name}"
+
+
+def test_a_non_finite_loss_has_a_non_finite_gradient_everywhere():
+    w = torch.ones(3, requires_grad=True)
+    finite = (w * 2).sum()
+    assert poison_non_finite(finite) is finite
+    # an infinite loss can have a finite gradient (here 1 per element): poisoned, it has none
+    inf = (w * 1).sum() + torch.tensor(float("inf"))
+    poison_non_finite(inf).backward()
+    assert torch.isnan(w.grad).all()
