@@ -99,6 +99,13 @@ class TrainConfig:
     preempt_signal: str = "SIGUSR1"
     """A signal that, like SIGTERM and SIGINT, saves a checkpoint at the next step boundary and
     exits with code 75 (preempted); '' leaves it to its default action."""
+    spike_zscore: float = 0.0
+    """Loss-spike guard: a step loss this many standard deviations above the mean of the last
+    spike_window steps is logged as a spike (train/loss_spike_z); 0 turns the guard off."""
+    spike_window: int = 100
+    """Steps of loss history the spike guard compares against (it judges after half of them)."""
+    spike_skip: bool = False
+    """With spike_zscore > 0: skip a step whose loss is a spike, as a non-finite one is (pp = 1 only)."""
 
     def validate(self) -> None:
         for name in ("max_steps", "seq_len", "global_batch_size"):
@@ -116,6 +123,9 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_batches < 1:
             raise ValueError("warmup_steps/eval_every: must be >= 0 and eval_batches >= 1")
+        if self.spike_zscore < 0 or self.spike_window < 2:
+            raise ValueError(f"spike_zscore/spike_window: must be >= 0 and >= 2, got {self.spike_zscore}, "
+                             f"{self.spike_window}")
         if self.max_skipped_steps < 1:
             raise ValueError(f"max_skipped_steps: must be >= 1, got {self.max_skipped_steps}")
         if self.preempt_signal not in ("", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"):

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from launcher.config import ConfigError, load_config
-from launcher.signals import PREEMPTED_EXIT
+from launcher.errors import PREEMPTED_EXIT
 from parallel.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 SIGNAL_SECONDS = 180  # default warning before the time limit

@@ -4,7 +4,7 @@ with a checkpoint, never in the middle of one.
 A scheduler (SLURM, Kubernetes) or a launcher (torchrun forwards SIGTERM and SIGINT to its
 workers) signals some or all ranks. While the training loop runs, the handler only records the
 signal; the ranks agree once per step, inside the all-reduce that averages the loss, so either
-every rank saves or none does, and the job exits with PREEMPTED_EXIT. Before the loop (start-up,
+every rank saves or none does, and the job exits with launcher.errors.PREEMPTED_EXIT. Before the loop (start-up,
 data preparation, which resumes where it stopped) nothing is unsaved, so the signal stops the
 process at once, with the same code. A second signal during the save is recorded and ignored:
 the save finishes (and is atomic either way).
@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import signal
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later": the same command resumes
-DIVERGED_EXIT = 3
 ALWAYS = ("SIGTERM", "SIGINT")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import math
 import os
@@ -29,8 +28,10 @@ import torch.distributed as dist
 
 import data
 from launcher.config import Config, ConfigError, dump_yaml, load_config
+from launcher.errors import (CONFIG_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error, exit_code_of,
+                             leave_os_errors_to_the_main_thread, report_error_once)
 from launcher.metrics import Reporter, hardware_metrics, peak_tflops
-from launcher.signals import DIVERGED_EXIT, PREEMPTED_EXIT, Preempted, StopRequest
+from launcher.signals import Preempted, StopRequest
 from model import HybridLM
 from model.counting import format_counts, training_flops_per_token
 from model.guidance import SelfGuidance, equal_flops_extra_steps, split_guide_flops
@@ -39,7 +40,7 @@ from parallel import checkpoint as ckpt
 from parallel import consolidate, reshard
 from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
 from parallel.engine import apply_schedule_now, build_engine, data_parallel_size, grad_accumulation_steps
-from parallel.guard import parameters_finite, poison_non_finite
+from parallel.guard import SpikeGuard, parameters_finite, poison_non_finite
 from parallel.layout import Layout
 from parallel.layout import check_layout as check_parallel_layout
 from parallel.layout import effective_vocab_size
@@ -75,12 +76,9 @@ class Run:
     topo: Topology | None = None
     guide_flops_per_token: float = 0.0
     stop: StopRequest | None = None
+    spikes: SpikeGuard | None = None
     skipped_in_a_row: int = 0
     last_saved: Path | None = None
-
-
-class Diverged(Exception):
-    """Too many consecutive non-finite steps, or non-finite weights; str() is one line."""
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -171,7 +169,8 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
                peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, guide_flops,
-               last_saved=newest)
+               last_saved=newest, spikes=SpikeGuard(cfg.train.spike_zscore, cfg.train.spike_window,
+                                                    cfg.train.spike_skip))
 
 
 def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullState | None:
@@ -246,7 +245,7 @@ def train_step(run: Run) -> tuple[dict, bool]:
             data_wait += run.loader.last_wait_s
             with autocast(cfg, device):
                 loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
-            engine.backward(poison_non_finite(loss))  # a non-finite loss is skipped (parallel/guard.py)
+            engine.backward(poison_non_finite(run.spikes.gate(loss)))  # skipped: parallel/guard.py
             own_norm = grad_norm_if_engine_has_none(engine, run.topo)
             engine.step()
             losses.append(loss.item())
@@ -255,13 +254,16 @@ def train_step(run: Run) -> tuple[dict, bool]:
     elapsed = time.perf_counter() - start
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     loss, stop = mean_loss_and_stop(sum(losses) / len(losses), run.stop.requested, device)
-    run.skipped_in_a_row = run.skipped_in_a_row + 1 if engine.skipped_steps > skipped_before else 0
+    skipped = engine.skipped_steps > skipped_before
+    run.skipped_in_a_row = run.skipped_in_a_row + 1 if skipped else 0
+    spike = {"loss_spike_z": run.spikes.zscore_of(loss)} if run.spikes.is_spike(loss) else {}
+    run.spikes.record(loss, applied=not skipped and not spike)
     guide_share = run.guidance.dense_share() if run.guidance is not None else 0.0
     flops_per_token = run.flops_per_token + run.guide_flops_per_token * guide_share
     hardware = hardware_metrics(tokens / elapsed / run.dist.world_size, flops_per_token, run.peak_tflops, device)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": engine.skipped_steps,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-            "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens, **hardware}, stop
+            "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens, **hardware, **spike}, stop
 
 
 def pipeline_micro_batches(run: Run, waits: list):
@@ -337,11 +339,16 @@ def last_good(run: Run) -> str:
             "lower train.lr or change train.seed if it diverges again")
 
 
-def check_divergence(run: Run) -> None:
-    """A skipped step is logged; too many in a row stop the run (parallel/guard.py skips them)."""
+def check_divergence(run: Run, metrics: dict) -> None:
+    """A loss spike and a skipped step are logged; too many skipped in a row stop the run
+    (parallel/guard.py skips them)."""
+    if "loss_spike_z" in metrics:
+        run.reporter.log(f"step {run.step:6d} | loss spike: {metrics['loss']:.4f} is {metrics['loss_spike_z']:.1f} "
+                         f"sigma above the last steps' mean{' (skipped)' if run.skipped_in_a_row else ''}")
     if run.skipped_in_a_row == 0:
         return
-    run.reporter.log(f"step {run.step:6d} | non-finite loss or gradient: step skipped "
+    why = "non-finite loss or gradient" + (" or loss spike" if run.cfg.train.spike_skip else "")
+    run.reporter.log(f"step {run.step:6d} | {why}: step skipped "
                      f"({run.skipped_in_a_row} in a row, limit {run.cfg.train.max_skipped_steps})")
     if run.skipped_in_a_row >= run.cfg.train.max_skipped_steps:
         raise Diverged(f"training diverged: {run.skipped_in_a_row} consecutive steps (to step {run.step}) had a "
@@ -374,7 +381,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
             metrics, stop_now = train_step(run)
             run.step += 1
             run.reporter.step_done(run.step, metrics if alpha is None else {**metrics, "self_guided_alpha": alpha})
-            check_divergence(run)
+            check_divergence(run, metrics)
             end_guided_phase_if_due(run)
             if stop_now:
                 stop_for_preemption(run)
@@ -405,21 +412,11 @@ def check_layout(cfg: Config, world_size: int) -> None:
         check_parallel_layout(cfg.model, par.tp, par.pp, world_size, par.zero_stage, par.sequence_parallel,
                               cfg.train.seq_len, effective_vocab_size(cfg.model, cfg.data))
         grad_accumulation_steps(cfg.train.global_batch_size, par, data_parallel_size(world_size, par))
+        if cfg.train.spike_skip and par.pp > 1:
+            raise ValueError("train.spike_skip: the pipeline engine computes the loss inside its schedule; "
+                             "use parallel.pp=1, or train.spike_skip=false to only log spikes")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-REPORT_GRACE_S = 10.0
-
-
-def report_error_once(message: str, is_main: bool) -> None:
-    """Every rank finds the same problem; rank 0 says it. The others wait before they exit:
-    torchrun and the deepspeed launcher stop every rank as soon as one exits with an error,
-    and rank 0 must have printed by then (rank 0's own exit ends the wait for them)."""
-    if is_main:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    else:
-        time.sleep(REPORT_GRACE_S)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         check_layout(cfg, rank_environment()[1])
     except ConfigError as e:
         report_error_once(str(e), is_main)
-        return 2
+        return CONFIG_EXIT
     stop = StopRequest(cfg.train.preempt_signal)
     stop.install()
     threading.excepthook = leave_os_errors_to_the_main_thread
@@ -449,30 +446,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop.restore()
         shutdown()
-
-
-def exit_code_of(e: Exception) -> int:
-    """docs/OPERATIONS.md, "Exit codes": 2 a bad config, 3 diverged, 75 preempted, 1 anything else."""
-    if isinstance(e, ConfigError):
-        return 2
-    if isinstance(e, Diverged):
-        return DIVERGED_EXIT
-    return 1
-
-
-def leave_os_errors_to_the_main_thread(args) -> None:
-    """A writer thread (TensorBoard's) that fails on a full disk would print a traceback; the
-    main thread meets the same error at its next write and says it in one line."""
-    if not issubclass(args.exc_type, OSError):
-        threading.__excepthook__(args)
-
-
-def describe_os_error(e: OSError) -> str:
-    where = f" ({e.filename})" if e.filename else ""
-    if e.errno == errno.ENOSPC:
-        return (f"no space left on device{where}: free disk space (or lower checkpoint.keep_last), then run the "
-                "same command again; complete checkpoints are intact")
-    return f"{e.strerror or e}{where}: check the path, its permissions and the file system"
 
 
 def run(argv: list[str] | None = None) -> None:

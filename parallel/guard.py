@@ -10,6 +10,8 @@ state and schedule are those of a run that never took the step.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -61,3 +63,37 @@ def _all_ranks_finite(tensors: list[torch.Tensor]) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bad.item()
+
+
+class SpikeGuard:
+    """The optional loss-spike guard (train.spike_zscore > 0): a loss more than `zscore` standard
+    deviations above the mean of the last `window` applied steps is a spike. It is logged; with
+    `skip`, a micro-batch whose loss is a spike is poisoned like a non-finite one, so the step is
+    skipped on every rank. Every rank keeps the same history (the all-reduced step losses), so
+    they judge alike. The history starts empty at each start and judges nothing until it holds
+    `window` // 2 losses."""
+
+    def __init__(self, zscore: float, window: int, skip: bool):
+        from collections import deque
+
+        self.zscore, self.skip = zscore, skip
+        self.history = deque(maxlen=window)
+
+    def zscore_of(self, loss: float) -> float:
+        if self.zscore <= 0 or len(self.history) < max(2, self.history.maxlen // 2):
+            return 0.0
+        values = torch.tensor(list(self.history), dtype=torch.float64)
+        return (loss - values.mean().item()) / max(values.std().item(), 1e-12)
+
+    def is_spike(self, loss: float) -> bool:
+        return math.isfinite(loss) and self.zscore_of(loss) > self.zscore
+
+    def gate(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: poisoned when it is a spike and spikes are skipped."""
+        if self.skip and self.is_spike(loss.item()):
+            return loss * float("nan")
+        return loss
+
+    def record(self, step_loss: float, applied: bool) -> None:
+        if applied and math.isfinite(step_loss):
+            self.history.append(step_loss)

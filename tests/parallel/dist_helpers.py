@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from parallel.distributed import skip_deepspeed_shm_build
 
 
 def free_port() -> int:
@@ -31,6 +34,7 @@ def _entry(rank: int, worker, world_size: int, port: int, args: tuple) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # several ranks share two cores
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    skip_deepspeed_shm_build()  # as every training process does (parallel/distributed.py)
     try:
         worker(rank, world_size, *args)
     finally:
@@ -38,6 +42,12 @@ def _entry(rank: int, worker, world_size: int, port: int, args: tuple) -> None:
 
         destroy_topology()
         dist.destroy_process_group()
+    # Leave without interpreter finalization, as launcher/train.py:run does: a gloo worker
+    # thread still freeing the last collective's tensors then aborts the process (SIGABRT,
+    # pytorch/pytorch#179291) and fails a rank that did everything right.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(worker, world_size: int, *args) -> None:

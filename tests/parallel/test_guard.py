@@ -9,7 +9,7 @@ from model.config import ModelConfig
 from model.hybrid import HybridLM
 from parallel.config import ParallelConfig
 from parallel.engine import build_engine
-from parallel.guard import parameters_finite, poison_non_finite
+from parallel.guard import SpikeGuard, parameters_finite, poison_non_finite
 from tests.parallel.dist_helpers import read_results, spawn, write_result
 
 STEPS, BAD = 5, 2  # batch 2 (0-based) gets a NaN gradient on rank 1 only
@@ -77,3 +77,21 @@ def test_a_non_finite_loss_has_a_non_finite_gradient_everywhere():
     inf = (w * 1).sum() + torch.tensor(float("inf"))
     poison_non_finite(inf).backward()
     assert torch.isnan(w.grad).all()
+
+
+def test_the_spike_guard_judges_against_the_window_and_skips_only_when_asked():
+    guard = SpikeGuard(zscore=4.0, window=10, skip=True)
+    assert not guard.is_spike(100.0), "too little history to judge"
+    for loss in [3.0, 3.1, 2.9, 3.05, 2.95]:
+        guard.record(loss, applied=True)
+    guard.record(50.0, applied=False)  # a skipped step is not history
+    assert guard.zscore_of(3.0) == pytest.approx(0.0, abs=1e-9)
+    assert guard.is_spike(4.0) and not guard.is_spike(3.2)
+    w = torch.ones(2, requires_grad=True)
+    guard.gate((w * 4.0).sum() / 2).backward()
+    assert torch.isnan(w.grad).all(), "a skipped spike is poisoned like a non-finite loss"
+    logging_only = SpikeGuard(zscore=4.0, window=10, skip=False)
+    logging_only.history.extend(guard.history)
+    loss = (w * 4.0).sum() / 2
+    assert logging_only.is_spike(4.0) and logging_only.gate(loss) is loss
+    assert not SpikeGuard(zscore=0.0, window=10, skip=True).is_spike(1e9), "0 is off"
