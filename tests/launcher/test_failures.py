@@ -105,3 +105,23 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk, c
     assert proc.returncode == 1
     assert "no space left on device" in error_line(proc.stderr)
     assert verify(ckpts / "step_00000002") == []
+
+
+@pytest.mark.parametrize("damage", ["delete the model shard", "truncate a rank file", "delete a rank file"])
+def test_a_damaged_or_missing_file_is_one_line_naming_it(tmp_path, corpus_overrides, damage):
+    """Each of these was a traceback (DeepSpeed's bare AssertionError, OverflowError, OSError) or,
+    for a deleted RNG file, a silent resume without it."""
+    run_dir = tmp_path / "run"
+    ok = run_strata(args(run_dir, corpus_overrides, "train.max_steps=4", "checkpoint.every=2"))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    newest = run_dir / "checkpoints" / "step_00000004"
+    target = newest / ("mp_rank_00_model_states.pt" if "model" in damage else "rank_00000.pt")
+    if damage.startswith("truncate"):
+        target.write_bytes(target.read_bytes()[:100])
+    else:
+        target.unlink()
+    proc = run_strata(args(run_dir, corpus_overrides, "train.max_steps=6", "checkpoint.every=2"))
+    assert proc.returncode == 1
+    line = error_line(proc.stderr)
+    assert f"checkpoint {newest} is damaged: {target.name}" in line
+    assert "the newest earlier checkpoint that verifies is step_00000002" in line
