@@ -30,9 +30,24 @@ def test_the_manifest_holds_every_file_with_size_and_crc32(tmp_path):
     ckpt = make_run(tmp_path) / "step_00000006"
     manifest = read_manifest(ckpt)
     data = (ckpt / WEIGHTS_FILE).read_bytes()
-    assert manifest["files"] == {WEIGHTS_FILE: {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}}
+    block = zlib.crc32(data).to_bytes(4, "little")  # one block: the file is smaller than HASH_BLOCK
+    assert manifest["files"] == {WEIGHTS_FILE: {"bytes": len(data), "crc32": f"{zlib.crc32(block):08x}"}}
     assert file_digest(ckpt / WEIGHTS_FILE) == manifest["files"][WEIGHTS_FILE]
     assert verify(ckpt) == []
+
+
+def test_a_file_of_several_blocks_is_hashed_block_by_block(tmp_path, monkeypatch):
+    import parallel.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "HASH_BLOCK", 1000)
+    data = bytes(range(256)) * 10  # 2560 bytes: blocks of 1000, 1000 and 560
+    (tmp_path / "f").write_bytes(data)
+    blocks = b"".join(zlib.crc32(data[i:i + 1000]).to_bytes(4, "little") for i in (0, 1000, 2000))
+    assert file_digest(tmp_path / "f") == {"bytes": 2560, "crc32": f"{zlib.crc32(blocks):08x}"}
+    flip(tmp_path / "f", at=2500, count=1)  # in the last block
+    assert file_digest(tmp_path / "f")["crc32"] != f"{zlib.crc32(blocks):08x}"
+    (tmp_path / "empty").write_bytes(b"")
+    assert file_digest(tmp_path / "empty") == {"bytes": 0, "crc32": f"{zlib.crc32(b''):08x}"}
 
 
 @pytest.mark.parametrize("damage, problem", [
