@@ -36,7 +36,6 @@ def checkpoints_under(path: Path) -> tuple[list[Path], list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    import parallel.consolidate  # noqa: F401  (first: it quiets DeepSpeed's stdout logging)
     from parallel.checkpoint import DAMAGED_SUFFIX, read_manifest, verify
 
     path = Path(args.path)

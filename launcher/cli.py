@@ -1,29 +1,55 @@
-"""`strata`: the command-line entry point. Each subcommand is `main(argv) -> int` in its module
-(train: `run(argv)`, which exits the process with main's code).
+"""`strata`: the command-line entry point (the console script in pyproject.toml).
 
-    strata train [--config YAML] [key=value ...]   train (or resume) a model
-    strata prepare --input PATH... --out DIR       tokenize a corpus into shards
-    strata export --checkpoint RUN --format hf --out DIR
-    strata import --format hf --from DIR --out RUN_DIR
-    strata generate --checkpoint RUN --prompt TEXT
-    strata checkpoint verify RUN_OR_CKPT           check checkpoints' files against their checksums
-    strata launch slurm --nodes N --gpus-per-node G --config YAML [key=value ...] [--submit]
-                                                   an sbatch script that saves and requeues itself
+Each command is a module with `main(argv) -> int` (train: `run(argv)`, which leaves the process
+itself; see launcher/train.py:run). Before any command is imported, `quiet_third_party()`
+(launcher/quiet.py) keeps third-party start-up noise off the terminal, so every command's first
+line is Strata's own. `strata train --help` adds the config keys (launcher/config.py:describe_keys)
+to train's own usage.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from pathlib import Path
 
-COMMANDS = {  # command: (module, its entry function)
-    "train": ("launcher.train", "run"),  # leaves the process itself: see launcher/train.py:run
-    "prepare": ("launcher.prepare", "main"),
-    "export": ("launcher.export", "main"),
-    "import": ("launcher.import_hf", "main"),
-    "generate": ("launcher.generate", "main"),
-    "checkpoint": ("launcher.checkpoints", "main"),
-    "launch": ("launcher.launch", "main"),
+COMMANDS = {  # command: (module, its entry function, what it does, for `strata --help`)
+    "train": ("launcher.train", "run",  # leaves the process itself: see launcher/train.py:run
+              "train a model, or resume its run where it stopped (configs/tiny.yaml by default)"),
+    "config": ("launcher.show_config", "main",
+               "print the config a command line resolves to; --keys describes every key"),
+    "prepare": ("launcher.prepare", "main", "tokenize text, source files or JSONL into token shards"),
+    "generate": ("launcher.generate", "main", "continue a prompt with a trained run"),
+    "export": ("launcher.export", "main", "write a run's weights as a Hugging Face transformers model"),
+    "import": ("launcher.import_hf", "main", "start a run from a Hugging Face model's weights"),
+    "checkpoint": ("launcher.checkpoints", "main",
+                   "verify a run's checkpoints against their checksums, without loading them"),
+    "launch": ("launcher.launch", "main",
+               "write (or submit) a SLURM script that saves before its time limit and requeues itself"),
 }
+
+STDOUT_IS_OUTPUT = {"generate", "export", "import", "checkpoint"}
+"""Commands whose stdout is their result (generated text, a summary): library logging goes to stderr."""
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    more = f"{README} and the docs/ folder beside it" if README.is_file() else "the README of the Strata repository"
+    return "\n".join([
+        "usage: strata COMMAND [options]          (no command: strata train)",
+        "",
+        "Strata trains hybrid Mamba2/attention language models, from one CPU to many GPUs.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {summary}" for name, (_, _, summary) in COMMANDS.items()),
+        "",
+        "`strata COMMAND --help` shows a command's options; `strata train --help` also lists every",
+        "config key, with its default and what it does.",
+        "STRATA_LOG=debug shows third-party libraries' start-up logging, which Strata hides otherwise.",
+        f"More: {more}.",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +57,32 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["train"]  # the embedded default: `strata` alone trains configs/tiny.yaml
     command, rest = argv[0], argv[1:]
-    if command in ("-h", "--help"):
-        print(__doc__)
+    if command in ("-h", "--help", "help"):
+        print(usage())
         return 0
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"error: unknown command {command!r}; use one of {', '.join(COMMANDS)} (`strata --help` says "
+              "what each does)", file=sys.stderr)
         return 2
-    module, function = COMMANDS[command]
+    from launcher.quiet import quiet_third_party
+
+    quiet_third_party(stdout_is_output=command in STDOUT_IS_OUTPUT)
+    if command == "train" and ("-h" in rest or "--help" in rest):
+        return train_help()
+    module, function, _ = COMMANDS[command]
     return getattr(importlib.import_module(module), function)(rest)
+
+
+def train_help() -> int:
+    """train's own usage (launcher/train.py:parse_args), then every config key."""
+    from launcher.config import describe_keys
+    from launcher.train import parse_args
+
+    with contextlib.suppress(SystemExit):
+        parse_args(["--help"])
+    print()
+    print(describe_keys())
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,11 +4,19 @@
 
 Unknown keys, wrong types and impossible values raise ConfigError, whose message is
 one line naming the key and the nearest valid one; the CLI prints it and exits 2.
+
+Every field's docstring (the string right under it) is its documentation: `describe_keys()` reads
+them from the source and lists every key with its type and default (`strata train --help`,
+`strata config --keys`).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -317,3 +325,87 @@ def to_dict(cfg) -> dict:
 
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------
+# The keys, described: `strata train --help` and `strata config --keys`
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Key:
+    """One config key as the listing shows it."""
+    name: str
+    """Dotted, as an override writes it: model.mamba.d_state."""
+    type: str
+    default: object
+    """The value when a YAML leaves the key out."""
+    doc: str
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """{field: its docstring} of a dataclass, read from its source: the string literal right under
+    each annotated field, as every config dataclass writes them."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: inspect.cleandoc(after.value.value) for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)}
+
+
+def sections(cls=Config, prefix: str = "", doc: str = "") -> list[tuple[str, str, list[Key]]]:
+    """(section, its docstring, its own keys) in schema order, a nested section after its parent's
+    keys: model, model.mamba, model.attention, model.mlp, data, train, ..."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    own, nested = [], []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            nested += sections(hint, f"{prefix}{f.name}.", docs.get(f.name, ""))
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        own.append(Key(prefix + f.name, type_name(hint), default, docs.get(f.name, "")))
+    return ([(prefix.rstrip("."), doc, own)] if own else []) + nested
+
+
+def type_name(hint) -> str:
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def yaml_value(value) -> str:
+    """A value as YAML (and a dotted override) writes it: [stdlib], '', 1.0e-08, true."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
+    return text.removesuffix("\n...\n").strip()
+
+
+KEYS_HEADER = """config keys: sections of the YAML file, or dotted overrides on the command line
+(train.max_steps=50). A default is what a key takes when the YAML leaves it out; the default
+config, configs/tiny.yaml, sets some of them. `strata config [--config C] [overrides]` prints
+what a run would use."""
+
+
+def describe_keys(only: typing.Sequence[str] = (), width: int = 100) -> str:
+    """Every key (or those under the sections / keys named in `only`) with its type, default
+    and docstring, grouped by section; ConfigError names an unknown section or key."""
+    groups = sections()
+    names = [name for name, _, _ in groups] + [k.name for _, _, keys in groups for k in keys]
+    for want in only:
+        if want not in names and not any(n.startswith(want + ".") for n in names):
+            raise ConfigError(f"unknown section or key {want}{suggest(want, names, '')}")
+
+    def chosen(name: str) -> bool:
+        return not only or any(name == w or name.startswith(w + ".") for w in only)
+
+    lines = [KEYS_HEADER]
+    for name, doc, keys in groups:
+        keys = [k for k in keys if chosen(k.name) or chosen(name)]
+        if not keys:
+            continue
+        lines += ["", f"{name}: {' '.join(doc.split())}".rstrip(": ")]
+        for k in keys:
+            lines.append(f"  {k.name}: {k.type} = {yaml_value(k.default)}")
+            lines += textwrap.wrap(" ".join(k.doc.split()), width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                   break_long_words=False, break_on_hyphens=False)
+    return "\n".join(lines)

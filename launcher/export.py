@@ -204,7 +204,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from parallel.consolidate import CheckpointError  # (first: it quiets DeepSpeed's stdout logging)
+    from parallel.consolidate import CheckpointError
 
     try:
         out, arch = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,

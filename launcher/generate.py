@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from data import DataError, Tokenizer
     from launcher.export import find_tokenizer
-    from parallel.consolidate import CheckpointError  # (first: it quiets DeepSpeed's stdout logging)
+    from parallel.consolidate import CheckpointError
     from launcher.config import load_run_config
     from parallel.consolidate import resolve_checkpoint
     from model.structured import premerge_where_faster

@@ -104,7 +104,6 @@ def import_checkpoint(source: str | Path, out: str | Path, base: str | None = No
                       overrides: list[str] = ()) -> tuple[Path, str, str | None]:
     """Create the run; returns (checkpoint dir, arch, a note for the user or None)."""
     from launcher.config import ConfigError
-    import parallel.consolidate  # noqa: F401  (first: it quiets DeepSpeed's stdout logging)
     from parallel.checkpoint import write_weights_only
 
     hf.require_transformers("strata import")

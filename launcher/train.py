@@ -23,6 +23,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+if __name__ == "__main__":  # torchrun, the deepspeed launcher, srun: before anything imports DeepSpeed
+    from launcher.quiet import quiet_third_party
+
+    quiet_third_party()  # (`strata train` made the call in launcher/cli.py)
+
 import torch
 import torch.distributed as dist
 

@@ -25,30 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-
-def quiet_deepspeed_import() -> None:
-    """In a process that has not imported DeepSpeed yet (export, import, generate): import it
-    without its accelerator warning, and point its logging at stderr, not stdout, which
-    `strata generate` keeps for the generated text alone. A training process is left as is."""
-    if "deepspeed" in sys.modules:
-        return
-    with contextlib.redirect_stdout(io.StringIO()):
-        import deepspeed.utils
-    for handler in deepspeed.utils.logger.handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(sys.stderr)
-
-
-quiet_deepspeed_import()  # before parallel.checkpoint, which imports DeepSpeed
-
-from parallel.checkpoint import (MODEL_STATES, PIPELINE_LAYER, WEIGHTS_FILE, ZERO3_MODEL,  # noqa: E402
+from parallel.checkpoint import (MODEL_STATES, PIPELINE_LAYER, WEIGHTS_FILE, ZERO3_MODEL,
                                  ZERO3_MODEL_FILE, ZERO_OPTIM, CheckpointError, read_manifest,
                                  resolve_checkpoint, safe_load, saved_layout)
 
