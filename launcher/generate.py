@@ -3,9 +3,10 @@
     strata generate --checkpoint runs/tiny --prompt "def fibonacci(n):"
     strata generate --checkpoint runs/tiny --prompt "import " --temperature 0.8 --top-p 0.95 --max-new-tokens 200
 
-Greedy by default; --temperature > 0 samples (with --top-k / --top-p, reproducible by
---seed). Stops at EOS, after --max-new-tokens, or at the model's max_seq_len. Prints the
-prompt followed by the generated text.
+Greedy by default. --temperature T > 0 samples; --top-k / --top-p sample too, at temperature 1
+unless --temperature says otherwise (with --temperature 0 they are ignored, and say so). A draw is
+reproducible by --seed: the same seed, the same text. Stops at EOS, after --max-new-tokens, or at
+the model's max_seq_len. Prints the prompt followed by the generated text.
 """
 from __future__ import annotations
 
@@ -24,13 +25,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_XXXXXXXX directory")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (default: greedy, or 1.0 with --top-k or --top-p)")
     p.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
     p.add_argument("--top-p", type=float, default=1.0, help="1 keeps all tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling draws (default 0)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's)")
     p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
-    return p.parse_args(argv)
+    return imply_sampling(p.parse_args(argv))
+
+
+def imply_sampling(args: argparse.Namespace) -> argparse.Namespace:
+    """--top-k and --top-p ask for sampling: without --temperature they sample at 1.0. A flag that
+    greedy decoding cannot use (--top-k, --top-p, --seed) says so in one line on stderr."""
+    filtered = args.top_k != 0 or args.top_p != 1.0
+    if args.temperature is None:
+        args.temperature = 1.0 if filtered else 0.0
+    if args.temperature == 0:
+        unused = [flag for flag, given in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
+                                           ("--seed", args.seed is not None)) if given]
+        if unused:
+            why = ("--temperature 0 decodes greedily" if filtered else
+                   "decoding is greedy (--temperature above 0, --top-k or --top-p samples)")
+            print(f"note: {' and '.join(unused)} ignored: {why}", file=sys.stderr)
+    args.seed = 0 if args.seed is None else args.seed
+    return args
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ pipeline grid order; m = tp_rank without PP) and data-parallel rank d:
   (param_slice_mappings); a parameter is its fragments over d, in rank order;
 - ZeRO-3 (pp = 1): the same files, per-parameter partitions padded to equal size; weights and
   each AdamW state (laid out like the fp32 partitions) are gathered by DeepSpeed's
-  zero_to_fp32 merge (parallel/consolidate.Zero3Files).
+  zero_to_fp32 merge (Zero3Files below).
 Pipeline stage names map back to HybridLM names (pipeline.model_parameter_name; the tied
 embedding appears on the first and last stage with the same state), tensor-parallel pieces
 are merged by parallel/tp_splits.py, the split that built them, and cut again for the new
@@ -30,14 +30,16 @@ layout-free and carry over as they are.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import (MODEL_STATES, RANK_FILE, ZERO3_MODEL, ZERO_OPTIM, CheckpointError, need,
-                                 safe_load)
+from parallel.checkpoint import (MODEL_STATES, PIPELINE_LAYER, RANK_FILE, ZERO3_MODEL, ZERO3_MODEL_FILE, ZERO_OPTIM,
+                                 CheckpointError, need, safe_load)
 from parallel.layout import Layout
 from parallel.rebuild import ADAM_STATES, restore_schedule, write_optimizer_states
 
@@ -67,30 +69,32 @@ class FullState:
 # Reading
 # ----------------------------------------------------------------------------------------
 
-def read_full_state(ckpt: Path, model_cfg, saved: Layout) -> FullState:
-    """Every rank calls it on the same (verified) files; tensors are memory-mapped until used."""
+def read_full_state(ckpt: Path, model_cfg, saved: Layout, optimizer: bool = True) -> FullState:
+    """Every rank calls it on the same (verified) files; tensors are memory-mapped until used.
+    optimizer=False reads the weights alone (export, generate). model_cfg may be None when the
+    checkpoint is neither tensor- nor pipeline-parallel."""
     from model.hybrid import HybridLM
     from parallel.tp_splits import parameter_splits
 
     tp, pp = saved.tp, saved.pp
-    naming = stage_naming(pp, len(model_cfg.pattern))
+    naming = stage_naming(pp, len(model_cfg.pattern) if pp > 1 else 0)
     pieces = []  # per TP rank, every pipeline stage's parameters
     for t in range(tp):
         piece = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": None}
         for stage in range(pp):
-            part = _read_stage(ckpt, saved, t, stage, naming)
+            part = _read_stage(ckpt, saved, t, stage, naming, optimizer)
             for key in ("weights", *ADAM_STATES):
                 for name, lazy in part[key].items():
                     piece[key].setdefault(name, lazy)  # a tied embedding: both stages hold the same
             piece["step"] = piece["step"] if piece["step"] is not None else part["step"]
         pieces.append(piece)
     if saved.zero_stage == 0 and pp > 1:  # the pipeline keeps its modules in per-layer files
-        from parallel.consolidate import read_model_parallel_ranks
-
-        for piece, layers in zip(pieces, read_model_parallel_ranks(ckpt, tp, pp, len(model_cfg.pattern))):
+        for piece, layers in zip(pieces, _read_pipeline_modules(ckpt, tp, len(model_cfg.pattern))):
             piece["weights"] = {name: _ready(tensor) for name, tensor in layers.items()}
-    with torch.device("meta"):
-        splits = parameter_splits(HybridLM(model_cfg), tp)
+    splits = None
+    if tp > 1:
+        with torch.device("meta"):
+            splits = parameter_splits(HybridLM(model_cfg), tp)
     weights = _gather_lazily([p["weights"] for p in pieces], splits)
     optimizer = {}
     if pieces[0]["step"] is not None:
@@ -101,7 +105,7 @@ def read_full_state(ckpt: Path, model_cfg, saved: Layout) -> FullState:
                      lr_scheduler=head.get("lr_scheduler"), counters={k: head[k] for k in COUNTERS if k in head})
 
 
-def _read_stage(ckpt: Path, saved: Layout, t: int, stage: int, naming) -> dict:
+def _read_stage(ckpt: Path, saved: Layout, t: int, stage: int, naming, optimizer: bool) -> dict:
     """TP rank t of pipeline stage `stage`, gathered over its data-parallel ranks."""
     tp, dp, zero = saved.tp, saved.dp, saved.zero_stage
     if zero == 3:  # pp = 1: ZeRO-3 runs on the plain engine only
@@ -110,7 +114,7 @@ def _read_stage(ckpt: Path, saved: Layout, t: int, stage: int, naming) -> dict:
     states = safe_load(need(ckpt / MODEL_STATES.format(mp=mp)))
     if zero == 0:
         writer = t + tp * dp * stage  # the rank of data-parallel index 0, which wrote file mp
-        return _read_zero0(ckpt, states, writer, naming)
+        return _read_zero0(ckpt, states, writer, naming, optimizer)
     optim = [safe_load(need(ckpt / ZERO_OPTIM.format(dp=d, mp=mp)), zero_optimizer=True)["optimizer_state_dict"]
              for d in range(dp)]
     return _read_zero12(ckpt, states, optim, naming)
@@ -121,9 +125,12 @@ def _ready(tensor) -> Lazy:
     return lambda: tensor.contiguous()
 
 
-def _gather_lazily(pieces: list[dict[str, Lazy]], splits: dict) -> dict[str, Lazy]:
-    """Each name's TP pieces joined (tp_splits.gather) when it is read."""
+def _gather_lazily(pieces: list[dict[str, Lazy]], splits: dict | None) -> dict[str, Lazy]:
+    """Each name's TP pieces joined (tp_splits.gather) when it is read; one piece is itself."""
     from parallel.tp_splits import split_of
+
+    if len(pieces) == 1:
+        return {name: lazy for name, lazy in pieces[0].items() if not name.endswith("_extra_state")}
 
     def joined(name: str) -> Lazy:
         return lambda: split_of(splits, name).gather([piece[name]() for piece in pieces])
@@ -141,21 +148,20 @@ def stage_naming(pp: int, n_blocks: int):
     return lambda name: model_parameter_name(name, n_blocks)
 
 
-def _read_zero0(ckpt: Path, states: dict, writer: int, naming) -> dict:
-    """Torch's AdamW state, its integer keys named by the writer's record of its param groups."""
+def _read_zero0(ckpt: Path, states: dict, writer: int, naming, optimizer: bool) -> dict:
+    """The module (pp = 1) and torch's AdamW state, its integer keys named by the writer's record
+    of its param groups."""
+    module = states.get("module") or {}
+    out = {"weights": {naming(n): _ready(t) for n, t in module.items()}, "step": None, "exp_avg": {}, "exp_avg_sq": {}}
+    opt = states["optimizer"]["state"] if optimizer else {}
+    if not opt:
+        return out
     record = ckpt / RANK_FILE.format(rank=writer)
     names = safe_load(need(record), mmap=False).get("optimizer_param_names")
     if not names:
         raise CheckpointError(f"checkpoint {ckpt}: {record.name} does not name the optimizer's parameters "
                               "(written before resharding existed); resume it on the layout that wrote it")
     ordered = [naming(n) for group in names for n in group]
-    module = states.get("module") or {}
-    params = set(ordered)
-    out = {"weights": {naming(n): _ready(t) for n, t in module.items() if naming(n) in params},
-           "step": None, "exp_avg": {}, "exp_avg_sq": {}}
-    opt = states["optimizer"]["state"]
-    if not opt:
-        return out
     for index, name in enumerate(ordered):
         for k in ADAM_STATES:
             out[k][name] = _ready(opt[index][k])
@@ -165,8 +171,6 @@ def _read_zero0(ckpt: Path, states: dict, writer: int, naming) -> dict:
 
 def _read_zero3(ckpt: Path, t: int) -> dict:
     """Weights and AdamW states of TP rank t, each gathered from the ZeRO-3 partitions."""
-    from parallel.consolidate import open_zero3
-
     files = open_zero3(ckpt, t)
 
     def lazy(state: str | None) -> dict[str, Lazy]:
@@ -177,6 +181,85 @@ def _read_zero3(ckpt: Path, t: int) -> dict:
     if step is not None:
         out.update({k: lazy(k) for k in ADAM_STATES})
     return out
+
+
+@dataclass
+class Zero3Files:
+    """Model-parallel rank `mp`'s ZeRO-3 files, opened once (memory-mapped)."""
+
+    ckpt: Path
+    model_states: list
+    """DeepSpeed's zero_model_state per data-parallel rank: shapes and buffers."""
+    optimizers: list[dict]
+    """Each data-parallel rank's optimizer_state_dict: fp32 partitions and AdamW state."""
+
+    def adam_step(self) -> torch.Tensor | None:
+        state = self.optimizers[0]["optimizer_state_dict"]["state"]
+        return state[0]["step"].clone() if state else None
+
+    def gather(self, state: str | None = None, materialize: bool = True) -> dict:
+        """Every parameter in full: the fp32 weights (with the buffers), or with `state`
+        ('exp_avg', 'exp_avg_sq') that AdamW state, which ZeRO-3 lays out exactly like the
+        fp32 partitions (one flat tensor per sub-group and rank). materialize=False leaves
+        each parameter as DeepSpeed's GatheredTensor, joined on .contiguous()."""
+        from deepspeed.utils import zero_to_fp32
+
+        flat_groups = []
+        for optim in self.optimizers:
+            groups = optim["fp32_flat_groups"]
+            if state is not None:
+                groups = [optim["optimizer_state_dict"]["state"][i][state] for i in range(len(groups))]
+            flat_groups.append(groups)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(len(flat_groups), flat_groups,
+                                                                          self.model_states, False)
+        out = {name: t.contiguous() for name, t in lazy.items()} if materialize else dict(lazy)
+        if state is not None:  # buffers ride along with the weights only
+            out = {k: v for k, v in out.items() if k not in self.model_states[0].buffers}
+        return out
+
+
+def open_zero3(ckpt: Path, mp: int = 0) -> Zero3Files:
+    from deepspeed.utils import zero_to_fp32
+
+    ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL_FILE.match(p.name)) and int(m.group(2)) == mp)
+    world = len(ranks)
+    missing = [ZERO_OPTIM.format(dp=r, mp=mp) for r in range(world) if not (ckpt / ZERO_OPTIM.format(dp=r, mp=mp)).is_file()]
+    if not world or ranks != list(range(world)) or missing:
+        raise CheckpointError(f"ZeRO-3 checkpoint {ckpt} lacks shards ({', '.join(missing) or 'model states'}); "
+                              "a rank did not finish saving: use an earlier complete checkpoint")
+    model_states = []
+    for r in ranks:
+        sd = safe_load(ckpt / ZERO3_MODEL.format(dp=r, mp=mp))
+        model_states.append(zero_to_fp32.zero_model_state(
+            buffers={k: v for k, v in sd["module"].items() if k in sd["buffer_names"]},
+            param_shapes=sd["param_shapes"], shared_params=list(map(list, (sd.get("shared_params") or {}).items())),
+            ds_version=sd.get("ds_version"), frozen_param_shapes=sd.get("frozen_param_shapes"),
+            frozen_param_fragments=sd.get("frozen_param_fragments")))
+    optimizers = []
+    for r in ranks:
+        optim = safe_load(ckpt / ZERO_OPTIM.format(dp=r, mp=mp), zero_optimizer=True)["optimizer_state_dict"]
+        if optim.get("partition_count") not in (world, [world]):
+            raise CheckpointError(f"ZeRO-3 checkpoint {ckpt}: rank {r} was partitioned over "
+                                  f"{optim.get('partition_count')} ranks but {world} shards are present")
+        optimizers.append(optim)
+    return Zero3Files(ckpt, model_states, optimizers)
+
+
+def _read_pipeline_modules(ckpt: Path, tp: int, n_blocks: int) -> list[dict[str, torch.Tensor]]:
+    """pp > 1, ZeRO 0: per TP rank, every pipeline layer's module in Strata's names. DeepSpeed's
+    pipeline writes one file per layer and TP rank (layer_XX-model_YY), renamed through
+    parallel/pipeline.py's layer_prefix."""
+    from parallel.pipeline import layer_prefix
+
+    parts = [{} for _ in range(tp)]
+    for path in sorted(ckpt.glob("layer_*-model_*-model_states.pt")):
+        layer, rank = map(int, PIPELINE_LAYER.match(path.name).groups())
+        parts[rank].update({layer_prefix(layer, n_blocks) + k: v for k, v in safe_load(path).items()})
+    if not all(parts):
+        raise CheckpointError(f"checkpoint {ckpt} (tp={tp}) lacks pipeline layer files; "
+                              "a rank did not finish saving: use an earlier complete checkpoint")
+    return parts
 
 
 def _read_zero12(ckpt: Path, states: dict, optim: list[dict], naming) -> dict:

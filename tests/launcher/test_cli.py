@@ -1,5 +1,5 @@
 """What a newcomer meets at the command line: `strata --help`, the config keys in `strata train
---help`, `strata config`, and no third-party line before Strata's own."""
+--help`, `strata config`, no third-party line before Strata's own, and sampling flags that sample."""
 import os
 import subprocess
 import sys
@@ -7,10 +7,12 @@ import sys
 import pytest
 import torch
 
+from launcher import cli
+from launcher import generate as generate_cli
 from launcher import show_config
 from launcher.config import (DEFAULT_CONFIG, Config, describe_keys, field_docs, load_config, sections,
                              yaml_value)
-from tests.launcher.conftest import REPO
+from tests.launcher.conftest import REPO, TINY, run_strata
 
 
 def run_cli(args, module: str = "launcher.cli", **env_changes) -> subprocess.CompletedProcess:
@@ -128,3 +130,44 @@ def test_strata_log_debug_leaves_third_party_logging_as_it_is():
 def test_torchrun_entry_help_starts_with_stratas_own_line():
     proc = run_cli(["--help"], module="launcher.train")
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.startswith("usage: strata train")
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling flags sample
+# ----------------------------------------------------------------------------------------
+
+BASE = ["--checkpoint", "runs/x", "--prompt", "x"]
+
+
+@pytest.mark.parametrize("flags,temperature", [([], 0.0), (["--top-p", "0.9"], 1.0), (["--top-k", "5"], 1.0),
+                                               (["--top-p", "0.9", "--temperature", "0.7"], 0.7)])
+def test_top_k_and_top_p_imply_sampling_at_temperature_1(flags, temperature, capsys):
+    args = generate_cli.parse_args(BASE + flags)
+    assert args.temperature == temperature and args.seed == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_flags_greedy_decoding_cannot_use_say_so_in_one_line(capsys):
+    generate_cli.parse_args(BASE + ["--temperature", "0", "--top-p", "0.9"])
+    assert capsys.readouterr().err == "note: --top-p ignored: --temperature 0 decodes greedily\n"
+    args = generate_cli.parse_args(BASE + ["--seed", "3"])
+    assert args.temperature == 0 and args.seed == 3
+    assert capsys.readouterr().err.startswith("note: --seed ignored: decoding is greedy")
+
+
+def test_generate_with_top_p_samples_a_different_text_per_seed(corpus_overrides, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    proc = run_strata(["train", *TINY, *corpus_overrides, "train.max_steps=2", f"train.run_dir={run_dir}",
+                       "train.eval_every=0", "checkpoint.every=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def text(*flags):
+        code = cli.main(["generate", "--checkpoint", str(run_dir), "--prompt", "def f(", "--max-new-tokens", "16",
+                         *flags])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    one, two, one_again = (text("--top-p", "0.9", "--seed", s) for s in ("1", "2", "1"))
+    assert one != two and one == one_again
+    assert text() == text()  # greedy, whatever the seed
