@@ -8,6 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "DataConfig": "config", "DataError": "errors", "Tokenizer": "tokenizer",
+    "install_run_tokenizer": "tokenizer", "run_tokenizer_path": "tokenizer",
     "prepare_corpus": "prepare", "ensure_prepared": "prepare", "open_corpus": "corpus",
     "Corpus": "corpus", "TrainLoader": "loader", "eval_batches": "loader",
 }

@@ -11,7 +11,9 @@ characters outside the vocabulary). Two cases sentencepiece cannot round-trip ar
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +26,11 @@ from .errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 """Special ids of every tokenizer Strata trains (recorded in each manifest as well)."""
+
+RUN_TOKENIZER = "tokenizer.model"
+"""The run directory's copy of its tokenizer: what `strata generate` and `strata export` read."""
+RUN_TOKENIZER_SHA256 = "tokenizer.sha256"
+"""Its checksum beside it, in ``sha256sum`` format ("<hex>  tokenizer.model")."""
 
 SPACE_MARK = "\u2581"
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -123,3 +130,100 @@ def _clean_surrogates(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+# ----------------------------------------------------------------------------------------
+# The run directory's copy: a run is readable without its corpus, from any directory
+# ----------------------------------------------------------------------------------------
+
+def install_run_tokenizer(tokenizer: Tokenizer | str | os.PathLike, run_dir: str | os.PathLike,
+                          write: bool = True) -> Path:
+    """Copy the tokenizer a run trains with (a loaded Tokenizer or a sentencepiece .model file),
+    and its checksum, into ``run_dir``: training once at start, and `strata import`.
+
+    Each file is written under a temporary name, fsynced and renamed, so a reader never sees a
+    partial one. A copy already there with the same checksum is left as it is; a different one
+    (or a recorded checksum of another tokenizer) is refused: the run directory belongs to another
+    tokenizer. With ``write=False`` (training's other ranks) only that check is made, so every
+    rank refuses alike and rank 0 alone writes. Returns the copy's path.
+    """
+    run_dir = Path(run_dir)
+    dest, record = run_dir / RUN_TOKENIZER, run_dir / RUN_TOKENIZER_SHA256
+    source = Path(tokenizer.path if isinstance(tokenizer, Tokenizer) else tokenizer)
+    reads = write or not isinstance(tokenizer, Tokenizer)  # a check alone needs no second read
+    data = source.read_bytes() if reads else b""
+    sha = hashlib.sha256(data).hexdigest() if reads else tokenizer.sha256
+    if isinstance(tokenizer, Tokenizer) and sha != tokenizer.sha256:
+        raise DataError(f"tokenizer {source} changed while the run was starting (sha256 "
+                        f"{tokenizer.sha256[:12]}, now {sha[:12]}); start the run again")
+    has_copy = dest.is_file()
+    present = file_sha256(dest) if has_copy else _recorded_sha256(record)
+    if present is not None and present != sha:
+        own = f", or train with its own tokenizer (data.tokenizer={dest})" if has_copy else ""
+        raise DataError(f"{run_dir} belongs to another tokenizer ({dest if has_copy else record}: sha256 "
+                        f"{present[:12]}) than this run's {source} (sha256 {sha[:12]}): give another "
+                        f"train.run_dir{own}")
+    if not write:
+        return dest
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not has_copy:
+        _write_durably(dest, data)
+    if _recorded_sha256(record) != sha:
+        _write_durably(record, f"{sha}  {RUN_TOKENIZER}\n".encode())
+    return dest
+
+
+def run_tokenizer_path(run_dir: str | os.PathLike, override: str | os.PathLike | None = None) -> Path:
+    """The sentencepiece model of the run in ``run_dir``: its copy (checked against the recorded
+    checksum), or ``override`` (``--tokenizer``) for a run that has none; one-line DataErrors."""
+    run_dir = Path(run_dir)
+    path, record = run_dir / RUN_TOKENIZER, run_dir / RUN_TOKENIZER_SHA256
+    recorded = _recorded_sha256(record)
+    if override:
+        given = Path(override)
+        if not given.is_file():
+            raise DataError(f"--tokenizer {given} is not a file; give the run's sentencepiece .model")
+        if recorded is not None and file_sha256(given) != recorded:
+            raise DataError(f"--tokenizer {given} is not the tokenizer {run_dir} was trained with ({record} records "
+                            f"sha256 {recorded[:12]}); leave out --tokenizer to use the run's copy {path}")
+        return given
+    if not path.is_file():
+        raise DataError(f"{path} is missing (a run trained before runs kept a copy of their tokenizer, or an import "
+                        "without a sentencepiece tokenizer.model): pass --tokenizer PATH, the run's sentencepiece "
+                        ".model (e.g. the tokenizer.model of the corpus it was trained on)")
+    if recorded is not None and file_sha256(path) != recorded:
+        raise DataError(f"{path} does not match the sha256 {recorded[:12]} recorded in {record}: the copy is damaged; "
+                        "copy the run's tokenizer there again or pass --tokenizer PATH")
+    return path
+
+
+def _recorded_sha256(record: Path) -> str | None:
+    try:
+        text = record.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{record} is unreadable ({exc}); delete it (the next training start writes it again)") from exc
+    sha = text.split()[0] if text.split() else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise DataError(f"{record} holds no sha256 ({text[:40]!r}); delete it (the next training start writes it again)")
+    return sha
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write under a temporary name, fsync, rename, fsync the directory: all or nothing, even
+    after a power loss."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

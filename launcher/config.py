@@ -207,15 +207,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def load_run_config(ckpt: str | Path) -> Config:
     """The resolved Config a run saved beside its checkpoints: <run_dir>/config.yaml, where
-    ckpt is <run_dir>/checkpoints/step_XXXXXXXX."""
+    ckpt is <run_dir>/checkpoints/step_XXXXXXXX.
+
+    Read from any directory: a data.tokenizer that does not resolve from here (a relative path of
+    the directory training started in, a file since deleted) becomes the run directory's copy of
+    the tokenizer (data/tokenizer.py, RUN_TOKENIZER), or empty when there is none."""
     path = Path(ckpt).parent.parent / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"checkpoint {ckpt} has no {path}; the run's config.yaml must sit beside "
                           "its checkpoints/ directory")
     try:
-        return load_config(path)
+        return load_config(path, _tokenizer_from_here(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _tokenizer_from_here(path: Path) -> list[str]:
+    from data.tokenizer import RUN_TOKENIZER
+
+    try:
+        tokenizer = ((parse_yaml(path.read_text()) or {}).get("data") or {}).get("tokenizer")
+    except (yaml.YAMLError, AttributeError):
+        return []  # load_config says what is wrong
+    if not isinstance(tokenizer, str) or not tokenizer or Path(tokenizer).is_file():
+        return []
+    copy = path.parent / RUN_TOKENIZER
+    return [f"data.tokenizer={copy if copy.is_file() else ''}"]
 
 
 def apply_override(raw: dict, item: str) -> None:

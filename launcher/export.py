@@ -34,7 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory (new or empty)")
     p.add_argument("--arch", default="auto", choices=("auto",) + hf.ARCHS, help="transformers model class")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the written weights")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece .model, for a run without its copy (default: <run_dir>/tokenizer.model)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
     return p.parse_args(argv)
 
@@ -43,25 +44,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # The pieces
 # ----------------------------------------------------------------------------------------
 
-def find_tokenizer(cfg, ckpt: Path, override: str | None) -> Path:
-    """The run's sentencepiece model: --tokenizer, <run_dir>/tokenizer.model, data.tokenizer,
-    or the prepared corpus' copy (paths relative to the run's working directory or cwd)."""
-    from data.shards import TOKENIZER
+def find_tokenizer(ckpt: Path, override: str | None) -> Path:
+    """The run's sentencepiece model: the copy training put in its run directory (from any
+    working directory, with or without the prepared corpus), or --tokenizer for a run without one."""
+    from data import run_tokenizer_path
     from parallel.consolidate import run_dir_of
 
-    if override:
-        candidates = [Path(override)]
-    else:
-        run_dir = run_dir_of(ckpt)
-        candidates = [run_dir / "tokenizer.model"]
-        if cfg.data.tokenizer:
-            candidates.append(Path(cfg.data.tokenizer))
-        candidates.append(cfg.data.prepared_path() / TOKENIZER)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no tokenizer found (looked at {', '.join(map(str, candidates))}); "
-                            "pass --tokenizer PATH to the run's sentencepiece .model")
+    return run_tokenizer_path(run_dir_of(ckpt), override)
 
 
 def dense_mlp_config(cfg):
@@ -179,7 +168,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_run_config(ckpt)
     arch = hf.choose_arch(dense_mlp_config(cfg.model), arch)  # refuse before reading any weights
-    sp_model = find_tokenizer(cfg, ckpt, tokenizer)
+    sp_model = find_tokenizer(ckpt, tokenizer)
     state, model_cfg = premerge_structured(consolidate(ckpt, cfg.model), cfg.model)
     tensors = {k: v.to(DTYPES[dtype]) for k, v in hf.to_hf_state_dict(state, model_cfg, arch).items()}
     del state
@@ -205,11 +194,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from parallel.consolidate import CheckpointError
+    from data import DataError
 
     try:
         out, arch = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,
                                       int(args.max_shard_gb * 2**30))
-    except (ImportError, ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+    except (ImportError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} as {hf.ARCHITECTURES[arch]} to {out}")

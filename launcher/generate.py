@@ -24,13 +24,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_XXXXXXXX directory")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help=">= 1")
     p.add_argument("--temperature", type=float, default=None,
-                   help="0 is greedy (default: greedy, or 1.0 with --top-k or --top-p)")
-    p.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 keeps all tokens")
+                   help="finite, >= 0; 0 is greedy (default: greedy, or 1.0 with --top-k or --top-p)")
+    p.add_argument("--top-k", type=int, default=0, help=">= 0; 0 keeps all tokens")
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 keeps all tokens")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling draws (default 0)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece .model, for a run without its copy (default: <run_dir>/tokenizer.model)")
     p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
     return imply_sampling(p.parse_args(argv))
 
@@ -71,8 +72,22 @@ def load_model(ckpt, cfg, device: torch.device):
     return model.to(device).eval()
 
 
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """The first sampling flag that cannot work (non-finite or out of range), as one line."""
+    try:
+        Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, None, args.seed).validate()
+    except ValueError as e:
+        field, _, problem = str(e).partition(": ")
+        return f"--{field.replace('_', '-')}: {problem}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = flag_problem(args)  # before any checkpoint is read
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from data import DataError, Tokenizer
     from launcher.export import find_tokenizer
     from parallel.consolidate import CheckpointError
@@ -85,15 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)
-        tokenizer = Tokenizer(find_tokenizer(cfg, ckpt, args.tokenizer))
+        tokenizer = Tokenizer(find_tokenizer(ckpt, args.tokenizer))
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise DataError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than the model's "
+                            f"vocabulary of {cfg.model.vocab_size}: it is not this run's tokenizer; pass the run's "
+                            "with --tokenizer PATH")
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                             tokenizer.eos_id, args.seed)
-        sampling.validate()
         prompt = tokenizer.encode(args.prompt)
         model = load_model(ckpt, cfg, device)
         premerge_where_faster(model, tokens=1)  # decoding feeds one token a step; measured, not assumed
         start = time.perf_counter()
-        out = generate(model, prompt, sampling)
+        out = generate(model, prompt, sampling, allowed_vocab=tokenizer.vocab_size)  # never a padded id
     except (CheckpointError, DataError, PromptTooLong, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

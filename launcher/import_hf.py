@@ -8,13 +8,14 @@ Writes <out>/config.yaml (the model section derived from the HF config, the rest
 --config and the overrides, train.run_dir = <out>) and a weights-only checkpoint
 <out>/checkpoints/step_00000000 that `strata train` starts from with a fresh optimizer,
 schedule and data order. A sentencepiece tokenizer.model in the HF directory is copied to
-<out>/tokenizer.model and becomes data.tokenizer; without one, set data.tokenizer yourself.
+<out>/tokenizer.model (with its checksum, <out>/tokenizer.sha256, as training keeps them) and
+becomes data.tokenizer; `strata generate` and `strata export` read that copy from anywhere.
+Without one, set data.tokenizer yourself (training then copies it there).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def run_config_text(model_cfg, out: Path, base: str | None, overrides: list[str]
 def import_checkpoint(source: str | Path, out: str | Path, base: str | None = None,
                       overrides: list[str] = ()) -> tuple[Path, str, str | None]:
     """Create the run; returns (checkpoint dir, arch, a note for the user or None)."""
+    from data import install_run_tokenizer
     from launcher.config import ConfigError
     from parallel.checkpoint import write_weights_only
 
@@ -113,9 +115,8 @@ def import_checkpoint(source: str | Path, out: str | Path, base: str | None = No
     cfg, arch, state = read_hf_model(source)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, note = None, None
-    if (source / "tokenizer.model").is_file():
-        tokenizer = out / "tokenizer.model"
-        shutil.copyfile(source / "tokenizer.model", tokenizer)
+    if (source / "tokenizer.model").is_file():  # the run's copy and checksum, as training writes them
+        tokenizer = install_run_tokenizer(source / "tokenizer.model", out)
     else:
         note = (f"{source} has no sentencepiece tokenizer.model: set data.tokenizer in {out}/config.yaml to "
                 "the model's sentencepiece model before training")
@@ -130,9 +131,11 @@ def import_checkpoint(source: str | Path, out: str | Path, base: str | None = No
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from data import DataError
+
     try:
         ckpt, arch, note = import_checkpoint(args.source, args.out, args.config, args.overrides)
-    except (ImportError, ValueError, FileExistsError, OSError) as e:
+    except (ImportError, ValueError, FileExistsError, OSError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"imported {hf.ARCHITECTURES[arch]} from {args.source} into {ckpt}; "

@@ -126,6 +126,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
     dp, dp_rank = topo.dp, topo.dp_rank
     corpus = open_data(cfg, info)
+    data.install_run_tokenizer(corpus.tokenizer, run_dir, write=info.is_main)  # what generate/export read
     check_layout(cfg, info.world_size)  # again, now that the vocabulary is known
     torch.manual_seed(cfg.train.seed)
     model = HybridLM(cfg.model)  # on the CPU: sharded / cut into stages before it moves

@@ -10,6 +10,7 @@ recurrence. Greedy when temperature is 0; otherwise temperature, then top-k, the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -35,14 +36,16 @@ class Sampling:
     """Seed of the sampling draws (sampling is reproducible)."""
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 (0 is greedy), got {self.temperature}")
+        """Raise ValueError("field: problem") for settings that cannot sample as asked: NaN fails
+        every comparison and infinity would sample uniformly, so both are refused."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature: must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0 (0 keeps all), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p: must be in (0, 1] (1 keeps all), got {self.top_p}")
 
 
 @dataclass
@@ -53,7 +56,8 @@ class Generation:
     stopped: str
     """'eos' (every sequence emitted EOS), 'max_new_tokens' or 'max_seq_len'."""
     step_logits: list[torch.Tensor] = field(default_factory=list)
-    """With keep_logits: the (batch, vocab) fp32 logits each new token was chosen from."""
+    """With keep_logits: the model's (batch, vocab) fp32 logits at each new token (before
+    generate's allowed_vocab masks the ids past it)."""
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -79,7 +83,10 @@ def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     """(batch, vocab) fp32 logits -> (batch,) token ids."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    # Shifted so the largest is 0 and in float64: any finite temperature > 0, however small,
+    # divides without overflow (the most likely tokens stay finite, the rest go to -inf).
+    logits = (logits.double() - logits.amax(dim=-1, keepdim=True).double()) / sampling.temperature
+    logits = filter_logits(logits, sampling.top_k, sampling.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
@@ -98,12 +105,26 @@ def last_logits(model, ids: torch.Tensor, caches: list) -> torch.Tensor:
     return torch.nn.functional.linear(hidden, model.head_weight).float()
 
 
+def mask_past_vocab(logits: torch.Tensor, allowed_vocab: int | None) -> torch.Tensor:
+    """Logits with ids >= allowed_vocab set to -inf: a model's vocabulary padded past its
+    tokenizer's (e.g. to a multiple for TP) has rows no tokenizer can decode."""
+    if allowed_vocab is None or allowed_vocab >= logits.shape[-1]:
+        return logits
+    return logits.index_fill(-1, torch.arange(allowed_vocab, logits.shape[-1], device=logits.device),
+                             float("-inf"))
+
+
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor | list[int], sampling: Sampling | None = None,
-             keep_logits: bool = False) -> Generation:
-    """Generate after `prompt` ((batch, len) ids or one list of ids) with `model` (a HybridLM)."""
+             keep_logits: bool = False, allowed_vocab: int | None = None) -> Generation:
+    """Generate after `prompt` ((batch, len) ids or one list of ids) with `model` (a HybridLM).
+
+    allowed_vocab: ids >= it are never chosen, greedy or sampled (pass the tokenizer's vocabulary
+    size when the model's is padded past it); None allows every id of the model."""
     sampling = sampling or Sampling()
     sampling.validate()
+    if allowed_vocab is not None and allowed_vocab < 1:
+        raise ValueError(f"allowed_vocab: must be >= 1, got {allowed_vocab}")
     param = next(model.parameters())
     prompt = torch.as_tensor(prompt, dtype=torch.long, device=param.device)
     prompt = prompt[None] if prompt.dim() == 1 else prompt
@@ -125,7 +146,7 @@ def generate(model, prompt: torch.Tensor | list[int], sampling: Sampling | None 
     for step in range(budget):
         if keep_logits:
             step_logits.append(logits)
-        nxt = choose_next(logits, sampling, generator)
+        nxt = choose_next(mask_past_vocab(logits, allowed_vocab), sampling, generator)
         if sampling.eos_id is not None:
             nxt = nxt.masked_fill(finished, sampling.eos_id)
             finished |= nxt == sampling.eos_id

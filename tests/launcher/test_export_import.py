@@ -38,7 +38,7 @@ def strata_tokenizer(run_dir):
     from data import Tokenizer
 
     ckpt = resolve_checkpoint(run_dir)
-    return Tokenizer(export_cli.find_tokenizer(run_config(ckpt), ckpt, None))
+    return Tokenizer(export_cli.find_tokenizer(ckpt, None))
 
 
 def one_error_line(proc) -> str:

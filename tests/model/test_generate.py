@@ -1,5 +1,7 @@
 """Cached (incremental) generation equals recomputing the full forward at every step, across
 several SSD chunk boundaries; sampling filters keep exactly the tokens they should."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,8 +87,56 @@ def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
     assert kept(filter_logits(logits, top_k=3, top_p=0.6)) == [True, False, True, False, False]
 
 
-def test_bad_sampling_settings_are_refused():
-    with pytest.raises(ValueError, match="top_p"):
-        Sampling(top_p=0.0).validate()
-    with pytest.raises(ValueError, match="temperature"):
-        Sampling(temperature=-1).validate()
+@pytest.mark.parametrize("field,value", [
+    ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", -0.5),
+    ("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")),
+    ("top_k", -1), ("max_new_tokens", 0), ("max_new_tokens", -3)])
+def test_bad_sampling_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: ") as err:
+        Sampling(**{field: value}).validate()
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=f"^{field}: "):  # generate refuses before reading the model
+        generate(tiny_model(), [1, 2], Sampling(**{field: value}))
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    model = tiny_model()
+    greedy = generate(model, [5, 17, 42], Sampling(max_new_tokens=6)).tokens
+    for temperature in (1e-30, 5e-324):  # logits / temperature overflows float32 (and float64 for the second)
+        assert torch.equal(generate(model, [5, 17, 42], Sampling(max_new_tokens=6, temperature=temperature)).tokens,
+                           greedy)
+
+
+def padded_vocab_model(allowed: int) -> HybridLM:
+    """A model whose vocabulary is padded past `allowed` ids, its head arranged so that a padded id
+    has the largest logit at every position: rows +-100 e_i for each hidden dimension i (one of
+    each pair is 100 |h_i| >= 0), the real ids' rows scaled down to a thousandth."""
+    d_model = 64
+    model = tiny_model()
+    cfg = model.cfg
+    padded = HybridLM(dataclasses.replace(cfg, vocab_size=allowed + 2 * d_model)).eval()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, p in padded.named_parameters():
+            if name in ("embed.weight", "lm_head.weight"):
+                p.zero_()
+                p[:allowed] = state[name][:allowed] * (1e-3 if name == "lm_head.weight" else 1.0)
+            else:
+                p.copy_(state[name])
+        eye = torch.eye(d_model)
+        padded.lm_head.weight[allowed:] = 100 * torch.cat([eye, -eye])
+    return padded
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_produced():
+    allowed = 101
+    model = padded_vocab_model(allowed)
+    prompt = torch.tensor([[5, 17, 42], [9, 8, 7]])
+    unmasked = generate(model, prompt, Sampling(max_new_tokens=10)).new_tokens
+    assert (unmasked >= allowed).all()  # the arrangement works: without the mask every token is padded
+    for sampling in (Sampling(max_new_tokens=10), Sampling(max_new_tokens=10, temperature=1.0, seed=3),
+                     Sampling(max_new_tokens=10, temperature=1e6, top_k=5, top_p=0.99, seed=4)):
+        out = generate(model, prompt, sampling, keep_logits=True, allowed_vocab=allowed)
+        assert (out.new_tokens < allowed).all(), sampling
+        if sampling.temperature == 0:  # greedy: the best of the allowed ids
+            assert torch.equal(out.new_tokens[:, 0], out.step_logits[0][:, :allowed].argmax(-1))
