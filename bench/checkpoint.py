@@ -1,15 +1,17 @@
-"""What checksums cost a checkpoint: save and load time with and without verification, and
-the hash's GB/s against the write's, on one process (ZeRO 0, fp32 weights and AdamW states).
-Prints a markdown table (docs/BENCHMARKS.md).
+"""What checksums cost a checkpoint: save and load time with and without them, and the hash's
+GB/s against the write's, on one process (ZeRO 0, fp32 weights and AdamW states). Prints a
+markdown table (docs/BENCHMARKS.md).
 
     python bench/checkpoint.py                                # configs/hybrid-200m.yaml, 189M
-    python bench/checkpoint.py --config configs/tiny.yaml --repeats 3
+    python bench/checkpoint.py --config configs/tiny.yaml --repeats 3 --dir /dev/shm
 
-Each repeat saves with parallel/checkpoint.save_checkpoint (DeepSpeed's files, then every
-file's size and CRC32 into the manifest) and loads with parallel/checkpoint.load_checkpoint
-after verify(); the checksum pass is timed on its own inside both, so the rows give the time
-with and without it. Files are read back right after writing, as a save does, so the hash
-reads from the page cache; the load reads what was just written too.
+Three ways to write the same checkpoint through parallel/checkpoint.save_checkpoint, taking
+turns (each first once in three repeats), each after os.sync() and, where allowed (root), an
+emptied page cache, so that none pays for the write-back of another: Strata's (every file hashed on a second thread while it is written, HashingWriter); the
+same torch.save into a plain Python file (no checksums: what hashing adds is the difference); and
+DeepSpeed's own torch engine (torch.save to a path, as before checksums existed). Loads are
+timed as a resume meets them, the files cold: without checksums, load_checkpoint alone; with
+them, verify() (which reads every file) and then load_checkpoint.
 """
 from __future__ import annotations
 
@@ -63,6 +65,25 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+STRATA = "Strata (hashed while written)"
+
+
+def plain_file_save(self, state_dict, path: str) -> None:
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(state_dict, f)
+
+
+def cold() -> None:
+    """Nothing of the checkpoint left in the page cache, where the OS lets us drop it (root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/hybrid-200m.yaml")
@@ -70,40 +91,50 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
 
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
     import parallel.checkpoint as ckpt
 
+    writers = {STRATA: ckpt.StrataCheckpointEngine.save,
+               "plain Python file, no checksums": plain_file_save,
+               "DeepSpeed's torch engine (to a path), no checksums": TorchCheckpointEngine.save}
     one_rank_group()
     engine, n_params = engine_for(args.config)
-    digest_times = []
-    real_digest = ckpt.digest_files
-
-    def timed_digest(directory, names):
-        start = time.perf_counter()
-        out = real_digest(directory, names)
-        digest_times.append(time.perf_counter() - start)
-        return out
-
-    ckpt.digest_files = timed_digest
-    saves, verifies, loads, sizes = [], [], [], []
+    saves = {name: [] for name in writers}
+    plain_loads, verifies, warm_loads = [], [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp) / "checkpoints"
-        for step in range(1, args.repeats + 1):
-            saves.append(timed(lambda: ckpt.save_checkpoint(engine, root, step, {"step": step}, keep_last=1)))
-            final = root / ckpt.step_name(step)
-            sizes.append(sum(f.stat().st_size for f in final.iterdir() if f.name != ckpt.MANIFEST))
+        names = list(writers)
+        for r in range(args.repeats):
+            for name in names[r % 3:] + names[:r % 3]:  # each writer first once in three
+                ckpt.StrataCheckpointEngine.save = writers[name]
+                step = len(sum(saves.values(), [])) + 1
+                cold()
+                saves[name].append(timed(lambda: ckpt.save_checkpoint(engine, root, step, {"step": step}, keep_last=1)))
+        ckpt.StrataCheckpointEngine.save = writers[STRATA]
+        final = ckpt.newest_checkpoint(root)
+        size = sum(f.stat().st_size for f in final.iterdir() if f.name != ckpt.MANIFEST)
+        for _ in range(args.repeats):  # a resume: the files are cold; verify reads them first
+            cold()
+            plain_loads.append(timed(lambda: ckpt.load_checkpoint(engine, final, 0)))
+            cold()
             verifies.append(timed(lambda: ckpt.verify(final)))
-            loads.append(timed(lambda: ckpt.load_checkpoint(engine, final, 0)))
+            warm_loads.append(timed(lambda: ckpt.load_checkpoint(engine, final, 0)))
     med = statistics.median
-    size, digest, save, verify, load = med(sizes), med(digest_times), med(saves), med(verifies), med(loads)
     gb = size / 1e9
     print(f"{args.config}: {n_params / 1e6:.0f}M parameters, checkpoint {size / 2**30:.2f} GiB "
-          f"(fp32 weights + AdamW states), median of {args.repeats}\n")
-    print("| | without verification | with verification | checksums' share |")
-    print("| --- | --- | --- | --- |")
-    print(f"| save (s) | {save - digest:.2f} | {save:.2f} | {100 * digest / save:.1f}% |")
-    print(f"| load (s) | {load:.2f} | {load + verify:.2f} | {100 * verify / (load + verify):.1f}% |")
-    print(f"\nwrite {gb / (save - digest):.2f} GB/s | CRC32 in save {gb / digest:.2f} GB/s | "
-          f"CRC32 in verify {gb / verify:.2f} GB/s")
+          f"(fp32 weights + AdamW states), median of {args.repeats}, written to {args.dir or tempfile.gettempdir()}\n")
+    print("| | seconds | GB/s |")
+    print("| --- | --- | --- |")
+    for name, times in saves.items():
+        print(f"| save: {name} | {med(times):.2f} | {gb / med(times):.2f} |")
+    print(f"| load without checksums (cold files) | {med(plain_loads):.2f} | {gb / med(plain_loads):.2f} |")
+    print(f"| load with checksums: verify (cold files) | {med(verifies):.2f} | {gb / med(verifies):.2f} |")
+    print(f"| load with checksums: then load_checkpoint | {med(warm_loads):.2f} | {gb / med(warm_loads):.2f} |")
+    hashed, bare = med(saves[STRATA]), med(saves["plain Python file, no checksums"])
+    with_sums = med(verifies) + med(warm_loads)
+    print(f"\nchecksums add {100 * (hashed - bare) / bare:+.1f}% to a save and "
+          f"{100 * (with_sums - med(plain_loads)) / med(plain_loads):+.1f}% to a load")
 
 
 if __name__ == "__main__":

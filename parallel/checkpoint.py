@@ -25,6 +25,7 @@ A weights-only checkpoint (`strata import`) holds model.safetensors and its mani
 from __future__ import annotations
 
 import errno
+import io
 import json
 import mmap
 import os
@@ -195,6 +196,10 @@ def file_digest(path: Path) -> dict:
                 with ThreadPoolExecutor(HASH_THREADS) as pool:
                     blocks = list(pool.map(lambda at: zlib.crc32(view[at:at + HASH_BLOCK]), offsets))
             view.release()
+    return _fold(size, blocks)
+
+
+def _fold(size: int, blocks: list[int]) -> dict:
     folded = zlib.crc32(b"".join(crc.to_bytes(4, "little") for crc in blocks))
     return {"bytes": size, "crc32": f"{folded:08x}"}
 
@@ -317,14 +322,73 @@ def need(path: Path) -> Path:
     return path
 
 
+class HashingWriter(io.RawIOBase):
+    """A file being written whose file_digest is taken from the bytes as they pass, on a second
+    thread while this one writes them (zlib releases the GIL): a save reads nothing back, and the
+    hash hides behind the write."""
+
+    OVERLAP_BYTES = 1 << 20  # smaller writes are hashed in line: a hand-off costs more than it hides
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._file = open(path, "wb")
+        self._hasher: ThreadPoolExecutor | None = None
+        self._size, self._crc, self._blocks = 0, 0, []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) < self.OVERLAP_BYTES:
+            self._hash(view)
+            self._file.write(view)
+            return len(view)
+        self._hasher = self._hasher or ThreadPoolExecutor(1)
+        hashed = self._hasher.submit(self._hash, view)
+        self._file.write(view)
+        hashed.result()
+        return len(view)
+
+    def _hash(self, view: memoryview) -> None:
+        """The running CRC32 of the current HASH_BLOCK, closed at each block boundary."""
+        at = 0
+        while at < len(view):
+            piece = view[at:at + HASH_BLOCK - self._size % HASH_BLOCK]
+            self._crc = zlib.crc32(piece, self._crc)
+            self._size += len(piece)
+            at += len(piece)
+            if self._size % HASH_BLOCK == 0:
+                self._blocks.append(self._crc)
+                self._crc = 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+            if self._hasher is not None:
+                self._hasher.shutdown()
+        super().close()
+
+    def digest(self) -> dict:
+        """What file_digest gives for the file written."""
+        return _fold(self._size, self._blocks + ([self._crc] if self._size % HASH_BLOCK else []))
+
+
 class StrataCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch engine, always writing torch's zipfile format (which every reader
-    memory-maps) and loading without unpickling arbitrary objects. Installed on every engine
-    before each save and load: DeepSpeed's own default depends on how the engine was built."""
+    memory-maps), hashing every file as it writes it (`digests`, for the manifest), and loading
+    without unpickling arbitrary objects. Installed on every engine before each save and load:
+    DeepSpeed's own default depends on how the engine was built."""
 
     def __init__(self):
         super().__init__(None)
         self.zipfile_serialization = True
+        self.digests: dict[str, dict] = {}
+
+    def save(self, state_dict, path: str) -> None:
+        with HashingWriter(Path(path)) as f:
+            torch.save(state_dict, f)
+        self.digests[Path(path).name] = f.digest()
 
     def load(self, path: str, map_location=None):
         return safe_load(Path(path), zero_optimizer=True, mmap=False)
@@ -346,30 +410,32 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
     rank, world = dist.get_rank(), dist.get_world_size()
     final, tmp = root / step_name(step), root / (step_name(step) + ".tmp")
     use_strata_format(engine)
+    writer = engine.checkpoint_engine
+    writer.digests = {}
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     error = _try_write(lambda: engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False),
                        deepspeed_save=True)
-    error = error or _try_write(lambda: torch.save({**rng_state(), "optimizer_param_names": optimizer_param_names(engine)},
-                                                   tmp / RANK_FILE.format(rank=rank)))
-    _raise_if_any_failed(error, root, tmp, step)
-    names = sorted(p.name for p in tmp.iterdir())
-    mine, error = {}, None
-    try:
-        mine = digest_files(tmp, names[rank::world])
-    except OSError as e:
-        error = _describe_write_error(e)
+    error = error or _try_write(lambda: writer.save({**rng_state(), "optimizer_param_names": optimizer_param_names(engine)},
+                                                    str(tmp / RANK_FILE.format(rank=rank))))
     _raise_if_any_failed(error, root, tmp, step)
     parts = [None] * world
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, writer.digests)
     if rank == 0:
-        files = {k: v for part in parts for k, v in part.items()}
         error = _try_write(lambda: _commit(root, tmp, final, {**trainer_state, "format": FORMAT_VERSION,
-                                                              "files": files}, keep_last))
+                                                              "files": _every_file(tmp, parts)}, keep_last))
     _raise_if_any_failed(error if rank == 0 else None, root, tmp, step)
     return final
+
+
+def _every_file(tmp: Path, hashed_while_written: list[dict]) -> dict[str, dict]:
+    """Every file of the checkpoint with its digest: those the ranks hashed as they wrote them,
+    and any other (DeepSpeed copies its zero_to_fp32.py script in) read back here."""
+    files = {name: digest for part in hashed_while_written for name, digest in part.items()}
+    others = sorted(p.name for p in tmp.iterdir() if p.name not in files)
+    return {**files, **digest_files(tmp, others)}
 
 
 def _commit(root: Path, tmp: Path, final: Path, manifest: dict, keep_last: int) -> None:

@@ -135,3 +135,27 @@ def test_strata_checkpoint_verify(tmp_path, capsys):
     assert "step_00000008.tmp: unfinished save" in out and "2 of 3 checkpoints verify" in out
     assert checkpoint_cli.main(["verify", str(root / "step_00000006")]) == 0
     assert checkpoint_cli.main(["verify", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.parametrize("overlap", [True, False])  # on the second thread, or in line
+@pytest.mark.parametrize("sizes", [[0], [10], [999, 1], [1000], [300, 1700, 1], [2500, 500, 1000]])
+def test_a_file_hashed_while_written_has_the_digest_of_reading_it_back(tmp_path, monkeypatch, sizes, overlap):
+    import parallel.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "HASH_BLOCK", 1000)
+    monkeypatch.setattr(checkpoint.HashingWriter, "OVERLAP_BYTES", 0 if overlap else 1 << 30)
+    data = bytes(i % 251 for i in range(sum(sizes)))
+    with checkpoint.HashingWriter(tmp_path / "f") as f:
+        at = 0
+        for n in sizes:  # writes that straddle, end at and fill whole blocks
+            f.write(memoryview(data)[at:at + n])
+            at += n
+    assert (tmp_path / "f").read_bytes() == data
+    assert f.digest() == file_digest(tmp_path / "f")
+
+
+def test_the_engine_hashes_what_it_writes_and_memory_maps_it(tmp_path):
+    engine = StrataCheckpointEngine()
+    engine.save({"w": torch.arange(1000.0)}, str(tmp_path / "f.pt"))
+    assert engine.digests == {"f.pt": file_digest(tmp_path / "f.pt")}
+    assert safe_load(tmp_path / "f.pt")["w"].sum() == 499500.0
