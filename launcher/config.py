@@ -152,6 +152,11 @@ class LoggingConfig:
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one accelerator, the denominator of MFU; 0 looks the GPU up by
     name (H100/H200 989, A100 312) and leaves MFU out where it is unknown (e.g. on CPU)."""
+    sample_prompt: str = "def "
+    """After each evaluation, the greedy continuation of this prompt goes to the log and
+    TensorBoard's text tab (tp = pp = 1 and ZeRO <= 2: rank 0 holds the whole model); '' turns it off."""
+    sample_tokens: int = 32
+    """Tokens in that continuation."""
 
     def validate(self) -> None:
         if self.log_every < 1:
@@ -160,6 +165,8 @@ class LoggingConfig:
             raise ValueError(f"peak_tflops: must be >= 0, got {self.peak_tflops}")
         if self.progress not in ("auto", "bar", "lines"):
             raise ValueError(f"progress: {self.progress!r} is not one of 'auto', 'bar', 'lines'")
+        if self.sample_tokens < 1:
+            raise ValueError(f"sample_tokens: must be >= 1, got {self.sample_tokens}")
 
 
 @dataclass

@@ -100,9 +100,9 @@ class Reporter:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def text(self, tag: str, text: str) -> None:
+    def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer:
-            self.writer.add_text(tag, text.replace("\n", "  \n"), 0)
+            self.writer.add_text(tag, text.replace("\n", "  \n"), step)
 
     def log(self, message: str) -> None:
         if not self.enabled:

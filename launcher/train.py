@@ -39,6 +39,7 @@ from launcher.metrics import Reporter, hardware_metrics, peak_tflops
 from launcher.signals import Preempted, StopRequest
 from model import HybridLM
 from model.counting import format_counts, training_flops_per_token
+from model.generate import PromptTooLong, Sampling, generate
 from model.guidance import SelfGuidance, equal_flops_extra_steps, split_guide_flops
 from model.mlp import describe_structure
 from parallel import checkpoint as ckpt
@@ -84,6 +85,7 @@ class Run:
     spikes: SpikeGuard | None = None
     skipped_in_a_row: int = 0
     last_saved: Path | None = None
+    tokenizer: object = None
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -175,7 +177,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
                peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, guide_flops,
-               last_saved=newest, spikes=SpikeGuard(cfg.train.spike_zscore, cfg.train.spike_window,
+               last_saved=newest, tokenizer=corpus.tokenizer, spikes=SpikeGuard(cfg.train.spike_zscore, cfg.train.spike_window,
                                                     cfg.train.spike_skip))
 
 
@@ -320,6 +322,24 @@ def report_eval(run: Run, result: dict) -> None:
     run.reporter.log(f"step {run.step:6d} | eval loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}")
 
 
+def report_sample(run: Run) -> None:
+    """A short greedy continuation of logging.sample_prompt after each evaluation, in the log and
+    TensorBoard's text tab: a user sees the model learn, not only a number. Rank 0 generates
+    alone, so it must hold the whole model (tp = pp = 1, ZeRO <= 2)."""
+    prompt, tokenizer = run.cfg.logging.sample_prompt, run.tokenizer
+    if not prompt or not run.dist.is_main or run.topo.tp * run.topo.pp > 1 or run.cfg.parallel.zero_stage == 3:
+        return
+    sampling = Sampling(max_new_tokens=run.cfg.logging.sample_tokens, eos_id=tokenizer.eos_id)
+    try:
+        with autocast(run.cfg, run.dist.device):
+            out = generate(run.engine.module, tokenizer.encode(prompt), sampling, allowed_vocab=tokenizer.vocab_size)
+    except PromptTooLong:
+        return
+    text = prompt + tokenizer.decode(out.new_tokens[0].tolist())
+    run.reporter.text("sample", text, run.step)
+    run.reporter.log(f"step {run.step:6d} | sample {text!r}")
+
+
 def layout_of(cfg: Config, info: DistInfo) -> Layout:
     par = cfg.parallel
     return Layout(par.tp, par.pp, data_parallel_size(info.world_size, par), par.zero_stage)
@@ -394,6 +414,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
             if due(run.step, cfg.train.eval_every, last):
                 result = evaluate(run)
                 report_eval(run, result)
+                report_sample(run)
                 if any_rank_asked_to_stop(stop, info.device):
                     stop_for_preemption(run)
             save_pending = save_pending or due(run.step, cfg.checkpoint.every, last)

@@ -94,5 +94,19 @@ def test_tensorboard_has_the_scalars(unbroken):
                 "eval/loss", "eval/perplexity"]:
         assert tag in tags
     assert len(events.Scalars("train/loss")) == STEPS
+    assert [e.value for e in events.Scalars("train/skipped_steps")] == [0] * STEPS
     assert [e.step for e in events.Scalars("eval/loss")] == [4, 8]
     assert events.Tensors("config/text_summary")
+
+
+def test_each_evaluation_shows_a_sample_of_the_model(unbroken):
+    """logging.sample_prompt's greedy continuation, in the log and TensorBoard's text tab."""
+    run_dir, _, stdout = unbroken
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    samples = events.Tensors("sample/text_summary")
+    assert [e.step for e in samples] == [4, 8]
+    logged = [line for line in stdout.splitlines() if "| sample 'def " in line]
+    assert [line.split("|")[0].split()[1] for line in logged] == ["4", "8"]
+    text = samples[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("def ") and len(text) > len("def ")
