@@ -16,6 +16,7 @@ import multiprocessing
 import shutil
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -206,12 +207,12 @@ def _run_units(cfg: DataConfig, root: Path, units: list[list[Piece]], tokenizer:
     workers = min(cfg.workers_or_cores(), len(todo))
     context = _process_context()  # before the progress bar, whose monitor thread would force spawn
     log.info("prepare %s: %d units (%d done before), %d workers", root, len(units), len(units) - len(todo), workers)
-    progress = Progress(total_bytes, f"prepare {root.name}")
+    progress = Progress(total_bytes, f"prepare {root.name}", Counter(p.file.path for i in todo for p in units[i]))
     done = 0
     try:
         for index, record in _execute(todo, units, job, workers, context):
             records[index] = record
-            progress.update(record["input_bytes"], record["tokens"])
+            progress.update(record["input_bytes"], record["tokens"], [p.file.path for p in units[index]])
             done += 1
             if stop_after is not None and done >= stop_after:
                 raise RuntimeError(f"simulated interruption after {done} units")

@@ -3,6 +3,7 @@ bar on a terminal, plain log lines otherwise). Only rank 0 reports."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -78,6 +79,19 @@ def cut_metrics(path: Path, start_step: int) -> None:
         os.fsync(fd)  # the rename itself
     finally:
         os.close(fd)
+
+
+def show_strata_logs(is_main: bool) -> None:
+    """Strata's own log lines (the strata.* loggers: corpus preparation's progress, the loader's
+    warnings) on stderr, from rank 0 only, whatever the root logger does; once per process."""
+    logger = logging.getLogger("strata")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if is_main else logging.ERROR)
+    logger.propagate = False
 
 
 class Reporter:

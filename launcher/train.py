@@ -35,7 +35,7 @@ import data
 from launcher.config import Config, ConfigError, dump_yaml, load_config
 from launcher.errors import (CONFIG_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error, exit_code_of,
                              leave_os_errors_to_the_main_thread, report_error_once)
-from launcher.metrics import Reporter, hardware_metrics, peak_tflops
+from launcher.metrics import Reporter, hardware_metrics, peak_tflops, show_strata_logs
 from launcher.signals import Preempted, StopRequest
 from model import HybridLM
 from model.counting import format_counts, training_flops_per_token
@@ -455,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         report_error_once(str(e), is_main)
         return CONFIG_EXIT
+    show_strata_logs(is_main)
     stop = StopRequest(cfg.train.preempt_signal)
     stop.install()
     threading.excepthook = leave_os_errors_to_the_main_thread

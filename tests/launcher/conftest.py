@@ -28,6 +28,8 @@ def corpus_overrides(tmp_path_factory):
     proc = run_strata(["train", *TINY, *overrides, "train.max_steps=1", f"train.run_dir={root / 'warmup'}",
                        "train.eval_every=0", "checkpoint.every=0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # training prepared the corpus and said how far it was (data/progress.py), on stderr
+    assert "files, 0.5/0.5 MB (100%)" in proc.stderr and " tokens, " in proc.stderr, proc.stderr[-3000:]
     return overrides
 
 
