@@ -22,7 +22,7 @@ from kernels.blockdiag.reference import blockdiag_matmul_ref
 from kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref
 from kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
 from kernels.norm.reference import rmsnorm_ref
-from kernels.ssd.reference import ssd_chunked_ref, ssd_step_ref
+from kernels.ssd.reference import NO_DT_LIMIT, ssd_chunked_ref, ssd_step_ref
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -53,22 +53,24 @@ def _needs_grad(*tensors) -> bool:
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                initial_states=None, return_final_states=False):
-    """Chunked SSD scan; see kernels/ssd/reference.py for shapes."""
+                initial_states=None, return_final_states=False, dt_limit=NO_DT_LIMIT):
+    """Chunked SSD scan; see kernels/ssd/reference.py for shapes. dt_limit = (low, high) clamps
+    softplus(dt + dt_bias), as mamba_ssm's dt_limit (the default clamps nothing)."""
     if backend_for(x) == "triton":
         from kernels.ssd.function import ssd_chunked_triton
         return ssd_chunked_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
-                                  initial_states, return_final_states)
+                                  initial_states, return_final_states, dt_limit)
     return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
-                           initial_states, return_final_states)
+                           initial_states, return_final_states, dt_limit)
 
 
-def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decoding step of the SSD recurrence: returns (y, new_state)."""
+def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT):
+    """One decoding step of the SSD recurrence: returns (y, new_state). dt is prepared (and
+    clamped to dt_limit) exactly as ssd_chunked prepares it."""
     if backend_for(x) == "triton" and not _needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         from kernels.ssd.step import ssd_step_triton
-        return ssd_step_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return ssd_step_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return ssd_step_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    return ssd_step_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
 
 
 def causal_conv1d(x, weight, bias=None, activation="silu"):

@@ -8,7 +8,9 @@ config.json (NemotronH, Mamba2 or Bamba: --arch auto picks the first that expres
 model, see model/hf.py), safetensors weights, generation_config.json, and the tokenizer as
 tokenizer.json (a fast tokenizer built from the sentencepiece model) with tokenizer.model
 beside it. The checkpoint is read shard by shard (parallel/consolidate.py), whatever its
-parallel layout; structured MLPs are pre-merged into dense weights.
+parallel layout; structured MLPs are pre-merged into dense weights. A checkpoint of the
+self-guided phase is written as the model training evaluates at that step: each dense path W and
+structure S frozen into a W + (1 - a) S with the step's a (a note names the step and a).
 """
 from __future__ import annotations
 
@@ -60,20 +62,57 @@ def dense_mlp_config(cfg):
     return dataclasses.replace(cfg, mlp=mlp)
 
 
+def self_guided_alpha(ckpt: Path, state: dict) -> float | None:
+    """The self-guided a that training's evaluation used at this checkpoint (the schedule's value
+    for its step's forward, saved in the manifest under self_guided); None when the checkpoint
+    holds no dense paths (no self-guided training, or the guided phase ended before it)."""
+    if not any(name.endswith(".guide") for name in state):
+        return None
+    from parallel.checkpoint import read_manifest
+    from parallel.consolidate import CheckpointError
+
+    saved = read_manifest(ckpt).get("self_guided")
+    if saved is None:
+        raise CheckpointError(f"{ckpt} holds self-guided dense paths but its manifest has no self_guided state "
+                              "(the mixing coefficient a); it was not written by strata train")
+    return float(saved["alpha"])
+
+
+def guided_note(ckpt: Path, alpha: float | None, what: str) -> str | None:
+    if alpha is None:
+        return None
+    return (f"{ckpt.name} is in the self-guided phase: {what} a W + (1 - a) S with a = {alpha:.6g}, "
+            "as training evaluates this step")
+
+
+def set_guide_alpha(model, alpha: float | None, state: dict) -> None:
+    """Structured linears of `model` (not yet loaded) made to compute what training evaluates at the
+    checkpoint `state`: its dense paths mixed in at `alpha`, or dropped where it has none."""
+    from model.structured import StructuredLinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, StructuredLinear):
+            if f"{name}.guide" not in state:
+                module.drop_guide()  # the guided phase ended before this checkpoint
+            else:
+                module.guide_alpha = alpha
+
+
 @torch.no_grad()
-def premerge_structured(state: dict, cfg) -> tuple[dict, object]:
+def premerge_structured(state: dict, cfg, alpha: float | None = None) -> tuple[dict, object]:
     """Structured MLP linears replaced by their exact dense weights (built on the meta device,
-    the checkpoint's tensors assigned in place: no second copy of the model)."""
+    the checkpoint's tensors assigned in place: no second copy of the model); dense paths of the
+    self-guided phase still in `state` folded in at `alpha` (self_guided_alpha)."""
     if cfg.mlp.structure == "dense":
         return state, cfg
     from model.hybrid import HybridLM
-    from model.structured import StructuredLinear, to_dense
+    from model.structured import to_dense
 
+    if alpha is None and any(name.endswith(".guide") for name in state):
+        raise ValueError("the checkpoint holds self-guided dense paths: give the a they are mixed in at")
     with torch.device("meta"):
         model = HybridLM(cfg)
-    for name, module in model.named_modules():
-        if isinstance(module, StructuredLinear) and f"{name}.guide" not in state:
-            module.drop_guide()  # the guided phase ended before this checkpoint
+    set_guide_alpha(model, alpha, state)
     model.load_state_dict(state, assign=True)
     to_dense(model)
     return model.state_dict(), dense_mlp_config(cfg)
@@ -154,8 +193,9 @@ def write_tokenizer(sp_model: Path, out: Path, max_len: int) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto", dtype: str = "float32",
-                      tokenizer: str | None = None, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> tuple[Path, str]:
-    """Write the HF directory; returns (out, the arch written)."""
+                      tokenizer: str | None = None,
+                      max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> tuple[Path, str, str | None]:
+    """Write the HF directory; returns (out, the arch written, a note for the user or None)."""
     import sentencepiece as spm
 
     from launcher.config import load_run_config
@@ -169,7 +209,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     cfg = load_run_config(ckpt)
     arch = hf.choose_arch(dense_mlp_config(cfg.model), arch)  # refuse before reading any weights
     sp_model = find_tokenizer(ckpt, tokenizer)
-    state, model_cfg = premerge_structured(consolidate(ckpt, cfg.model), cfg.model)
+    state = consolidate(ckpt, cfg.model)
+    alpha = self_guided_alpha(ckpt, state)
+    state, model_cfg = premerge_structured(state, cfg.model, alpha)
     tensors = {k: v.to(DTYPES[dtype]) for k, v in hf.to_hf_state_dict(state, model_cfg, arch).items()}
     del state
     sp = spm.SentencePieceProcessor()
@@ -188,7 +230,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     if out.exists():
         out.rmdir()
     tmp.replace(out)
-    return out, arch
+    return out, arch, guided_note(ckpt, alpha, "exported the dense weights")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,11 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     from data import DataError
 
     try:
-        out, arch = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,
-                                      int(args.max_shard_gb * 2**30))
+        out, arch, note = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,
+                                            int(args.max_shard_gb * 2**30))
     except (ImportError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     print(f"exported {args.checkpoint} as {hf.ARCHITECTURES[arch]} to {out}")
     return 0
 

@@ -6,7 +6,8 @@
 Greedy by default. --temperature T > 0 samples; --top-k / --top-p sample too, at temperature 1
 unless --temperature says otherwise (with --temperature 0 they are ignored, and say so). A draw is
 reproducible by --seed: the same seed, the same text. Stops at EOS, after --max-new-tokens, or at
-the model's max_seq_len. Prints the prompt followed by the generated text.
+the model's max_seq_len. Prints the prompt followed by the generated text. A prompt longer than
+--prefill-chunk tokens goes through the model in pieces that continue from the caches.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from model.generate import PromptTooLong, Sampling, generate
+from model.generate import DEFAULT_PREFILL_CHUNK, PromptTooLong, Sampling, generate
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,6 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling draws (default 0)")
     p.add_argument("--tokenizer", default=None,
                    help="sentencepiece .model, for a run without its copy (default: <run_dir>/tokenizer.model)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=">= 1; a longer prompt goes through the model this many tokens at a time "
+                        f"(chunked prefill: same logits, bounded memory; default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
     return imply_sampling(p.parse_args(argv))
 
@@ -56,24 +60,25 @@ def imply_sampling(args: argparse.Namespace) -> argparse.Namespace:
 @torch.no_grad()
 def load_model(ckpt, cfg, device: torch.device):
     """HybridLM with the checkpoint's weights (built on the meta device, weights assigned:
-    one copy of the model in memory)."""
+    one copy of the model in memory), computing what training evaluates at that step: in the
+    self-guided phase, each structured linear's dense path mixed in at the step's a."""
+    from launcher.export import self_guided_alpha, set_guide_alpha
     from model.hybrid import HybridLM
-    from model.structured import StructuredLinear
     from parallel.consolidate import consolidate
 
     # fp32 like training's master weights, whatever dtype an imported checkpoint was stored in
     state = {k: v.float() if v.is_floating_point() else v for k, v in consolidate(ckpt, cfg.model).items()}
     with torch.device("meta"):
         model = HybridLM(cfg.model)
-    for name, module in model.named_modules():
-        if isinstance(module, StructuredLinear) and f"{name}.guide" not in state:
-            module.drop_guide()  # the self-guided phase ended before this checkpoint
+    set_guide_alpha(model, self_guided_alpha(ckpt, state), state)
     model.load_state_dict(state, assign=True)
     return model.to(device).eval()
 
 
 def flag_problem(args: argparse.Namespace) -> str | None:
-    """The first sampling flag that cannot work (non-finite or out of range), as one line."""
+    """The first flag that cannot work (non-finite or out of range), as one line."""
+    if args.prefill_chunk < 1:
+        return f"--prefill-chunk: must be >= 1, got {args.prefill_chunk}"
     try:
         Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, None, args.seed).validate()
     except ValueError as e:
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from parallel.consolidate import CheckpointError
     from launcher.config import load_run_config
     from parallel.consolidate import resolve_checkpoint
-    from model.structured import premerge_where_faster
+    from launcher.export import guided_note
+    from model.structured import premerge_where_faster, structured_linears
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -109,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                             tokenizer.eos_id, args.seed)
         prompt = tokenizer.encode(args.prompt)
         model = load_model(ckpt, cfg, device)
+        guided = [m.guide_alpha for m in structured_linears(model) if m.guide is not None]
+        if guided:
+            print(f"note: {guided_note(ckpt, guided[0], 'generating with')}", file=sys.stderr)
         premerge_where_faster(model, tokens=1)  # decoding feeds one token a step; measured, not assumed
         start = time.perf_counter()
-        out = generate(model, prompt, sampling, allowed_vocab=tokenizer.vocab_size)  # never a padded id
+        out = generate(model, prompt, sampling, allowed_vocab=tokenizer.vocab_size,  # never a padded id
+                       prefill_chunk=args.prefill_chunk)
     except (CheckpointError, DataError, PromptTooLong, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

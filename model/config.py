@@ -28,6 +28,10 @@ class MambaConfig:
     """Upper end of the log-uniform draw of the initial dt."""
     dt_init_floor: float = 1e-4
     """Smallest initial dt after the draw."""
+    dt_limit: list[float] = field(default_factory=lambda: [0.0, math.inf])
+    """[low, high]: every dt = softplus(dt + dt_bias) is clamped to it, in training, prompts and
+    decoding alike (mamba_ssm's dt_limit, transformers' time_step_limit; NemotronH's is
+    [time_step_min, .inf]). [0.0, .inf] clamps nothing."""
     A_init_min: float = 1.0
     """Lower end of the uniform draw of -A at init (A = -exp(A_log))."""
     A_init_max: float = 16.0
@@ -48,6 +52,9 @@ class MambaConfig:
                              f"try ngroups={_nearest_divisor(nheads, self.ngroups)}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"dt_min: need 0 < dt_min <= dt_max, got {self.dt_min} and {self.dt_max}")
+        if len(self.dt_limit) != 2 or not 0 <= self.dt_limit[0] < self.dt_limit[1]:
+            raise ValueError(f"dt_limit: need [low, high] with 0 <= low < high (high may be .inf), "
+                             f"got {self.dt_limit}")
         if not 0 < self.A_init_min <= self.A_init_max:
             raise ValueError(f"A_init_min: need 0 < A_init_min <= A_init_max, got {self.A_init_min}, {self.A_init_max}")
         for name in ("d_state", "d_conv", "chunk_size"):
@@ -292,6 +299,11 @@ class ModelConfig:
     """Share the input embedding with the LM head."""
     init_std: float = 0.02
     """Std of the normal init of embeddings and linears; residual output projections get init_std/sqrt(2*n_blocks)."""
+    residual_in_fp32: bool = False
+    """Keep the residual stream in fp32 whatever the weights' dtype (mamba_ssm's and transformers'
+    residual_in_fp32): each block adds its output to an fp32 residual and reads it in the weights'
+    dtype. Training (fp32 weights under bf16 autocast) keeps an fp32 stream either way; this
+    matters for a model whose weights are bf16 or fp16."""
     mamba: MambaConfig = field(default_factory=MambaConfig)
     """Mamba2 mixer settings (for 'M' blocks)."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)

@@ -3,8 +3,10 @@
     out = generate(model, prompt_ids, Sampling(max_new_tokens=64, temperature=0.8, top_p=0.95, eos_id=3))
     out.tokens  # (batch, prompt + generated)
 
-The prompt goes through the chunked path once (filling each Mamba2 block's conv and SSM
-states and each attention block's KV cache); every new token then takes one step of the
+The prompt goes through the chunked path (filling each Mamba2 block's conv and SSM states
+and each attention block's KV cache), in pieces of at most `prefill_chunk` tokens, each
+continuing from the caches the previous one left (chunked prefill: the same logits as one
+piece, with activations bounded by the piece); every new token then takes one step of the
 recurrence. Greedy when temperature is 0; otherwise temperature, then top-k, then top-p
 (nucleus) filtering, then a draw from a seeded generator.
 """
@@ -14,6 +16,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+
+DEFAULT_PREFILL_CHUNK = 2048
+"""Prompt tokens per forward of chunked prefill (a multiple of every usual SSD chunk size)."""
 
 
 class PromptTooLong(ValueError):
@@ -105,6 +111,17 @@ def last_logits(model, ids: torch.Tensor, caches: list) -> torch.Tensor:
     return torch.nn.functional.linear(hidden, model.head_weight).float()
 
 
+def prefill(model, prompt: torch.Tensor, caches: list, chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """Feed `prompt` (batch, len) into `caches` in pieces of at most `chunk` tokens; returns the
+    last position's logits, as last_logits of the whole prompt at once."""
+    if chunk < 1:
+        raise ValueError(f"prefill_chunk: must be >= 1, got {chunk}")
+    *pieces, last = prompt.split(chunk, dim=1)
+    for piece in pieces:
+        model.hidden_states(piece, caches=caches)
+    return last_logits(model, last, caches)
+
+
 def mask_past_vocab(logits: torch.Tensor, allowed_vocab: int | None) -> torch.Tensor:
     """Logits with ids >= allowed_vocab set to -inf: a model's vocabulary padded past its
     tokenizer's (e.g. to a multiple for TP) has rows no tokenizer can decode."""
@@ -116,13 +133,17 @@ def mask_past_vocab(logits: torch.Tensor, allowed_vocab: int | None) -> torch.Te
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor | list[int], sampling: Sampling | None = None,
-             keep_logits: bool = False, allowed_vocab: int | None = None) -> Generation:
+             keep_logits: bool = False, allowed_vocab: int | None = None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Generation:
     """Generate after `prompt` ((batch, len) ids or one list of ids) with `model` (a HybridLM).
 
     allowed_vocab: ids >= it are never chosen, greedy or sampled (pass the tokenizer's vocabulary
-    size when the model's is padded past it); None allows every id of the model."""
+    size when the model's is padded past it); None allows every id of the model.
+    prefill_chunk: the prompt goes through the model this many tokens at a time (chunked prefill)."""
     sampling = sampling or Sampling()
     sampling.validate()
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
     if allowed_vocab is not None and allowed_vocab < 1:
         raise ValueError(f"allowed_vocab: must be >= 1, got {allowed_vocab}")
     param = next(model.parameters())
@@ -141,7 +162,7 @@ def generate(model, prompt: torch.Tensor | list[int], sampling: Sampling | None 
     caches = model.allocate_caches(batch, prompt_len + budget, device=param.device, dtype=param.dtype)
     tokens, step_logits = [prompt], []
     finished = torch.zeros(batch, dtype=torch.bool, device=param.device)
-    logits = last_logits(model, prompt, caches)
+    logits = prefill(model, prompt, caches, prefill_chunk)
     stopped = "max_new_tokens" if budget == sampling.max_new_tokens else "max_seq_len"
     for step in range(budget):
         if keep_logits:

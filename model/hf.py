@@ -17,17 +17,21 @@ Details checked against transformers' modeling files and matched exactly:
   norm included (layer_norm_epsilon / rms_norm_eps); the gated norm is
   rmsnorm(y * silu(z)) over groups of d_inner / ngroups channels (norm_before_gate=False);
 - in_proj's output layout is [z, xBC, dt], xBC = [x, B, C], conv over xBC with bias;
-- Mamba2 is token-for-token mamba_ssm: dt = softplus(dt + dt_bias), A = -exp(A_log), D skip;
-  HF Mamba2 and Bamba clamp dt to time_step_limit, written as (0, inf) (no clamp, as ours);
-  HF NemotronH clamps dt >= time_step_min in its chunked path only (not when decoding), so we
-  write time_step_min = 1e-30: no clamp in effect, and log(time_step_min), which HF's init
-  of dt_bias takes, stays finite;
+- Mamba2 is token-for-token mamba_ssm: dt = clamp(softplus(dt + dt_bias), *dt_limit),
+  A = -exp(A_log), D skip. dt_limit is HF Mamba2's and Bamba's time_step_limit; HF NemotronH
+  clamps to [time_step_min, inf] and ignores its time_step_limit (imported with a note, exported
+  as (0, inf)); a model without a lower limit is written time_step_min = 1e-30, which clamps
+  nothing and keeps log(time_step_min), which HF's init of dt_bias takes, finite. transformers
+  and mamba_ssm clamp in their chunked (prompt) path but not in their one-token decoding step;
+  Strata clamps on every path, so that its decoding equals its own (and their) full forward;
 - RoPE is the rotate-half (GPT-NeoX / Llama) convention; Bamba hardcodes
   partial_rotary_factor = 0.5 unless rope_parameters says otherwise: we write 1.0;
 - HF NemotronH never ties lm_head to the embedding (its _tied_weights_keys is empty):
   a tied model is written with lm_head a copy and tie_word_embeddings = true as a note;
 - Bamba's attention_bias puts a bias on o_proj too: exported as zeros, imported only if zero;
-- residual_in_fp32 = false: Strata keeps the residual stream in the model's dtype;
+- residual_in_fp32 (Mamba2, NemotronH) is model.residual_in_fp32 (transformers' NemotronH reads
+  but ignores it; NVIDIA's NemotronH code and mamba_ssm keep the stream in fp32 as Strata does);
+  Bamba has none, so a model with it cannot be written as Bamba;
 - NemotronH weights are named "backbone.*" on disk (transformers renames them to "model.*"
   in memory and back when saving); both are read.
 """
@@ -58,6 +62,11 @@ def unsupported_features(cfg: ModelConfig, arch: str) -> list[str]:
     """The features of `cfg` that `arch` cannot express, each as a short phrase; [] if none."""
     has_attn, has_mlp = "*" in cfg.pattern, "-" in cfg.pattern
     problems = []
+    if arch == "nemotron_h" and "M" in cfg.pattern and math.isfinite(cfg.mamba.dt_limit[1]):
+        problems.append(f"mamba.dt_limit={cfg.mamba.dt_limit} has an upper bound (NemotronH clamps dt "
+                        "from below only)")
+    if arch == "bamba" and cfg.residual_in_fp32:
+        problems.append("residual_in_fp32=true (Bamba keeps the residual stream in the weights' dtype)")
     if arch == "nemotron_h":
         if has_attn and cfg.attention.rope:
             problems.append("RoPE on attention (attention.rope=true; NemotronH attention has none)")
@@ -122,29 +131,31 @@ def hf_config_kwargs(cfg: ModelConfig, arch: str, special_ids: dict | None = Non
             intermediate_size=cfg.mlp.resolved_d_ff(cfg.d_model), mlp_hidden_act="relu2", mlp_bias=cfg.mlp.bias,
             ssm_state_size=m.d_state, mamba_num_heads=_mamba_nheads(cfg), mamba_head_dim=m.headdim,
             n_groups=m.ngroups, conv_kernel=m.d_conv, expand=m.expand, chunk_size=m.chunk_size,
-            time_step_min=NO_CLAMP_TIME_STEP_MIN, time_step_max=m.dt_max, time_step_floor=m.dt_init_floor,
+            time_step_min=m.dt_limit[0] or NO_CLAMP_TIME_STEP_MIN, time_step_max=m.dt_max,
+            time_step_floor=m.dt_init_floor, time_step_limit=[0.0, math.inf],
             use_conv_bias=m.conv_bias, use_bias=m.proj_bias, mamba_proj_bias=m.proj_bias,
-            layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=False)
+            layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=cfg.residual_in_fp32)
     if arch == "mamba2":
         return dict(
             model_type="mamba2", **common, num_hidden_layers=len(cfg.pattern),
             num_heads=_mamba_nheads(cfg), head_dim=m.headdim, state_size=m.d_state, expand=m.expand,
             conv_kernel=m.d_conv, n_groups=m.ngroups, use_bias=m.proj_bias, use_conv_bias=m.conv_bias,
-            layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=False, time_step_min=m.dt_min,
-            time_step_max=m.dt_max, time_step_floor=m.dt_init_floor, time_step_limit=[0.0, math.inf],
+            layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=cfg.residual_in_fp32, time_step_min=m.dt_min,
+            time_step_max=m.dt_max, time_step_floor=m.dt_init_floor, time_step_limit=list(m.dt_limit),
             chunk_size=m.chunk_size)
     if arch == "bamba":
         return dict(
             model_type="bamba", **common, num_hidden_layers=len(cfg.pattern) // 2,
             attn_layer_indices=[i // 2 for i, c in enumerate(cfg.pattern) if c == "*"],
-            num_attention_heads=a.n_heads, num_key_value_heads=a.resolved_kv_heads(), head_dim=head_dim,
+            num_attention_heads=a.n_heads, num_key_value_heads=a.resolved_kv_heads(),
+            **({"head_dim": a.head_dim} if a.head_dim else {}),  # unset: hidden_size / heads, as Strata's 0
             max_position_embeddings=cfg.max_seq_len, attention_bias=a.qkv_bias,
             rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": 1.0},
             intermediate_size=cfg.mlp.resolved_d_ff(cfg.d_model), hidden_act="silu", mlp_bias=cfg.mlp.bias,
             rms_norm_eps=cfg.norm_eps, mamba_n_heads=_mamba_nheads(cfg), mamba_d_head=m.headdim,
             mamba_n_groups=m.ngroups, mamba_d_state=m.d_state, mamba_d_conv=m.d_conv, mamba_expand=m.expand,
             mamba_chunk_size=m.chunk_size, mamba_conv_bias=m.conv_bias, mamba_proj_bias=m.proj_bias,
-            time_step_limit=[0.0, math.inf], z_loss_coefficient=0.0)
+            time_step_limit=list(m.dt_limit), z_loss_coefficient=0.0)
     raise ValueError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
 
 
@@ -166,12 +177,15 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, str]:
 
 
 def import_notes(hf) -> list[str]:
-    """What the user should know about an imported model that is expressible but not bit-identical."""
+    """What the user should know about an imported model: settings its transformers class ignores,
+    which Strata does not keep either (an export writes their defaults)."""
     notes = []
-    t_min = getattr(hf, "time_step_min", 0.0) or 0.0
-    if getattr(hf, "model_type", None) == "nemotron_h" and t_min > NO_CLAMP_TIME_STEP_MIN:
-        notes.append(f"transformers' NemotronH clamps dt >= time_step_min={t_min:g} when it processes a prompt "
-                     "(not when decoding); Strata never clamps, so logits differ wherever dt falls below it")
+    if getattr(hf, "model_type", None) == "nemotron_h":
+        limit = list(getattr(hf, "time_step_limit", None) or (0.0, math.inf))
+        if limit != [0.0, math.inf]:
+            notes.append(f"time_step_limit={limit} is not used by transformers' NemotronH, which clamps dt to "
+                         f"[time_step_min, inf] = [{hf.time_step_min:g}, inf]; Strata does the same, and an export "
+                         "writes time_step_limit=[0, inf]")
     return notes
 
 
@@ -188,14 +202,24 @@ def _expand(hf, arch: str, d_inner: int) -> int:
 
 
 def _mamba_from(hf, arch, d_state, headdim, nheads, ngroups, d_conv, conv_bias, proj_bias, chunk) -> MambaConfig:
-    limit = tuple(getattr(hf, "time_step_limit", None) or (0.0, math.inf))
-    _require(limit[0] <= 0 and math.isinf(limit[1]),
-             f"{arch}: time_step_limit={list(limit)} clamps dt; Strata's Mamba2 does not (mamba_ssm's default)")
     return MambaConfig(d_state=d_state, d_conv=d_conv, expand=_expand(hf, arch, nheads * headdim), headdim=headdim,
                        ngroups=ngroups, chunk_size=chunk, conv_bias=conv_bias, proj_bias=proj_bias,
                        dt_min=_init_dt_min(hf),
                        dt_max=getattr(hf, "time_step_max", MambaConfig.dt_max),
-                       dt_init_floor=getattr(hf, "time_step_floor", MambaConfig.dt_init_floor))
+                       dt_init_floor=getattr(hf, "time_step_floor", MambaConfig.dt_init_floor),
+                       dt_limit=_dt_limit(hf, arch))
+
+
+def _dt_limit(hf, arch: str) -> list[float]:
+    """The clamp the transformers class applies to dt: NemotronH's [time_step_min, inf] (a
+    time_step_min at or below the no-clamp marker clamps nothing), the others' time_step_limit."""
+    if arch == "nemotron_h":
+        t_min = getattr(hf, "time_step_min", 0.0) or 0.0
+        return [float(t_min) if t_min > NO_CLAMP_TIME_STEP_MIN else 0.0, math.inf]
+    limit = [float(v) for v in (getattr(hf, "time_step_limit", None) or (0.0, math.inf))]
+    _require(len(limit) == 2 and 0 <= limit[0] < limit[1],
+             f"{arch}: time_step_limit={limit} is not [low, high] with 0 <= low < high")
+    return limit
 
 
 def _init_dt_min(hf) -> float:
@@ -224,7 +248,7 @@ def _from_nemotron_h(hf) -> ModelConfig:
     return ModelConfig(
         pattern=pattern, d_model=hf.hidden_size, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
         norm_eps=hf.layer_norm_epsilon, tie_embeddings=bool(hf.tie_word_embeddings),
-        init_std=hf.initializer_range, mamba=mamba,
+        init_std=hf.initializer_range, residual_in_fp32=bool(getattr(hf, "residual_in_fp32", False)), mamba=mamba,
         attention=AttentionConfig(n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
                                   head_dim=head_dim, rope=False, qkv_bias=False),
         mlp=MLPConfig(d_ff=hf.intermediate_size, activation="relu2", bias=hf.mlp_bias))
@@ -236,7 +260,7 @@ def _from_mamba2(hf) -> ModelConfig:
                         hf.use_conv_bias, hf.use_bias, hf.chunk_size)
     return ModelConfig(pattern="M" * hf.num_hidden_layers, d_model=hf.hidden_size, vocab_size=hf.vocab_size,
                        norm_eps=hf.layer_norm_epsilon, tie_embeddings=bool(hf.tie_word_embeddings),
-                       init_std=hf.initializer_range, mamba=mamba)
+                       init_std=hf.initializer_range, residual_in_fp32=bool(hf.residual_in_fp32), mamba=mamba)
 
 
 def _from_bamba(hf) -> ModelConfig:
@@ -250,6 +274,8 @@ def _from_bamba(hf) -> ModelConfig:
                         hf.mamba_d_conv, hf.mamba_conv_bias, hf.mamba_proj_bias, hf.mamba_chunk_size)
     pattern = "".join("*-" if t == "full_attention" else "M-" for t in hf.layers_block_type)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if not getattr(hf, "head_dim", None) and hf.hidden_size % hf.num_attention_heads == 0:
+        head_dim = 0  # unset (hidden_size / heads) is Strata's 0, and an export leaves it unset again
     return ModelConfig(
         pattern=pattern, d_model=hf.hidden_size, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
         norm_eps=hf.rms_norm_eps, tie_embeddings=bool(hf.tie_word_embeddings), init_std=hf.initializer_range,

@@ -26,6 +26,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.layer_idx = layer_idx
+        self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if kind == "M":
             self.mixer = Mamba2Mixer(cfg.mamba, cfg.d_model, cfg.norm_eps)
@@ -35,14 +36,16 @@ class Block(nn.Module):
             self.mixer = MLP(cfg.mlp, cfg.d_model, layer_idx, first_mlp=layer_idx == cfg.pattern.index("-"))
 
     def forward(self, x, position_ids=None, cache=None):
-        h = self.norm(x)
+        # residual_in_fp32: the sum in fp32, the norm reading x in the weights' dtype (as mamba_ssm)
+        residual = x.to(torch.promote_types(x.dtype, torch.float32)) if self.residual_in_fp32 else x
+        h = self.norm(x.to(self.norm.weight.dtype))
         if self.kind == "M":
             h = self.mixer(h, cache=cache)
         elif self.kind == "*":
             h = self.mixer(h, position_ids=position_ids, cache=cache)
         else:
             h = self.mixer(h)
-        return x + h
+        return residual + h
 
     def allocate_cache(self, batch_size, max_len, device=None, dtype=None):
         if self.kind == "M":
@@ -92,7 +95,7 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, position_ids=position_ids, cache=None if caches is None else caches[i])
-        return self.final_norm(x)
+        return self.final_norm(x).to(self.final_norm.weight.dtype)  # an fp32 residual back to the weights' dtype
 
     def forward(self, input_ids, labels=None, position_ids=None, caches=None):
         """Returns the mean loss over labels != -100 when labels are given, else the logits (b, l, vocab)."""

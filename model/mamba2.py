@@ -3,7 +3,9 @@
 in_proj -> (z, xBC, dt); causal depthwise conv + SiLU on xBC; SSD scan with
 A = -exp(A_log), dt = softplus(dt + dt_bias) and the D skip; gated grouped RMSNorm
 with z; out_proj. Training and prompts use the chunked scan; decoding one token
-uses the recurrence, with the conv and SSM states kept in a `MambaCache`.
+uses the recurrence, with the conv and SSM states kept in a `MambaCache`. Any number of
+tokens continues from a cache (the scan starts from its state), and every path clamps dt
+to cfg.dt_limit the same way.
 """
 from __future__ import annotations
 
@@ -61,6 +63,22 @@ class Mamba2Mixer(nn.Module):
     def conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight[:, 0, :]
 
+    @property
+    def dt_limit(self) -> tuple[float, float]:
+        """(low, high) that every path (chunked scan, recurrence, Triton) clamps dt to."""
+        return tuple(self.cfg.dt_limit)
+
+    def conv(self, xbc_in: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
+        """Causal conv + SiLU over xbc_in (b, l, conv_dim). With a cache, the tokens continue the
+        cached ones: the conv reads the cache's last inputs before them, and the cache keeps the
+        last d_conv inputs after them (a fresh cache holds zeros: the conv's own padding)."""
+        if cache is None:
+            return ops.causal_conv1d(xbc_in, self.conv_weight, self.conv1d.bias, activation="silu")
+        width = self.cfg.d_conv
+        seen = torch.cat([cache.conv_state[..., 1:].transpose(1, 2).to(xbc_in.dtype), xbc_in], dim=1)
+        cache.conv_state.copy_(conv_state_from_inputs(seen, width))
+        return ops.causal_conv1d(seen, self.conv_weight, self.conv1d.bias, activation="silu")[:, width - 1:]
+
     def split_projection(self, zxbcdt: torch.Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
@@ -72,19 +90,21 @@ class Mamba2Mixer(nn.Module):
                 C.reshape(*lead, self.cfg.ngroups, self.cfg.d_state))
 
     def forward(self, u: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
-        """u (b, l, d_model). With a cache: l == 1 steps the recurrence, l > 1 fills the cache from a prompt."""
+        """u (b, l, d_model). With a cache, u continues the cached tokens: l == 1 steps the recurrence,
+        l > 1 runs the chunked scan from the cached conv inputs and SSM state (a prompt, or a piece
+        of one: chunked prefill), and the cache is left holding the state after u."""
         if cache is not None and u.shape[1] == 1:
             return self.step(u, cache)
         z, xbc_in, dt = self.split_projection(self.in_proj(u))
-        xbc = ops.causal_conv1d(xbc_in, self.conv_weight, self.conv1d.bias, activation="silu")
+        xbc = self.conv(xbc_in, cache)
         x, B, C = self.split_xbc(xbc)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
         y = ops.ssd_chunked(x, dt, A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
-                            dt_softplus=True, return_final_states=cache is not None)
+                            dt_softplus=True, initial_states=None if cache is None else cache.ssm_state,
+                            return_final_states=cache is not None, dt_limit=self.dt_limit)
         if cache is not None:
             y, final_state = y
             cache.ssm_state.copy_(final_state)
-            cache.conv_state.copy_(conv_state_from_inputs(xbc_in, self.cfg.d_conv))
         y = y.reshape(*y.shape[:2], self.d_inner)
         return self.out_proj(self.norm(y, z))
 
@@ -95,7 +115,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = self.split_xbc(xbc)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
         y, cache.ssm_state = ops.ssd_step(cache.ssm_state, x, dt, A, B, C, D=self.D,
-                                          dt_bias=self.dt_bias, dt_softplus=True)
+                                          dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         y = y.reshape(y.shape[0], 1, self.d_inner)
         return self.out_proj(self.norm(y, z[:, None]))
 

@@ -55,6 +55,15 @@ class StructuredLinear(nn.Module):
         eye = torch.eye(self.in_features, device=self.factor_device(), dtype=self.factor_dtype())
         return self.structured_forward(eye).t().contiguous()
 
+    @torch.no_grad()
+    def eval_weight(self) -> torch.Tensor:
+        """The M x N matrix of what this linear computes in evaluation: the structure's, mixed with
+        the self-guided dense path while there is one, a W + (1 - a) S (exact: both are linear)."""
+        if self.guide is None:
+            return self.dense_weight()
+        a = self.guide_alpha
+        return a * self.guide + (1.0 - a) * self.dense_weight()
+
     # -- shared behaviour -----------------------------------------------------------------
     def factor_device(self) -> torch.device:
         return next(p for n, p in self.named_parameters() if n not in ("bias", "guide")).device
@@ -88,7 +97,7 @@ class StructuredLinear(nn.Module):
     def merge(self, max_rows: float = math.inf) -> None:
         """Compute inputs of at most `max_rows` rows (tokens) through one dense matmul from
         now on; larger ones (a prompt) keep the structured path. Inference only; not saved."""
-        self.merged = self.dense_weight()
+        self.merged = self.eval_weight()
         self.merged_max_rows = max_rows
 
     def unmerge(self) -> None:
@@ -211,14 +220,15 @@ def structured_linears(model: nn.Module) -> list[StructuredLinear]:
 @torch.no_grad()
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every structured linear by an nn.Linear holding its exact dense equivalent
-    (export: the result loads as a dense-MLP model). The guided dense path, if still there,
-    is not part of the function the model computes at a = 0 and is discarded."""
+    (export: the result loads as a dense-MLP model computing what the model computes in
+    evaluation). A self-guided dense path still there is folded in at the linear's guide_alpha:
+    a W + (1 - a) S (set guide_alpha first; model/guidance.py)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, StructuredLinear):
                 dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                   device=child.factor_device(), dtype=child.factor_dtype())
-                dense.weight.copy_(child.dense_weight())
+                dense.weight.copy_(child.eval_weight())
                 if child.bias is not None:
                     dense.bias.copy_(child.bias)
                 setattr(parent, name, dense)

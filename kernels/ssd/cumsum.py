@@ -1,5 +1,9 @@
 """SSD step 1: dt preparation and the within-chunk cumulative sum of dt * A, and its backward.
 
+dt = clamp(softplus(dt + dt_bias), dt_min, dt_max) as in the reference (kernels/ssd/reference.py,
+prepare_dt); the clamp is compiled in only when dt_limit limits anything (HAS_LIMIT), and a
+clamped dt passes no gradient (as torch.clamp and mamba_ssm's kernel).
+
 Layout of the outputs: (b, h, c, chunk_size) fp32, contiguous. Positions past the
 end of the sequence hold dt = 0 (they add nothing and decay nothing), so the
 cumsum there stays at the chunk's last real value.
@@ -10,15 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.ssd.reference import NO_DT_LIMIT, clamps_dt
 from kernels.triton_utils import next_pow2, sigmoid, softplus
 
 
 @triton.jit
 def _chunk_cumsum_fwd_kernel(
     dt_ptr, A_ptr, bias_ptr, dt_out_ptr, dA_cs_ptr,
-    seqlen, nheads, nchunks, chunk_size,
+    seqlen, nheads, nchunks, chunk_size, dt_min, dt_max,
     s_dt_b, s_dt_l, s_dt_h,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b, pid_c, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -34,6 +39,8 @@ def _chunk_cumsum_fwd_kernel(
         dt += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[:, None]
     if SOFTPLUS:
         dt = softplus(dt)
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     dt = tl.where(mask, dt, 0.0)
     A = tl.load(A_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     dA_cs = tl.cumsum(dt * A[:, None], axis=1)
@@ -47,9 +54,9 @@ def _chunk_cumsum_fwd_kernel(
 def _chunk_cumsum_bwd_kernel(
     dt_ptr, A_ptr, bias_ptr, dt_proc_ptr, ddt_in_ptr, dda_ptr, ddaL_ptr,
     ddt_ptr, dA_part_ptr, dbias_part_ptr,
-    seqlen, nheads, nchunks, chunk_size,
+    seqlen, nheads, nchunks, chunk_size, dt_min, dt_max,
     s_dt_b, s_dt_l, s_dt_h, s_ddt_b, s_ddt_l, s_ddt_h,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """dda: gradient w.r.t. the cumsum values (b, h, c, L); ddaL: the extra gradient
@@ -74,12 +81,16 @@ def _chunk_cumsum_bwd_kernel(
     ddt = tl.load(ddt_in_ptr + inner, mask=imask, other=0.0) + ddA * A[:, None]
     ddt = tl.where(mask, ddt, 0.0)
     dA_part = tl.sum(ddA * dt_proc, axis=1)
-    if SOFTPLUS:
+    if SOFTPLUS or HAS_LIMIT:
         raw = tl.load(dt_ptr + pid_b * s_dt_b + pos[None, :] * s_dt_l + offs_h[:, None] * s_dt_h,
                       mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[:, None]
-        ddt = ddt * sigmoid(raw)
+        if HAS_LIMIT:
+            unclamped = softplus(raw) if SOFTPLUS else raw
+            ddt = tl.where((unclamped < dt_min) | (unclamped > dt_max), 0.0, ddt)
+        if SOFTPLUS:
+            ddt = ddt * sigmoid(raw)
     tl.store(ddt_ptr + pid_b * s_ddt_b + pos[None, :] * s_ddt_l + offs_h[:, None] * s_ddt_h,
              ddt, mask=mask)
     part = (pid_b * nchunks + pid_c) * nheads + offs_h
@@ -91,7 +102,7 @@ def _block_h(nheads: int, block_l: int) -> int:
     return max(1, min(triton.next_power_of_2(nheads), 4096 // block_l))
 
 
-def chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, chunk_size):
+def chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, chunk_size, dt_limit=NO_DT_LIMIT):
     """dt (b, l, h) -> (dt_proc, dA_cumsum), each (b, h, c, chunk_size) fp32."""
     bsz, seqlen, nheads = dt.shape
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -102,13 +113,14 @@ def chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, chunk_size):
     grid = (bsz, nchunks, triton.cdiv(nheads, block_h))
     _chunk_cumsum_fwd_kernel[grid](
         dt, A, dt_bias if dt_bias is not None else A, dt_out, dA_cs,
-        seqlen, nheads, nchunks, chunk_size, *dt.stride(),
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, BLOCK_H=block_h, BLOCK_L=block_l,
+        seqlen, nheads, nchunks, chunk_size, float(dt_limit[0]), float(dt_limit[1]), *dt.stride(),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=clamps_dt(dt_limit),
+        BLOCK_H=block_h, BLOCK_L=block_l,
     )
     return dt_out, dA_cs
 
 
-def chunk_cumsum_bwd(dt, A, dt_bias, dt_softplus, dt_proc, ddt_in, dda, ddaL):
+def chunk_cumsum_bwd(dt, A, dt_bias, dt_softplus, dt_proc, ddt_in, dda, ddaL, dt_limit=NO_DT_LIMIT):
     """Returns (ddt (b, l, h) in dt's dtype, dA (h,) fp32, ddt_bias (h,) fp32 or None)."""
     bsz, seqlen, nheads = dt.shape
     _, _, nchunks, chunk_size = dt_proc.shape
@@ -121,8 +133,10 @@ def chunk_cumsum_bwd(dt, A, dt_bias, dt_softplus, dt_proc, ddt_in, dda, ddaL):
     _chunk_cumsum_bwd_kernel[grid](
         dt, A, dt_bias if dt_bias is not None else A, dt_proc, ddt_in, dda, ddaL,
         ddt, dA_part, dbias_part,
-        seqlen, nheads, nchunks, chunk_size, *dt.stride(), *ddt.stride(),
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, BLOCK_H=block_h, BLOCK_L=block_l,
+        seqlen, nheads, nchunks, chunk_size, float(dt_limit[0]), float(dt_limit[1]),
+        *dt.stride(), *ddt.stride(),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=clamps_dt(dt_limit),
+        BLOCK_H=block_h, BLOCK_L=block_l,
     )
     dbias = dbias_part.sum((0, 1)) if dt_bias is not None else None
     return ddt, dA_part.sum((0, 1)), dbias

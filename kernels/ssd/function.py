@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.ssd.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
+from kernels.ssd.reference import NO_DT_LIMIT
 from kernels.ssd.scan import bmm_fwd, scan_fwd
 from kernels.ssd.scan_bwd import dbc_bwd, dcb_bwd, dx_bwd
 from kernels.ssd.state import state_bwd, state_fwd
@@ -46,17 +47,18 @@ def _gate_bwd(dout, y, z, dy_dtype):
 
 class SSDChunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states, return_final_states):
+    def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states, return_final_states,
+                dt_limit):
         B_dtype, C_dtype = B.dtype, C.dtype
         x, dt, z = contiguous_last(x), contiguous_last(dt), contiguous_last(z)
         B, C = contiguous_last(B.to(x.dtype)), contiguous_last(C.to(x.dtype))
         D = D.contiguous() if D is not None else None
-        dt_proc, dA_cs = chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, chunk_size)
+        dt_proc, dA_cs = chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, chunk_size, dt_limit)
         states, final = state_fwd(x, B, dt_proc, dA_cs, initial_states)
         CB = bmm_fwd(C, B, chunk_size)
         out, out_x = scan_fwd(x, C, CB, dt_proc, dA_cs, states, D, z, x.dtype)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_proc, dA_cs, out_x)
-        ctx.dt_softplus, ctx.dtypes = dt_softplus, (B_dtype, C_dtype)
+        ctx.dt_softplus, ctx.dt_limit, ctx.dtypes = dt_softplus, dt_limit, (B_dtype, C_dtype)
         if return_final_states:
             return out, final
         return out
@@ -77,18 +79,18 @@ class SSDChunked(torch.autograd.Function):
         dCB, da_intra = dcb_bwd(x, dy, CB, dt_proc, dA_cs, ngroups)
         dB, dC, da_state, daL_state = dbc_bwd(x, dy, B, C, dCB, dt_proc, dA_cs, states, dS)
         ddt, dA, ddt_bias = chunk_cumsum_bwd(dt, A, dt_bias, ctx.dt_softplus, dt_proc, ddt_direct,
-                                             da_intra + da_state, ddaL_pass + daL_state)
+                                             da_intra + da_state, ddaL_pass + daL_state, ctx.dt_limit)
         B_dtype, C_dtype = ctx.dtypes
         return (dx, ddt, dA.to(A.dtype), dB.to(B_dtype), dC.to(C_dtype), None,
                 None if D is None else dD.to(D.dtype), dz,
                 None if dt_bias is None else ddt_bias.to(dt_bias.dtype), None,
-                None if dinit is None else dinit.to(init.dtype), None)
+                None if dinit is None else dinit.to(init.dtype), None, None)
 
 
 def ssd_chunked_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                       initial_states=None, return_final_states=False):
+                       initial_states=None, return_final_states=False, dt_limit=NO_DT_LIMIT):
     """Same contract as kernels.ssd.reference.ssd_chunked_ref."""
     if x.shape[1] == 0:
         raise ValueError("ssd_chunked: empty sequence")
     return SSDChunked.apply(x, dt, A, B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
-                            initial_states, bool(return_final_states))
+                            initial_states, bool(return_final_states), tuple(map(float, dt_limit)))

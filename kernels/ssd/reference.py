@@ -4,6 +4,10 @@ Shapes follow mamba_ssm's ``mamba_chunk_scan_combined``:
 x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n) with h % g == 0,
 D (h,) or (h, p), z (b, l, h, p), states (b, h, p, n).
 
+dt is prepared once per token, the same way on every path (this reference, the Triton
+scan and step, mamba_ssm's kernels): dt = clamp(softplus(dt + dt_bias), *dt_limit).
+dt_limit = (0, inf), mamba_ssm's default, clamps nothing; a clamped dt passes no gradient.
+
 The chunked algorithm is the one of the Mamba2 paper (ssd_minimal): quadratic
 attention-like form inside each chunk, a linear recurrence over chunk states
 between chunks. Every exponent is of a non-positive number (A < 0, dt > 0), so
@@ -11,8 +15,12 @@ nothing overflows. Accumulation and states are in fp32 whatever the input dtype.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+NO_DT_LIMIT = (0.0, math.inf)
 
 
 def acc(t: torch.Tensor) -> torch.Tensor:
@@ -20,11 +28,19 @@ def acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def prepare_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool) -> torch.Tensor:
+def clamps_dt(dt_limit) -> bool:
+    """Whether dt_limit = (low, high) limits anything: (0, inf) leaves every dt as it is."""
+    return tuple(dt_limit) != NO_DT_LIMIT
+
+
+def prepare_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,
+               dt_limit=NO_DT_LIMIT) -> torch.Tensor:
     dt = acc(dt)
     if dt_bias is not None:
         dt = dt + acc(dt_bias)
-    return F.softplus(dt) if dt_softplus else dt
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return dt.clamp(*dt_limit) if clamps_dt(dt_limit) else dt
 
 
 def expand_groups(t: torch.Tensor, nheads: int) -> torch.Tensor:
@@ -55,10 +71,10 @@ def apply_skip_and_gate(y, x, D, z):
 
 
 def ssd_chunked_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                    initial_states=None, return_final_states=False):
+                    initial_states=None, return_final_states=False, dt_limit=NO_DT_LIMIT):
     bsz, seqlen, nheads, headdim = x.shape
     out_dtype = x.dtype
-    dt = prepare_dt(dt, dt_bias, dt_softplus)
+    dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     pad = (-seqlen) % chunk_size
     # Padding with dt = 0 adds nothing to the state and decays nothing.
     xp = F.pad(acc(x), (0, 0, 0, 0, 0, pad))
@@ -98,13 +114,13 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt
     return (y, final_states) if return_final_states else y
 
 
-def ssd_step_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def ssd_step_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT):
     """One token of the recurrence. state (b, h, p, n) fp32, x (b, h, p), dt (b, h), B, C (b, g, n).
 
     Returns (y (b, h, p), new_state); the caller's state is not modified.
     """
     nheads = x.shape[1]
-    dt = prepare_dt(dt, dt_bias, dt_softplus)
+    dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     Bh, Ch = expand_groups(acc(B), nheads), expand_groups(acc(C), nheads)
     decay = torch.exp(dt * acc(A))[..., None, None]
     new_state = acc(state) * decay + (dt[..., None] * acc(x))[..., None] * Bh[:, :, None, :]
@@ -113,7 +129,8 @@ def ssd_step_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
     return y, new_state
 
 
-def ssd_recurrent_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_states=None):
+def ssd_recurrent_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_states=None,
+                      dt_limit=NO_DT_LIMIT):
     """The token-by-token recurrence over a whole sequence: the ground truth for tests."""
     bsz, seqlen, nheads, headdim = x.shape
     state = initial_states
@@ -122,6 +139,6 @@ def ssd_recurrent_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=
     ys = []
     for t in range(seqlen):
         y, state = ssd_step_ref(state, x[:, t], dt[:, t], A, B[:, t], C[:, t],
-                                D, None if z is None else z[:, t], dt_bias, dt_softplus)
+                                D, None if z is None else z[:, t], dt_bias, dt_softplus, dt_limit)
         ys.append(y)
     return torch.stack(ys, dim=1), state

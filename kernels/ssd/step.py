@@ -2,6 +2,8 @@
 
     state' = exp(dt A) state + dt x B^T,   y = state' C + D x,   y *= silu(z)
 
+with dt = clamp(softplus(dt + dt_bias), *dt_limit), as every SSD path prepares it.
+
 state (b, h, p, n) fp32, x (b, h, p), dt (b, h), B and C (b, g, n). A new state
 tensor is returned; the caller's state is not modified (as in the reference).
 """
@@ -11,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.ssd.reference import NO_DT_LIMIT, clamps_dt
 from kernels.triton_utils import next_pow2, silu, softplus
 
 
@@ -20,9 +23,9 @@ def _step_kernel(
     nheads, headdim, dstate, heads_per_group,
     s_s_b, s_s_h, s_s_p, s_s_n,
     s_x_b, s_x_h, s_x_p, s_dt_b, s_dt_h, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n,
-    s_z_b, s_z_h, s_z_p,
+    s_z_b, s_z_h, s_z_p, dt_min, dt_max,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_p, pid_bh = tl.program_id(0), tl.program_id(1)
     pid_b, pid_h = pid_bh // nheads, pid_bh % nheads
@@ -39,6 +42,8 @@ def _step_kernel(
         dt += tl.load(bias_ptr + pid_h).to(tl.float32)
     if SOFTPLUS:
         dt = softplus(dt)
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     A = tl.load(A_ptr + pid_h).to(tl.float32)
     B = tl.load(B_ptr + pid_b * s_B_b + pid_g * s_B_g + offs_n * s_B_n, mask=mask_n, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + pid_b * s_C_b + pid_g * s_C_g + offs_n * s_C_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -57,7 +62,7 @@ def _step_kernel(
     tl.store(y_ptr + (pid_b * nheads + pid_h) * headdim + offs_p, y, mask=mask_p)
 
 
-def ssd_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def ssd_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT):
     bsz, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1], B.shape[2]
     new_state = torch.empty(bsz, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
@@ -70,7 +75,9 @@ def ssd_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_soft
         state, x, dt, A, B, C, Dc, zz, dt_bias if dt_bias is not None else A, new_state, y,
         nheads, headdim, dstate, nheads // ngroups,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *zz.stride(),
+        float(dt_limit[0]), float(dt_limit[1]),
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, BLOCK_P=block_p, BLOCK_N=block_n,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=clamps_dt(dt_limit),
+        BLOCK_P=block_p, BLOCK_N=block_n,
     )
     return y, new_state

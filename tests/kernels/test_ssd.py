@@ -1,7 +1,7 @@
 """Triton SSD (chunked scan and decode step) against the PyTorch reference in fp64."""
 import pytest
 import torch
-from kernel_helpers import assert_close, grads, leaves
+from kernel_helpers import assert_close, grads, leaves, rel_err
 
 from kernels.ssd.function import ssd_chunked_triton
 from kernels.ssd.reference import ssd_chunked_ref, ssd_step_ref
@@ -26,10 +26,10 @@ def make_inputs(b, l, h, p, g, n, *, D="h", z=True, bias=True, softplus=True, in
     )
 
 
-def run(fn, inputs, chunk_size, softplus, final, dtype):
+def run(fn, inputs, chunk_size, softplus, final, dtype, **kwargs):
     t = dict(zip(NAMES, leaves(*[inputs[k] for k in NAMES], dtype=dtype)))
     out = fn(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size, D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
-             dt_softplus=softplus, initial_states=t["initial_states"], return_final_states=final)
+             dt_softplus=softplus, initial_states=t["initial_states"], return_final_states=final, **kwargs)
     ins = [t[k] for k in NAMES]
     return (out if final else (out,)), grads(out, ins)
 
@@ -60,6 +60,32 @@ def test_ssd_chunked_matches_reference(b, l, h, p, g, n, chunk, opts):
             continue
         # Parameter gradients (A, dt_bias, D) are sums over every position: looser.
         assert_close(f"d{name}", a, r, 1e-4 if name in ("A", "dt_bias", "D", "dt") else 2e-5)
+
+
+DT_LIMIT = (0.5, 0.9)
+
+
+@pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "raw"])
+def test_ssd_chunked_clamps_dt_to_dt_limit_as_the_reference(softplus):
+    """dt_limit clamps the prepared dt (some tokens below it, some above): forward, final state and
+    every gradient, a clamped dt passing none."""
+    inputs = make_inputs(2, 45, 4, 32, 2, 16, softplus=softplus)
+    if not softplus:
+        inputs["dt"] = inputs["dt"] * 6  # raw dt in [0.06, 1.3]: both ends of the limit bite
+    prepared = inputs["dt"] + inputs["dt_bias"]
+    prepared = torch.nn.functional.softplus(prepared) if softplus else prepared
+    assert (prepared < DT_LIMIT[0]).float().mean() > 0.1 and (prepared > DT_LIMIT[1]).float().mean() > 0.1
+    (y, fs), gt = run(ssd_chunked_triton, inputs, 16, softplus, True, torch.float32, dt_limit=DT_LIMIT)
+    (y_ref, fs_ref), gr = run(ssd_chunked_ref, inputs, 16, softplus, True, torch.float64, dt_limit=DT_LIMIT)
+    (y_free,), _ = run(ssd_chunked_ref, inputs, 16, softplus, False, torch.float64)
+    assert rel_err(y_free, y_ref) > 1e-2  # the limit changes the result
+    assert_close("y", y, y_ref, 1e-5)
+    assert_close("final_states", fs, fs_ref, 1e-5)
+    for name, a, r in zip(NAMES, gt, gr):
+        if r is not None:
+            assert_close(f"d{name}", a, r, 1e-4)
+    clamped = (prepared < DT_LIMIT[0]) | (prepared > DT_LIMIT[1])
+    assert (gt[NAMES.index("dt")][clamped] == 0).all() and (gr[NAMES.index("dt")][clamped] == 0).all()
 
 
 def test_ssd_chunked_without_final_state():
@@ -100,3 +126,17 @@ def test_ssd_step_matches_reference(b, h, p, g, n, opts):
     assert_close("y", y, y_ref, 1e-5)
     assert_close("state", s, s_ref, 1e-5)
     assert s.dtype == torch.float32 and not torch.equal(s, i["initial_states"])
+
+
+def test_ssd_step_clamps_dt_to_dt_limit_as_the_reference():
+    i = make_inputs(4, 1, 8, 16, 2, 16)
+    args = (i["initial_states"], i["x"][:, 0], i["dt"][:, 0], i["A"], i["B"][:, 0], i["C"][:, 0], i["D"],
+            i["z"][:, 0], i["dt_bias"], True)
+    prepared = torch.nn.functional.softplus(i["dt"][:, 0] + i["dt_bias"])
+    assert (prepared < DT_LIMIT[0]).any() and (prepared > DT_LIMIT[1]).any()
+    y, s = ssd_step_triton(*args, dt_limit=DT_LIMIT)
+    y_ref, s_ref = ssd_step_ref(*[a.double() if torch.is_tensor(a) else a for a in args], dt_limit=DT_LIMIT)
+    y_free, _ = ssd_step_ref(*[a.double() if torch.is_tensor(a) else a for a in args])
+    assert rel_err(y_free, y_ref) > 1e-2
+    assert_close("y", y, y_ref, 1e-5)
+    assert_close("state", s, s_ref, 1e-5)

@@ -243,7 +243,7 @@ def test_an_hf_nemotron_h_directory_imports_as_a_run_that_names_the_tokenizer_ga
     code = import_cli.main(["--from", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "data.tokenizer" in captured.err and "time_step_min" in captured.err  # the two things to know
+    assert "data.tokenizer" in captured.err  # the thing to know (its time_step_min is clamped as transformers does)
     ckpt = resolve_checkpoint(tmp_path / "run")
     cfg = run_config(ckpt)
     assert cfg.model.pattern == "M*-" and cfg.model.attention.rope is False and cfg.train.run_dir == str(tmp_path / "run")

@@ -1,6 +1,10 @@
 """Strata's model against transformers' independent NemotronH, Mamba2 and Bamba (fp32, CPU,
 their PyTorch paths): export gives the same logits and loss, import gives the same logits,
 import-then-export returns the weights bit for bit, and what a target cannot express is refused."""
+import dataclasses
+import json
+import math
+
 import pytest
 import torch
 
@@ -26,6 +30,8 @@ def perturbed_model(cfg: ModelConfig, seed: int = 0) -> HybridLM:
                 p.add_(torch.randn_like(p) * 0.1)
             elif name.endswith("weight") and p.dim() == 2:
                 p.mul_(3.0)  # larger activations: attention scores and gates far from linear
+            elif name.endswith("dt_bias"):  # dt from ~1e-4 to ~2 across heads: a dt_limit bites
+                p.copy_(torch.linspace(-9.0, 2.0, p.numel()))
     return model
 
 
@@ -70,6 +76,18 @@ CASES = {
         pattern="*-M-", d_model=64, vocab_size=VOCAB, tie_embeddings=True,
         mamba=MambaConfig(d_state=128, headdim=64, chunk_size=8),
         attention=AttentionConfig(n_heads=4, head_dim=32, rope_theta=500.0), mlp=MLPConfig(bias=True)), 19),
+    # dt limits: NemotronH's lower one (time_step_min), Mamba2's and Bamba's time_step_limit
+    "nemotron_h-dt_limit-time_step_min": ("nemotron_h", ModelConfig(
+        pattern="M-M*", d_model=64, vocab_size=VOCAB, tie_embeddings=False,
+        mamba=MambaConfig(d_state=16, headdim=16, ngroups=2, chunk_size=16, dt_limit=[1e-3, math.inf]),
+        attention=AttentionConfig(n_heads=4, rope=False), mlp=MLPConfig(activation="relu2")), 43),
+    "mamba2-dt_limit-upper-residual_in_fp32": ("mamba2", ModelConfig(
+        pattern="MM", d_model=64, vocab_size=VOCAB, residual_in_fp32=True,
+        mamba=MambaConfig(d_state=16, headdim=16, chunk_size=8, dt_limit=[0.0, 0.3])), 30),
+    "bamba-dt_limit-both": ("bamba", ModelConfig(
+        pattern="M-*-", d_model=64, vocab_size=VOCAB, tie_embeddings=False,
+        mamba=MambaConfig(d_state=16, headdim=32, chunk_size=16, dt_limit=[2e-3, 0.3]),
+        attention=AttentionConfig(n_heads=4), mlp=MLPConfig(d_ff=128)), 35),
 }
 
 
@@ -89,6 +107,43 @@ def test_exported_model_gives_strata_logits_and_loss_in_transformers(name, tmp_p
         assert out.loss.item() == pytest.approx(strata_loss(model, ids).item(), abs=1e-5)
 
 
+def test_exported_dt_limits_bite():
+    """The dt_limit cases above would pass without a clamp if no dt reached the limits."""
+    for name in [n for n in CASES if "dt_limit" in n]:
+        _, cfg, seqlen = CASES[name]
+        model = perturbed_model(cfg)
+        free = HybridLM(dataclasses.replace(cfg, mamba=dataclasses.replace(cfg.mamba, dt_limit=[0.0, math.inf])))
+        free.load_state_dict(model.state_dict())
+        ids = torch.randint(0, VOCAB, (2, seqlen), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert (free.eval()(ids) - model(ids)).abs().max().item() > 1e-3, name
+
+
+def test_a_dt_upper_limit_cannot_be_written_as_nemotron_h_nor_residual_in_fp32_as_bamba():
+    upper = ModelConfig(pattern="M-*", vocab_size=VOCAB, mamba=MambaConfig(dt_limit=[0.0, 0.5]),
+                        attention=AttentionConfig(rope=False), mlp=MLPConfig(activation="relu2"))
+    with pytest.raises(hf.UnsupportedModel, match="dt_limit"):
+        hf.choose_arch(upper, "nemotron_h")
+    fp32 = ModelConfig(pattern="M-*-", vocab_size=VOCAB, residual_in_fp32=True)
+    with pytest.raises(hf.UnsupportedModel, match="residual_in_fp32"):
+        hf.choose_arch(fp32, "bamba")
+
+
+def test_residual_in_fp32_keeps_an_fp32_residual_stream_under_low_precision_weights():
+    cfg = ModelConfig(pattern="M-*-", d_model=64, vocab_size=VOCAB, mamba=MambaConfig(d_state=16, headdim=16),
+                      attention=AttentionConfig(n_heads=4))
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(0))
+    for residual_in_fp32, stream in ((True, torch.float32), (False, torch.bfloat16)):
+        torch.manual_seed(0)
+        model = HybridLM(dataclasses.replace(cfg, residual_in_fp32=residual_in_fp32)).to(torch.bfloat16).eval()
+        dtypes = []
+        for block in model.blocks:
+            block.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        with torch.no_grad():
+            assert model(ids).dtype == torch.bfloat16
+        assert dtypes == [stream] * len(cfg.pattern)
+
+
 def test_nemotron_h_export_of_a_tied_model_writes_the_head_as_a_copy():
     _, cfg, _ = CASES["nemotron_h-groups2-state16-gqa-tied"]
     state = perturbed_model(cfg).state_dict()
@@ -102,13 +157,24 @@ def test_nemotron_h_export_of_a_tied_model_writes_the_head_as_a_copy():
 # ----------------------------------------------------------------------------------------
 
 HF_MODELS = {
+    # NemotronH with its defaults: time_step_min = 1e-3, so transformers clamps dt >= 1e-3
     "nemotron_h": dict(model_type="nemotron_h", vocab_size=VOCAB, hidden_size=64,
                        layers_block_type=["linear_attention", "full_attention", "mlp", "linear_attention"],
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
                        ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=32, n_groups=2, chunk_size=16,
-                       time_step_min=1e-3, tie_word_embeddings=False),
+                       tie_word_embeddings=False),
+    # Mamba2 with its defaults: residual_in_fp32 = true, time_step_limit = (0, inf)
     "mamba2": dict(model_type="mamba2", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_heads=4,
                    head_dim=32, state_size=16, n_groups=2, chunk_size=16, tie_word_embeddings=True),
+    "mamba2-time_step_limit": dict(model_type="mamba2", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                   num_heads=4, head_dim=32, state_size=16, n_groups=1, chunk_size=8,
+                                   time_step_limit=(0.0, 0.3), residual_in_fp32=False, tie_word_embeddings=False),
+    "bamba-time_step_limit": dict(model_type="bamba", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                  attn_layer_indices=[1], num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=128, mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=2,
+                                  mamba_d_state=16, mamba_chunk_size=16, time_step_limit=(2e-3, 0.3),
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 1.0}, tie_word_embeddings=False),
 }
 
 
@@ -117,10 +183,16 @@ def hf_model_dir(kind: str, tmp_path):
     config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # activations far from transformers' near-zero init, so that every convention shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
                 p.add_(torch.randn_like(p) * 0.3)
+            elif name.endswith("dt_bias"):  # dt from ~1e-4 to ~2 across heads: every limit above bites
+                p.copy_(torch.linspace(-9.0, 2.0, p.numel()))
+            elif name.endswith("conv1d.weight"):
+                p.normal_(0.0, 0.5)
+            elif p.dim() == 2:
+                p.mul_(3.0)
     model.save_pretrained(tmp_path)
     return model
 
@@ -136,23 +208,50 @@ def import_hf(path):
 def test_imported_hf_model_gives_transformers_logits(kind, tmp_path):
     theirs = hf_model_dir(kind, tmp_path)
     cfg, arch, state = import_hf(tmp_path)
-    assert arch == kind
+    assert arch == kind.split("-")[0]
     ours = HybridLM(cfg).eval()
     ours.load_state_dict(state)
     ids = torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+        if cfg.mamba.dt_limit != [0.0, math.inf]:  # the clamp bites: without it the logits differ
+            free = dataclasses.replace(cfg.mamba, dt_limit=[0.0, math.inf])
+            unclamped = HybridLM(dataclasses.replace(cfg, mamba=free))
+            unclamped.load_state_dict(state)
+            assert (unclamped.eval()(ids) - theirs(ids).logits).abs().max().item() > 1e-3
+
+
+def test_imported_limits_and_residual_in_fp32_are_transformers_own():
+    expected = {"nemotron_h": ([1e-3, math.inf], False), "mamba2": ([0.0, math.inf], True),
+                "mamba2-time_step_limit": ([0.0, 0.3], False), "bamba-time_step_limit": ([2e-3, 0.3], False)}
+    for kind, (limit, residual_in_fp32) in expected.items():
+        kwargs = dict(HF_MODELS[kind])
+        cfg, _ = hf.model_config_from_hf(transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
+        assert cfg.mamba.dt_limit == limit and cfg.residual_in_fp32 is residual_in_fp32, kind
 
 
 @pytest.mark.parametrize("kind", list(HF_MODELS))
-def test_import_then_export_returns_the_weights_exactly(kind, tmp_path):
-    hf_model_dir(kind, tmp_path)
-    original = hf.load_weights(tmp_path)
-    cfg, arch, state = import_hf(tmp_path)
+def test_import_then_export_returns_the_config_and_weights_exactly(kind, tmp_path):
+    hf_model_dir(kind, tmp_path / "in")
+    original = hf.load_weights(tmp_path / "in")
+    cfg, arch, state = import_hf(tmp_path / "in")
     back = hf.to_hf_state_dict(state, cfg, arch)
     assert sorted(back) == sorted(original)
     for name, tensor in original.items():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    written = json.loads((tmp_path / "in" / "config.json").read_text())
+    ids = {k: written[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    hf.build_hf_config(cfg, arch, ids).save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == written
+
+
+def test_a_nemotron_h_time_step_limit_transformers_ignores_is_named_on_import():
+    kwargs = dict(HF_MODELS["nemotron_h"], time_step_limit=(0.0, 0.1))
+    config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    (note,) = hf.import_notes(config)
+    assert "time_step_limit" in note and "not used" in note
+    assert hf.model_config_from_hf(config)[0].mamba.dt_limit == [1e-3, math.inf]
+    assert hf.import_notes(transformers.AutoConfig.for_model("nemotron_h")) == []
 
 
 def test_config_round_trips_through_the_hf_config():
@@ -160,7 +259,7 @@ def test_config_round_trips_through_the_hf_config():
         config = hf.build_hf_config(cfg, arch)
         back, back_arch = hf.model_config_from_hf(config)
         assert back_arch == arch
-        for field in ("pattern", "d_model", "vocab_size", "norm_eps", "mamba"):
+        for field in ("pattern", "d_model", "vocab_size", "norm_eps", "residual_in_fp32", "mamba"):
             if field == "mamba" and "M" not in cfg.pattern:
                 continue
             assert getattr(back, field) == getattr(cfg, field), (name, field)
