@@ -50,6 +50,22 @@ def test_ssd_gpu(dtype, tol, l, h, p, g, n, chunk):
              ref_dtype=torch.float64 if dtype == torch.float32 else torch.float32)
 
 
+def test_ssd_gpu_dt_limit():
+    """dt clamped at both ends (softplus(dt + bias) spans ~0.1 to ~0.7 here), forward and gradients."""
+    raw = [t.to(DEV) for t in _ssd_raw(2, 129, 4, 64, 2, 64)]
+    limit = (0.25, 0.45)
+
+    def run(fn):
+        return lambda x, dt, A, B, C, D, z, bias, s0: fn(x, dt, A, B, C, 64, D, z, bias, True, s0, True, limit)
+    _compare(run(ops.ssd_chunked), run(ssd_chunked_ref), raw, torch.float32, 1e-4, 3e-4)
+    st, x, dt, A, B, C, D, z, bias = [t[:, 0] if t.dim() > 2 and t.shape[1] == 129 else t for t in
+                                      (raw[8], raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7])]
+    y, s = ops.ssd_step(st, x, dt, A, B, C, D, z, bias, True, limit)
+    y_ref, s_ref = ssd_step_ref(st, x, dt, A, B, C, D, z, bias, True, limit)
+    assert_close("y", y, y_ref, 1e-5)
+    assert_close("state", s, s_ref, 1e-5)
+
+
 def test_ssd_step_gpu():
     raw = _ssd_raw(3, 1, 4, 64, 2, 128)
     st, x, dt, A, B, C, D, z, bias = [t.to(DEV) for t in (raw[8], raw[0][:, 0], raw[1][:, 0], raw[2], raw[3][:, 0],
