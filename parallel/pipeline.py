@@ -77,7 +77,7 @@ class BlockStage(Block):
     def __init__(self, block: Block, last: bool):
         nn.Module.__init__(self)
         self.kind, self.layer_idx, self.last = block.kind, block.layer_idx, last
-        self.norm, self.mixer = block.norm, block.mixer
+        self.residual_in_fp32, self.norm, self.mixer = block.residual_in_fp32, block.norm, block.mixer
 
     def forward(self, inputs):
         x, position_ids = inputs if isinstance(inputs, tuple) else (inputs, None)
