@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 
 from data.config import DataConfig
-from model.config import ModelConfig
-from parallel.config import CheckpointConfig, ParallelConfig
+from model.config import BLOCK_KINDS, ModelConfig
+from parallel.config import RECOMPUTE_MODES, CheckpointConfig, ParallelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -114,6 +114,17 @@ class TrainConfig:
     """Steps of loss history the spike guard compares against (it judges after half of them)."""
     spike_skip: bool = False
     """With spike_zscore > 0: skip a step whose loss is a spike, as a non-finite one is (pp = 1 only)."""
+    recompute: str = "none"
+    """Activation recompute in the backward, for less activation memory: 'none'; 'selective'
+    recomputes what is memory-heavy and FLOP-light and keeps the matmul outputs (Mamba2: conv, SSD
+    scan and gated norm, keeping in_proj's output; attention: RoPE, GQA and SDPA, keeping q, k, v;
+    MLP: the activation); 'full' recomputes whole blocks (see recompute_every), keeping their input."""
+    recompute_every: int = 1
+    """Full recompute only: of each block kind's blocks set to 'full', recompute every k-th (the
+    k-th, 2k-th, ... of that kind in the pattern); the others keep everything."""
+    recompute_kinds: dict[str, str] = field(default_factory=dict)
+    """Per block kind, a recompute mode that overrides `recompute`, e.g. {M: full, '*': selective}
+    or train.recompute_kinds.M=full ('M' Mamba2, '*' attention, '-' MLP)."""
 
     def validate(self) -> None:
         for name in ("max_steps", "seq_len", "global_batch_size"):
@@ -139,6 +150,40 @@ class TrainConfig:
         if self.preempt_signal not in ("", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"):
             raise ValueError(f"preempt_signal: {self.preempt_signal!r} is not one of 'SIGUSR1', 'SIGUSR2', "
                              "'SIGHUP', 'SIGQUIT' or '' (SIGTERM and SIGINT always save)")
+        self.validate_recompute()
+
+    def validate_recompute(self) -> None:
+        modes = ", ".join(map(repr, RECOMPUTE_MODES))
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute: {self.recompute!r} is not one of {modes}")
+        kinds = self.recompute_kinds
+        if not isinstance(kinds, dict):
+            raise ValueError(f"recompute_kinds: expected a mapping of block kind to mode, e.g. {{M: full}}, "
+                             f"got {kinds!r}")
+        for kind, mode in kinds.items():
+            if kind not in BLOCK_KINDS:
+                raise ValueError(f"recompute_kinds: {kind!r} is not a block kind; use "
+                                 + ", ".join(f"'{k}' ({v})" for k, v in BLOCK_KINDS.items()))
+            if mode not in RECOMPUTE_MODES:
+                raise ValueError(f"recompute_kinds.{kind}: {mode!r} is not one of {modes}")
+        if self.recompute_every < 1:
+            raise ValueError(f"recompute_every: must be >= 1, got {self.recompute_every}")
+        if self.recompute_every > 1 and "full" not in (self.recompute, *kinds.values()):
+            raise ValueError(f"recompute_every: {self.recompute_every} applies to full recompute only; set "
+                             "train.recompute=full (or a kind to full in train.recompute_kinds) or leave it at 1")
+
+    def block_recompute(self, pattern: str) -> list[str]:
+        """Each block's recompute mode (one of RECOMPUTE_MODES; parallel/parallelize.py applies it):
+        recompute_kinds[its letter], else recompute; a 'full' block that is not one of its kind's
+        every recompute_every-th 'full' blocks gets 'none'."""
+        plan, fulls = [], dict.fromkeys(BLOCK_KINDS, 0)
+        for kind in pattern:
+            mode = self.recompute_kinds.get(kind, self.recompute)
+            if mode == "full":
+                fulls[kind] += 1
+                mode = "full" if fulls[kind] % self.recompute_every == 0 else "none"
+            plan.append(mode)
+        return plan
 
 
 @dataclass

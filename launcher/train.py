@@ -142,7 +142,8 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     resharded = None if newest is None or imported else resharded_state(cfg, info, newest)
     if resharded is not None:
         reshard.load_full_weights(model, resharded)
-    model = parallel_model(model, topo, cfg.train.seq_len, cfg.parallel.sequence_parallel).to(info.device)
+    model = parallel_model(model, topo, cfg.train.seq_len, cfg.parallel.sequence_parallel,
+                           cfg.train.block_recompute(cfg.model.pattern)).to(info.device)
     guidance = start_guidance(cfg, model, None if imported else newest)
     extend_to_equal_flops(cfg)
     engine = build_engine(model, cfg.train, cfg.parallel, info.world_size, mpu=topo.engine_mpu)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import AttentionConfig
+from model.recompute import checkpoint_if
 
 
 @dataclass
@@ -37,6 +38,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    recompute_core = False
+    """Recompute `core` in the backward (selective recompute; model/recompute.py)."""
+
     def __init__(self, cfg: AttentionConfig, d_model: int):
         super().__init__()
         self.cfg = cfg
@@ -54,14 +58,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        b, l, _ = x.shape
         q = self.heads(self.q_proj(x), self.n_heads)
         k = self.heads(self.k_proj(x), self.n_kv_heads)
         v = self.heads(self.v_proj(x), self.n_kv_heads)
+        out = checkpoint_if(self.recompute_core and cache is None, self.core, q, k, v, position_ids, cache)
+        return self.o_proj(out)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None = None,
+             cache: KVCache | None = None) -> torch.Tensor:
+        """Between the q/k/v projections and o_proj: RoPE, the KV cache, GQA and SDPA; (b, l, n_heads *
+        head_dim). Memory-heavy and FLOP-light: selective recompute redoes it in the backward."""
+        b, _, l, _ = q.shape
         start = cache.length if cache is not None else 0
         if self.cfg.rope:
             if position_ids is None:
-                position_ids = torch.arange(start, start + l, device=x.device)
+                position_ids = torch.arange(start, start + l, device=q.device)
             cos, sin = rope_tables(position_ids, self.head_dim, self.cfg.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -79,9 +90,9 @@ class Attention(nn.Module):
         elif l == 1:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            mask = torch.ones(l, start + l, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            mask = torch.ones(l, start + l, dtype=torch.bool, device=q.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+        return out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim)
 
     def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)

@@ -18,10 +18,15 @@ from model.config import ModelConfig
 from model.mamba2 import Mamba2Mixer
 from model.mlp import MLP
 from model.norm import RMSNorm
+from model.recompute import checkpoint_if
 from model.structured import StructuredLinear
 
 
 class Block(nn.Module):
+    recompute = False
+    """Recompute the whole block in the backward, keeping only its input (full recompute;
+    model/recompute.py)."""
+
     def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.kind = kind
@@ -36,6 +41,10 @@ class Block(nn.Module):
             self.mixer = MLP(cfg.mlp, cfg.d_model, layer_idx, first_mlp=layer_idx == cfg.pattern.index("-"))
 
     def forward(self, x, position_ids=None, cache=None):
+        return checkpoint_if(self.recompute and cache is None, self.body, x, position_ids, cache)
+
+    def body(self, x, position_ids=None, cache=None):
+        """x + mixer(norm(x))."""
         # residual_in_fp32: the sum in fp32, the norm reading x in the weights' dtype (as mamba_ssm)
         residual = x.to(torch.promote_types(x.dtype, torch.float32)) if self.residual_in_fp32 else x
         h = self.norm(x.to(self.norm.weight.dtype))

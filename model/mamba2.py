@@ -19,6 +19,7 @@ from kernels import ops
 from kernels.conv.reference import conv_state_from_inputs
 from model.config import MambaConfig
 from model.norm import RMSNorm
+from model.recompute import checkpoint_if
 
 
 @dataclass
@@ -30,6 +31,9 @@ class MambaCache:
 
 
 class Mamba2Mixer(nn.Module):
+    recompute_core = False
+    """Recompute `core` in the backward (selective recompute; model/recompute.py)."""
+
     def __init__(self, cfg: MambaConfig, d_model: int, norm_eps: float = 1e-5):
         super().__init__()
         self.cfg = cfg
@@ -95,7 +99,13 @@ class Mamba2Mixer(nn.Module):
         of one: chunked prefill), and the cache is left holding the state after u."""
         if cache is not None and u.shape[1] == 1:
             return self.step(u, cache)
-        z, xbc_in, dt = self.split_projection(self.in_proj(u))
+        zxbcdt = self.in_proj(u)
+        return self.out_proj(checkpoint_if(self.recompute_core and cache is None, self.core, zxbcdt, cache))
+
+    def core(self, zxbcdt: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        """Between in_proj and out_proj: causal conv + SiLU, SSD scan, gated norm; (b, l, d_inner).
+        Memory-heavy and FLOP-light: selective recompute redoes it in the backward."""
+        z, xbc_in, dt = self.split_projection(zxbcdt)
         xbc = self.conv(xbc_in, cache)
         x, B, C = self.split_xbc(xbc)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
@@ -106,7 +116,7 @@ class Mamba2Mixer(nn.Module):
             y, final_state = y
             cache.ssm_state.copy_(final_state)
         y = y.reshape(*y.shape[:2], self.d_inner)
-        return self.out_proj(self.norm(y, z))
+        return self.norm(y, z)
 
     def step(self, u: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         z, xbc_in, dt = self.split_projection(self.in_proj(u[:, 0]))

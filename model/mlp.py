@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import MLPConfig, ModelConfig, StructuredSizes
+from model.recompute import checkpoint_if
 from model.structured import BlockDense, BlockShuffle, LowRank
 
 
@@ -46,6 +47,9 @@ def describe_structure(cfg: ModelConfig) -> str | None:
 
 
 class MLP(nn.Module):
+    recompute_core = False
+    """Recompute `core` (the activation) in the backward (selective recompute; model/recompute.py)."""
+
     def __init__(self, cfg: MLPConfig, d_model: int, layer_idx: int = 0, first_mlp: bool = False):
         super().__init__()
         self.activation = cfg.activation
@@ -59,8 +63,12 @@ class MLP(nn.Module):
         self.down_proj = make_linear(d_ff, d_model, cfg, layer_idx, sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x) if self.activation == "swiglu" else None
+        return checkpoint_if(self.recompute_core, self.core, self.up_proj(x), gate, into=self.down_proj)
+
+    def core(self, up: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The activation: silu(gate) * up (swiglu) or relu(up)^2 (relu2). Selective recompute
+        keeps only up (and gate) and redoes it, its output included, in the backward."""
         if self.activation == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = torch.square(F.relu(self.up_proj(x)))
-        return self.down_proj(h)
+            return F.silu(gate) * up
+        return torch.square(F.relu(up))

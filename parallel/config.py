@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+"""Activation recompute per block (train.recompute; parallel/parallelize.py applies it): 'none' keeps
+every activation; 'selective' recomputes the mixer's core (Mamba2: conv + SSD scan + gated norm;
+attention: RoPE + GQA + SDPA; MLP: the activation) and keeps the matmul outputs around it; 'full'
+recomputes the whole block and keeps only its input."""
+
 
 @dataclass
 class ParallelConfig:

@@ -2,7 +2,8 @@
 imports (cheaply: megatron-core and DeepSpeed's pipeline load only when a layout needs them).
 
     topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
-    module = parallel_model(HybridLM(cfg.model), topo, seq_len, sequence_parallel)
+    module = parallel_model(HybridLM(cfg.model), topo, seq_len, sequence_parallel,
+                            recompute=cfg.train.block_recompute(cfg.model.pattern))
     engine = build_engine(module, ..., mpu=topo.engine_mpu)
     pp > 1:  loss = engine.train_batch(pipeline_item(batch) for batch in micro_batches)
 """
@@ -10,23 +11,44 @@ from __future__ import annotations
 
 from torch import nn
 
+from model.hybrid import Block
+from parallel.config import RECOMPUTE_MODES
 from parallel.topology import Topology
 
 
-def parallel_model(model: nn.Module, topo: Topology, seq_len: int, sequence_parallel: bool = False) -> nn.Module:
+def parallel_model(model: nn.Module, topo: Topology, seq_len: int, sequence_parallel: bool = False,
+                   recompute: list[str] | None = None) -> nn.Module:
     """The model itself (tp = pp = 1), its tensor-parallel form (pp = 1) or this rank's
-    pipeline stage, TP-sharded when tp > 1 (pp > 1: DeepSpeed then builds its PipelineEngine).
+    pipeline stage, TP-sharded when tp > 1 (pp > 1: DeepSpeed then builds its PipelineEngine),
+    with activation recompute per block as `recompute` says (see apply_recompute).
     `model` is a HybridLM built with the same seed on every rank."""
     if topo.pp > 1:
         from parallel.pipeline import pipeline_model
 
-        return pipeline_model(model, topo, seq_len, sequence_parallel)
-    if topo.tp > 1:
+        model = pipeline_model(model, topo, seq_len, sequence_parallel)
+    elif topo.tp > 1:
         from parallel.tensor_parallel import tensor_parallel
         from parallel.tp_mappings import TPContext
 
-        return tensor_parallel(model, TPContext.from_parallel_state(sequence_parallel))
-    return model
+        model = tensor_parallel(model, TPContext.from_parallel_state(sequence_parallel))
+    return apply_recompute(model, recompute or [])
+
+
+def apply_recompute(module: nn.Module, recompute: list[str]) -> nn.Module:
+    """Activation recompute (train.recompute), set on every block `module` holds, whatever its
+    form (HybridLM, its TP form, a pipeline stage): recompute[i] is block i's mode, one of
+    RECOMPUTE_MODES (an empty list: 'none' everywhere; TrainConfig.block_recompute makes the
+    list). 'selective' recomputes its mixer's core (model/recompute.py: Mamba2's conv, SSD scan
+    and gated norm, attention's RoPE + GQA + SDPA, the MLP's activation) and keeps the matmul
+    outputs around it; 'full' recomputes the whole block and keeps only its input."""
+    for block in module.modules():
+        if isinstance(block, Block):
+            mode = recompute[block.layer_idx] if recompute else "none"
+            if mode not in RECOMPUTE_MODES:
+                raise ValueError(f"recompute: {mode!r} is not one of {', '.join(map(repr, RECOMPUTE_MODES))}")
+            block.recompute = mode == "full"
+            block.mixer.recompute_core = mode == "selective"
+    return module
 
 
 def pipeline_item(batch: dict) -> tuple:

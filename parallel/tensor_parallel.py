@@ -16,15 +16,15 @@ What is split (megatron-core's layers and mappings; see tp_linears.py for the ML
              embedding's shard); the loss is kernels.ops' fused head + cross-entropy, vocab-
              parallel (megatron's vocab_parallel_cross_entropy runs on CPU too, but holds the
              fp32 logits and their exponentials for every token: the fused op never does).
-The TP mixers reuse the model's own forward code (rope, SSD, caches) with local sizes; only
-their projections and the region entry differ. Parameter names stay the HybridLM's.
+The TP mixers reuse the model's own forward code (rope, SSD, caches, the activation, the
+recompute seams) with local sizes; only their projections and the region entry differ.
+Parameter names stay the HybridLM's.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
@@ -90,12 +90,12 @@ class TPMamba2(Mamba2Mixer):
         return super().forward(self.ctx.enter(u), cache=cache)
 
 
-class TPMLP(nn.Module):
+class TPMLP(MLP):
     """The MLP with split linears. Dense column linears share one region entry; structured
     ones enter the region where their split puts it (e.g. after LowRank's first factor)."""
 
     def __init__(self, full: MLP, ctx: TPContext):
-        super().__init__()
+        nn.Module.__init__(self)
         self.ctx, self.activation = ctx, full.activation
         if self.activation == "swiglu":
             self.gate_proj = column_linear(full.gate_proj, ctx)
@@ -104,13 +104,7 @@ class TPMLP(nn.Module):
         self.dense_columns = isinstance(full.up_proj, nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_columns:
-            x = self.ctx.enter(x)
-        if self.activation == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = torch.square(F.relu(self.up_proj(x)))
-        return self.down_proj(h)
+        return super().forward(self.ctx.enter(x) if self.dense_columns else x)
 
 
 class TPEmbedding(VocabParallelEmbedding):

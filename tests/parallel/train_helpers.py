@@ -14,6 +14,7 @@ import torch
 
 from model.config import ModelConfig
 from model.hybrid import HybridLM
+from model.structured import structured_linears
 from parallel.parallelize import deepspeed_pipeline_section
 
 SEQ, MICRO, GLOBAL_MICRO_BATCHES, VOCAB = 16, 2, 4, 128
@@ -34,7 +35,10 @@ def train_config(**changes) -> ModelConfig:
 
 def build_model(cfg: ModelConfig) -> HybridLM:
     torch.manual_seed(0)
-    return HybridLM(cfg)
+    model = HybridLM(cfg)
+    for m in structured_linears(model):  # self-guided: half-way through the guided phase, both paths count
+        m.guide_alpha = 0.3
+    return model
 
 
 def micro_batches(step: int, positions: bool = False) -> list[tuple]:
@@ -77,18 +81,21 @@ def reference_training(cfg: ModelConfig, steps: int, positions: bool = False) ->
     return {"losses": losses, "grads": first_grads, "params": dict(model.named_parameters())}
 
 
-def deepspeed_config(gas: int, dp: int, zero_stage: int, sequence_parallel: bool) -> dict:
+def deepspeed_config(gas: int, dp: int, zero_stage: int, sequence_parallel: bool, zero: dict | None = None) -> dict:
     return {"train_batch_size": MICRO * gas * dp, "train_micro_batch_size_per_gpu": MICRO,
             "gradient_accumulation_steps": gas, "gradient_clipping": CLIP,
-            "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": zero_stage, **(zero or {})}, "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**62, "pipeline": deepspeed_pipeline_section(sequence_parallel)}
 
 
 def layout_training(cfg: ModelConfig, tp: int, pp: int, zero_stage: int, steps: int,
-                    sequence_parallel: bool = False, positions: bool = False) -> dict:
-    """The same steps on this rank's part of a TP x PP x DP layout (DeepSpeed engine).
+                    sequence_parallel: bool = False, positions: bool = False, recompute: list[str] | None = None,
+                    zero: dict | None = None) -> dict:
+    """The same steps on this rank's part of a TP x PP x DP layout (DeepSpeed engine), with
+    activation recompute per block as `recompute` says (parallel_model's) and `zero`'s settings
+    in DeepSpeed's zero_optimization section.
     Returns step losses, the first step's clipped gradients (ZeRO 0) and the final
-    parameters, both keyed by HybridLM names and holding this rank's shards."""
+    parameters (gathered under ZeRO-3), both keyed by HybridLM names and holding this rank's shards."""
     import deepspeed
 
     from parallel.parallelize import parallel_model
@@ -97,7 +104,7 @@ def layout_training(cfg: ModelConfig, tp: int, pp: int, zero_stage: int, steps: 
 
     topo = init_topology(tp, pp)
     model = build_model(cfg)
-    module = parallel_model(model, topo, SEQ, sequence_parallel)
+    module = parallel_model(model, topo, SEQ, sequence_parallel, recompute)
     if pp > 1:
         names = {p: model_parameter_name(n, len(cfg.pattern)) for n, p in module.named_parameters()}
     else:
@@ -108,7 +115,7 @@ def layout_training(cfg: ModelConfig, tp: int, pp: int, zero_stage: int, steps: 
         opt.register_step_pre_hook(lambda o, a, k: snapshots.append({names[p]: p.grad.clone() for p in names}))
     gas = GLOBAL_MICRO_BATCHES // topo.dp
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, mpu=topo.engine_mpu,
-                                           config=deepspeed_config(gas, topo.dp, zero_stage, sequence_parallel))
+                                           config=deepspeed_config(gas, topo.dp, zero_stage, sequence_parallel, zero))
     losses = []
     for step in range(steps):
         mine = micro_batches(step, positions)[topo.dp_rank * gas:(topo.dp_rank + 1) * gas]
@@ -125,8 +132,10 @@ def layout_training(cfg: ModelConfig, tp: int, pp: int, zero_stage: int, steps: 
         t = torch.tensor([total])
         torch.distributed.all_reduce(t, group=topo.get_data_parallel_group())
         losses.append(t.item() / topo.dp)
-    return {"losses": losses, "grads": snapshots[0] if snapshots else None,
-            "params": {names[p]: p.detach() for p in names}, "topo": topo}
+    with deepspeed.zero.GatheredParameters(list(names), enabled=zero_stage == 3):
+        params = {names[p]: p.detach().clone() for p in names}
+    return {"losses": losses, "grads": snapshots[0] if snapshots else None, "params": params, "topo": topo,
+            "module": module}
 
 
 def shard_errors(got: dict, reference: dict, model: HybridLM, topo, rel_error) -> float:

@@ -1,0 +1,141 @@
+"""Activation recompute (train.recompute) is exact and lowers activation memory.
+
+For each block kind (Mamba2, attention with GQA and restarting positions, SwiGLU, relu2,
+self-guided structured MLPs) and each mode, the loss and every gradient equal those without
+recompute (bitwise, or 1e-7 relative); and the bytes autograd keeps for the backward
+(bench/recompute_memory.py: saved_tensors_hooks, parameters excluded) drop from none to
+selective to full, selective keeping exactly the tensors at the cores' edges and full only the
+block input.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from bench.recompute_memory import block_bytes_per_token, saved_bytes
+from model.config import ModelConfig
+from model.hybrid import HybridLM
+from model.structured import structured_linears
+from parallel.parallelize import apply_recompute
+
+BATCH, SEQ, VOCAB, D = 2, 32, 128, 64
+
+
+def small_config(pattern: str, **mlp) -> ModelConfig:
+    cfg = ModelConfig(pattern=pattern, d_model=D, vocab_size=VOCAB, max_seq_len=SEQ)
+    cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.ngroups, cfg.mamba.chunk_size = 16, 16, 2, 8
+    cfg.attention.n_heads, cfg.attention.n_kv_heads = 4, 2
+    cfg.mlp.d_ff = 128
+    for k, v in mlp.items():
+        setattr(cfg.mlp, k, v)
+    cfg.validate()
+    return cfg
+
+
+CASES = {
+    "mamba": small_config("MM"),
+    "attention": small_config("**"),
+    "mlp_swiglu": small_config("--"),
+    "mlp_relu2": small_config("--", activation="relu2"),
+    "mlp_lowrank_guided": small_config("--", structure="lowrank", rank=24, self_guided=True, dense_first_layer=False),
+    "mlp_blockshuffle_guided": small_config("--", structure="blockshuffle", nblocks=4, self_guided=True,
+                                            activation="relu2"),
+    "hybrid": small_config("M*-M*-"),
+}
+PLANS = {  # block i's mode, for a pattern of n blocks
+    "selective": lambda n: ["selective"] * n,
+    "full": lambda n: ["full"] * n,
+    "mixed": lambda n: (["full", "selective", "none"] * n)[:n],
+}
+
+
+def build(cfg: ModelConfig, plan: list[str]) -> HybridLM:
+    torch.manual_seed(0)
+    model = apply_recompute(HybridLM(cfg), plan)
+    for i, m in enumerate(structured_linears(model)):  # mid guided phase: both paths, one layer skipping
+        m.guide_alpha, m.guide_active = 0.3, i != 1
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    positions = torch.arange(SEQ).repeat(BATCH, 1)
+    positions[:, SEQ // 3:] -= SEQ // 3  # a document boundary
+    return ids, labels, positions
+
+
+@functools.cache
+def loss_and_grads(case: str, plan: tuple[str, ...] = ()):
+    ids, labels, positions = batch()
+    model = build(CASES[case], list(plan))
+    loss = model(ids, labels=labels, position_ids=positions)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bitwise, or within 1e-7 of the largest value."""
+    return torch.equal(got, want) or (got - want).abs().max() <= 1e-7 * want.abs().max()
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_recompute_gives_the_loss_and_gradients_of_none(case, plan):
+    want_loss, want = loss_and_grads(case)
+    loss, grads = loss_and_grads(case, tuple(PLANS[plan](len(CASES[case].pattern))))
+    assert same(loss, want_loss), f"loss {loss.item()} != {want_loss.item()}"
+    assert sorted(grads) == sorted(want)
+    bad = [n for n in want if not same(grads[n], want[n])]
+    assert not bad, f"gradients differ: {bad}"
+
+
+def test_recompute_is_off_without_autograd_and_with_caches():
+    """Evaluation and decoding never checkpoint: the same logits with the flags set."""
+    cfg = CASES["hybrid"]
+    ids, _, _ = batch()
+    plain, recomputed = build(cfg, []), build(cfg, PLANS["mixed"](len(cfg.pattern)))
+    with torch.no_grad():
+        assert torch.equal(recomputed(ids), plain(ids))
+        caches = [recomputed.allocate_caches(BATCH, SEQ), plain.allocate_caches(BATCH, SEQ)]
+        assert torch.equal(recomputed(ids[:, :5], caches=caches[0]), plain(ids[:, :5], caches=caches[1]))
+
+
+def block_memory(cfg: ModelConfig, index: int) -> dict[str, float]:
+    """Bytes per token kept by block `index` in each mode (bench/recompute_memory.py), and by its
+    pre-norm alone."""
+    block = build(cfg, []).blocks[index]
+    per_token = block_bytes_per_token(block, D, SEQ, BATCH)
+    x = torch.randn(BATCH, SEQ, D, requires_grad=True)
+    return {"norm": saved_bytes(block.norm, x) / (BATCH * SEQ), **per_token}
+
+
+def kept_by_selective(cfg: ModelConfig, kind: str) -> int:
+    """Floats per token that selective recompute keeps besides the pre-norm's own: the norm's
+    output (the input projections' input), the core's inputs (the input projections' outputs)
+    and, but for the MLP's activation, the core's output (the output projection's input)."""
+    if kind == "M":
+        m = cfg.mamba
+        d_inner = m.expand * cfg.d_model
+        nheads, bc = d_inner // m.headdim, m.ngroups * m.d_state
+        return cfg.d_model + (2 * d_inner + 2 * bc + nheads) + d_inner
+    if kind == "*":
+        a = cfg.attention
+        hd = a.resolved_head_dim(cfg.d_model)
+        return cfg.d_model + (a.n_heads + 2 * a.resolved_kv_heads()) * hd + a.n_heads * hd
+    d_ff = cfg.mlp.resolved_d_ff(cfg.d_model)
+    return cfg.d_model + (2 if cfg.mlp.activation == "swiglu" else 1) * d_ff
+
+
+@pytest.mark.parametrize("case,kind", [("mamba", "M"), ("attention", "*"), ("mlp_swiglu", "-"), ("mlp_relu2", "-")])
+def test_recompute_lowers_the_saved_activations(case, kind):
+    cfg = CASES[case]
+    mem = block_memory(cfg, 0)
+    assert mem["none"] > mem["selective"] > mem["full"], mem
+    assert mem["full"] == 4 * D, f"full recompute keeps only the block input: {mem}"
+    assert mem["selective"] == mem["norm"] + 4 * kept_by_selective(cfg, kind), mem
+    if kind == "M":  # conv, SSD and gated norm hold most of a Mamba2 block's activations
+        assert mem["selective"] < mem["none"] / 3, mem
