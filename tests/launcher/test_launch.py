@@ -71,7 +71,10 @@ def test_master_left_to_launchers_and_single_processes():
 
 def test_init_distributed_from_slurm_variables_alone(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST"):
-        monkeypatch.delenv(key, raising=False)  # also restores what init_distributed sets
+        # setenv first: monkeypatch records only keys that exist, and init_distributed sets these in
+        # os.environ; a leaked RANK/WORLD_SIZE makes every later `strata train` of the session rank 5 of 16
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     for key, value in SRUN_ENV.items():
         monkeypatch.setenv(key, value)
     calls = []
