@@ -53,9 +53,14 @@ def _needs_grad(*tensors) -> bool:
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                initial_states=None, return_final_states=False, dt_limit=NO_DT_LIMIT):
+                initial_states=None, return_final_states=False, dt_limit=NO_DT_LIMIT, seq_idx=None):
     """Chunked SSD scan; see kernels/ssd/reference.py for shapes. dt_limit = (low, high) clamps
-    softplus(dt + dt_bias), as mamba_ssm's dt_limit (the default clamps nothing)."""
+    softplus(dt + dt_bias), as mamba_ssm's dt_limit (the default clamps nothing). seq_idx (b, l):
+    the document of each token of a packed row (None: one document); no state crosses documents.
+    Packed rows take the reference on every device until the Triton kernels read seq_idx."""
+    if seq_idx is not None:
+        return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                               initial_states, return_final_states, dt_limit, seq_idx)
     if backend_for(x) == "triton":
         from kernels.ssd.function import ssd_chunked_triton
         return ssd_chunked_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
@@ -73,8 +78,12 @@ def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
     return ssd_step_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
 
 
-def causal_conv1d(x, weight, bias=None, activation="silu"):
-    """Causal depthwise conv1d over x (b, l, d) with weight (d, w)."""
+def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None):
+    """Causal depthwise conv1d over x (b, l, d) with weight (d, w). seq_idx (b, l): the document
+    of each token (None: one document); an output reads inputs of its own document only.
+    Packed rows take the reference on every device until the Triton kernel reads seq_idx."""
+    if seq_idx is not None:
+        return causal_conv1d_ref(x, weight, bias, activation, seq_idx)
     if backend_for(x) == "triton":
         from kernels.conv.kernel import causal_conv1d_triton
         return causal_conv1d_triton(x, weight, bias, activation)

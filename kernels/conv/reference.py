@@ -2,6 +2,8 @@
 
 Channel-last layout: x (b, l, d), weight (d, w), bias (d,). The decode state holds
 the last w inputs of each channel, oldest first: (b, d, w), as causal-conv1d keeps it.
+seq_idx (b, l), int (causal-conv1d's seq_idx): the document of each token of a packed row;
+an output reads only inputs of its own document, as if each document ran alone.
 """
 from __future__ import annotations
 
@@ -17,10 +19,25 @@ def _activate(y, activation):
     raise ValueError(f"causal_conv1d: unknown activation {activation!r}; use 'silu' or None")
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation="silu"):
+def causal_conv1d_ref(x, weight, bias=None, activation="silu", seq_idx=None):
     width = weight.shape[1]
+    if seq_idx is not None:
+        return _activate(_packed_conv(x, weight, bias, seq_idx), activation)
     y = F.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=width - 1, groups=weight.shape[0])
     return _activate(y[..., : x.shape[1]].transpose(1, 2), activation)
+
+
+def _packed_conv(x, weight, bias, seq_idx):
+    """y_t = bias + sum_k weight[:, k] x_{t-w+1+k}, over inputs of t's document only."""
+    width, length = weight.shape[1], x.shape[1]
+    xp = F.pad(x, (0, 0, width - 1, 0))
+    docs = F.pad(seq_idx, (width - 1, 0), value=-1)  # the conv's zero padding: no document
+    y = None
+    for k in range(width):
+        same = (docs[:, k:k + length] == seq_idx)[..., None]
+        term = torch.where(same, xp[:, k:k + length] * weight[:, k], 0.0)
+        y = term if y is None else y + term
+    return y if bias is None else y + bias
 
 
 def conv_state_from_inputs(x, width):

@@ -8,6 +8,14 @@ dt is prepared once per token, the same way on every path (this reference, the T
 scan and step, mamba_ssm's kernels): dt = clamp(softplus(dt + dt_bias), *dt_limit).
 dt_limit = (0, inf), mamba_ssm's default, clamps nothing; a clamped dt passes no gradient.
 
+seq_idx (b, l), int, non-decreasing along l (mamba_ssm's argument): the document of each
+token of a packed row. No state crosses a change of seq_idx: the state decays to zero there,
+as if each document ran alone (initial_states belongs to document 0, and the final state is
+the last document's). As mamba_ssm's kernels apply it: the intra-chunk matrix is masked where
+two tokens' documents differ, a chunk's state counts the tokens of its last token's document,
+a state passes from one chunk end to a later one only within one document, and a token reads
+the state entering its chunk only when it continues the document of the chunk before.
+
 The chunked algorithm is the one of the Mamba2 paper (ssd_minimal): quadratic
 attention-like form inside each chunk, a linear recurrence over chunk states
 between chunks. Every exponent is of a non-positive number (A < 0, dt > 0), so
@@ -71,7 +79,7 @@ def apply_skip_and_gate(y, x, D, z):
 
 
 def ssd_chunked_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                    initial_states=None, return_final_states=False, dt_limit=NO_DT_LIMIT):
+                    initial_states=None, return_final_states=False, dt_limit=NO_DT_LIMIT, seq_idx=None):
     bsz, seqlen, nheads, headdim = x.shape
     out_dtype = x.dtype
     dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
@@ -92,11 +100,19 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt
 
     # Within chunks: y_i = sum_{j<=i} C_i.B_j exp(sum A_dt(j, i]) X_j
     L = torch.exp(segsum(A_dt))  # (b, h, c, l, s)
+    if seq_idx is not None:
+        # Padding tokens (dt = 0) join the last document.
+        doc = chunks(torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1))  # (b, c, l)
+        last = doc[..., -1]  # (b, c): the document of each chunk's last token
+        entering = F.pad(last[:, :-1], (1, 0))  # the document of the state entering each chunk (0: initial)
+        L = torch.where((doc[..., :, None] == doc[..., None, :])[:, None], L, 0.0)
     CB = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc)
     y_diag = torch.einsum("bhcls,bcshp->bclhp", CB * L, X)
 
     # State at the end of each chunk, from that chunk's inputs alone.
     decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, l)
+    if seq_idx is not None:
+        decay_to_end = torch.where((doc == last[..., None])[:, None], decay_to_end, 0.0)
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, X)
 
     # Pass states across chunks.
@@ -104,11 +120,17 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt
         initial_states = torch.zeros(bsz, nheads, headdim, Bh.shape[-1], dtype=xp.dtype, device=x.device)
     states = torch.cat([acc(initial_states)[:, None], states], dim=1)
     chunk_decay = torch.exp(segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    if seq_idx is not None:
+        ends = F.pad(last, (1, 0))  # the document of each state: initial, then each chunk's end
+        chunk_decay = torch.where((ends[:, :, None] == ends[:, None, :])[:, None], chunk_decay, 0.0)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     states, final_states = states[:, :-1], states[:, -1]
 
     # Contribution of the state entering each chunk.
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, torch.exp(A_cum))
+    decay_from_start = torch.exp(A_cum)  # (b, h, c, l)
+    if seq_idx is not None:
+        decay_from_start = torch.where((doc == entering[..., None])[:, None], decay_from_start, 0.0)
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, decay_from_start)
     y = (y_diag + y_off).reshape(bsz, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
     y = apply_skip_and_gate(y, x, D, z).to(out_dtype)
     return (y, final_states) if return_final_states else y
