@@ -37,6 +37,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def document_mask(seq_idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """The block-causal mask (b, 1, l, start + l) of packed rows: a query sees the keys at or
+    before it of its own document (the `start` cached keys belong to document 0)."""
+    keys = F.pad(seq_idx, (start, 0))
+    causal = torch.ones(seq_idx.shape[1], keys.shape[1], dtype=torch.bool, device=seq_idx.device).tril(start)
+    return ((seq_idx[:, :, None] == keys[:, None, :]) & causal)[:, None]
+
+
 class Attention(nn.Module):
     recompute_core = False
     """Recompute `core` in the backward (selective recompute; model/recompute.py)."""
@@ -57,15 +65,17 @@ class Attention(nn.Module):
         return t.view(b, l, n, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """seq_idx (b, l): the document of each token of packed rows (model/hybrid.py:
+        document_index); a token then attends to earlier tokens of its own document only."""
         q = self.heads(self.q_proj(x), self.n_heads)
         k = self.heads(self.k_proj(x), self.n_kv_heads)
         v = self.heads(self.v_proj(x), self.n_kv_heads)
-        out = checkpoint_if(self.recompute_core and cache is None, self.core, q, k, v, position_ids, cache)
+        out = checkpoint_if(self.recompute_core and cache is None, self.core, q, k, v, position_ids, cache, seq_idx)
         return self.o_proj(out)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None = None,
-             cache: KVCache | None = None) -> torch.Tensor:
+             cache: KVCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Between the q/k/v projections and o_proj: RoPE, the KV cache, GQA and SDPA; (b, l, n_heads *
         head_dim). Memory-heavy and FLOP-light: selective recompute redoes it in the backward."""
         b, _, l, _ = q.shape
@@ -85,7 +95,9 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # A single new token attends to everything cached; a block of new tokens is causal
         # among itself, which SDPA's is_causal expresses only when nothing precedes it.
-        if start == 0:
+        if seq_idx is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_idx, start))
+        elif start == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif l == 1:
             out = F.scaled_dot_product_attention(q, k, v)

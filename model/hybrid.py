@@ -4,6 +4,11 @@ Each letter is one pre-norm residual block, x + mixer(rmsnorm(x)): 'M' a Mamba2
 mixer, '*' attention, '-' an MLP. Embedding in, final RMSNorm, LM head out
 (optionally tied). With labels, forward returns the mean cross-entropy through
 the fused LM-head loss, never needing the logits.
+
+Packed rows: where position_ids restart at 0, a new document starts (transformers'
+padding-free convention; the loader's data.doc_boundaries). forward derives each token's
+document once (document_index) and every block keeps documents apart: no conv input, SSM
+state or attention crosses a restart. Without a restart nothing changes.
 """
 from __future__ import annotations
 
@@ -20,6 +25,19 @@ from model.mlp import MLP
 from model.norm import RMSNorm
 from model.recompute import checkpoint_if
 from model.structured import StructuredLinear
+
+
+def document_index(position_ids: torch.Tensor | None, batch_size: int = 1) -> torch.Tensor | None:
+    """seq_idx (b, l) int32, the document of each token (0, 1, ... along each row, a new one where
+    position_ids restart at 0), as mamba_ssm's kernels take it; None when no row restarts (or
+    without position ids): then every op takes its one-document path."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return None
+    restarts = position_ids[..., 1:] == 0
+    if not restarts.any():
+        return None
+    seq_idx = torch.nn.functional.pad(restarts.cumsum(-1, dtype=torch.int32), (1, 0))
+    return seq_idx.expand(batch_size, -1) if seq_idx.dim() == 1 else seq_idx
 
 
 class Block(nn.Module):
@@ -40,18 +58,18 @@ class Block(nn.Module):
         else:
             self.mixer = MLP(cfg.mlp, cfg.d_model, layer_idx, first_mlp=layer_idx == cfg.pattern.index("-"))
 
-    def forward(self, x, position_ids=None, cache=None):
-        return checkpoint_if(self.recompute and cache is None, self.body, x, position_ids, cache)
+    def forward(self, x, position_ids=None, cache=None, seq_idx=None):
+        return checkpoint_if(self.recompute and cache is None, self.body, x, position_ids, cache, seq_idx)
 
-    def body(self, x, position_ids=None, cache=None):
-        """x + mixer(norm(x))."""
+    def body(self, x, position_ids=None, cache=None, seq_idx=None):
+        """x + mixer(norm(x)); seq_idx: the documents of packed rows (document_index)."""
         # residual_in_fp32: the sum in fp32, the norm reading x in the weights' dtype (as mamba_ssm)
         residual = x.to(torch.promote_types(x.dtype, torch.float32)) if self.residual_in_fp32 else x
         h = self.norm(x.to(self.norm.weight.dtype))
         if self.kind == "M":
-            h = self.mixer(h, cache=cache)
+            h = self.mixer(h, cache=cache, seq_idx=seq_idx)
         elif self.kind == "*":
-            h = self.mixer(h, position_ids=position_ids, cache=cache)
+            h = self.mixer(h, position_ids=position_ids, cache=cache, seq_idx=seq_idx)
         else:
             h = self.mixer(h)
         return residual + h
@@ -102,8 +120,9 @@ class HybridLM(nn.Module):
 
     def hidden_states(self, input_ids, position_ids=None, caches=None):
         x = self.embed(input_ids)
+        seq_idx = document_index(position_ids, input_ids.shape[0])
         for i, block in enumerate(self.blocks):
-            x = block(x, position_ids=position_ids, cache=None if caches is None else caches[i])
+            x = block(x, position_ids=position_ids, cache=None if caches is None else caches[i], seq_idx=seq_idx)
         return self.final_norm(x).to(self.final_norm.weight.dtype)  # an fp32 residual back to the weights' dtype
 
     def forward(self, input_ids, labels=None, position_ids=None, caches=None):

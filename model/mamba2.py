@@ -72,16 +72,24 @@ class Mamba2Mixer(nn.Module):
         """(low, high) that every path (chunked scan, recurrence, Triton) clamps dt to."""
         return tuple(self.cfg.dt_limit)
 
-    def conv(self, xbc_in: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
+    def conv(self, xbc_in: torch.Tensor, cache: MambaCache | None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Causal conv + SiLU over xbc_in (b, l, conv_dim). With a cache, the tokens continue the
         cached ones: the conv reads the cache's last inputs before them, and the cache keeps the
-        last d_conv inputs after them (a fresh cache holds zeros: the conv's own padding)."""
+        last d_conv inputs after them (a fresh cache holds zeros: the conv's own padding).
+        seq_idx (b, l): each token's document; the conv reads inputs of its own document only
+        (the cached inputs belong to document 0, and the cache keeps the last document's)."""
         if cache is None:
-            return ops.causal_conv1d(xbc_in, self.conv_weight, self.conv1d.bias, activation="silu")
+            return ops.causal_conv1d(xbc_in, self.conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
         width = self.cfg.d_conv
         seen = torch.cat([cache.conv_state[..., 1:].transpose(1, 2).to(xbc_in.dtype), xbc_in], dim=1)
-        cache.conv_state.copy_(conv_state_from_inputs(seen, width))
-        return ops.causal_conv1d(seen, self.conv_weight, self.conv1d.bias, activation="silu")[:, width - 1:]
+        if seq_idx is not None:
+            seq_idx = torch.nn.functional.pad(seq_idx, (width - 1, 0))
+            last_document = (seq_idx == seq_idx[:, -1:])[..., None]
+            cache.conv_state.copy_(conv_state_from_inputs(seen * last_document, width))
+        else:
+            cache.conv_state.copy_(conv_state_from_inputs(seen, width))
+        return ops.causal_conv1d(seen, self.conv_weight, self.conv1d.bias, activation="silu",
+                                 seq_idx=seq_idx)[:, width - 1:]
 
     def split_projection(self, zxbcdt: torch.Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -93,25 +101,29 @@ class Mamba2Mixer(nn.Module):
                 B.reshape(*lead, self.cfg.ngroups, self.cfg.d_state),
                 C.reshape(*lead, self.cfg.ngroups, self.cfg.d_state))
 
-    def forward(self, u: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, cache: MambaCache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """u (b, l, d_model). With a cache, u continues the cached tokens: l == 1 steps the recurrence,
         l > 1 runs the chunked scan from the cached conv inputs and SSM state (a prompt, or a piece
-        of one: chunked prefill), and the cache is left holding the state after u."""
+        of one: chunked prefill), and the cache is left holding the state after u. seq_idx (b, l):
+        the document of each token of packed rows (model/hybrid.py: document_index); no conv input
+        and no SSM state crosses from one document to the next."""
         if cache is not None and u.shape[1] == 1:
             return self.step(u, cache)
         zxbcdt = self.in_proj(u)
-        return self.out_proj(checkpoint_if(self.recompute_core and cache is None, self.core, zxbcdt, cache))
+        return self.out_proj(checkpoint_if(self.recompute_core and cache is None, self.core, zxbcdt, cache, seq_idx))
 
-    def core(self, zxbcdt: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+    def core(self, zxbcdt: torch.Tensor, cache: MambaCache | None = None,
+             seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Between in_proj and out_proj: causal conv + SiLU, SSD scan, gated norm; (b, l, d_inner).
         Memory-heavy and FLOP-light: selective recompute redoes it in the backward."""
         z, xbc_in, dt = self.split_projection(zxbcdt)
-        xbc = self.conv(xbc_in, cache)
+        xbc = self.conv(xbc_in, cache, seq_idx)
         x, B, C = self.split_xbc(xbc)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
         y = ops.ssd_chunked(x, dt, A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
                             dt_softplus=True, initial_states=None if cache is None else cache.ssm_state,
-                            return_final_states=cache is not None, dt_limit=self.dt_limit)
+                            return_final_states=cache is not None, dt_limit=self.dt_limit, seq_idx=seq_idx)
         if cache is not None:
             y, final_state = y
             cache.ssm_state.copy_(final_state)

@@ -26,7 +26,7 @@ from torch import nn
 from kernels import ops
 from model.config import ModelConfig
 from model.counting import block_forward_flops
-from model.hybrid import Block, HybridLM
+from model.hybrid import Block, HybridLM, document_index
 from parallel.guard import poison_non_finite
 from parallel.tensor_parallel import Sharder, vocab_parallel_loss
 from parallel.topology import Topology
@@ -72,7 +72,13 @@ class EmbeddingStage(nn.Module):
 class BlockStage(Block):
     """A block as a pipeline layer: takes and returns x or (x, position_ids); the last block
     hands x alone to the final norm. Block.__init__ would build a new block, so this takes
-    over an existing one's parts (its parameter names stay the block's)."""
+    over an existing one's parts (its parameter names stay the block's). The documents of
+    packed rows (seq_idx) are derived from the position ids once per micro-batch and stage:
+    every block of a stage receives the same position_ids tensor."""
+
+    _documents: tuple = (None, -1, None)
+    """(position_ids, their version, their seq_idx): the last derivation, shared by the blocks
+    of a stage (held by reference, so no other tensor can take that identity)."""
 
     def __init__(self, block: Block, last: bool):
         nn.Module.__init__(self)
@@ -81,8 +87,19 @@ class BlockStage(Block):
 
     def forward(self, inputs):
         x, position_ids = inputs if isinstance(inputs, tuple) else (inputs, None)
-        x = super().forward(x, position_ids=position_ids)
+        x = super().forward(x, position_ids=position_ids, seq_idx=self.documents(position_ids, x.shape[0]))
         return x if position_ids is None or self.last else (x, position_ids)
+
+
+    @staticmethod
+    def documents(position_ids, batch_size: int):
+        if position_ids is None:
+            return None
+        seen, version, seq_idx = BlockStage._documents
+        if seen is not position_ids or version != position_ids._version:
+            seq_idx = document_index(position_ids, batch_size)
+            BlockStage._documents = (position_ids, position_ids._version, seq_idx)
+        return seq_idx
 
 
 def tied_head(stage: EmbeddingStage, h: torch.Tensor):

@@ -30,7 +30,7 @@ from torch import nn
 
 from kernels import ops
 from model.attention import Attention
-from model.hybrid import HybridLM
+from model.hybrid import HybridLM, document_index
 from model.mamba2 import Mamba2Mixer
 from model.mlp import MLP
 from model.norm import RMSNorm
@@ -60,9 +60,9 @@ class TPAttention(Attention):
                                         for p in (full.k_proj, full.v_proj))
         self.o_proj = RowLinear(full.n_heads * full.head_dim, d_model, False, ctx)
 
-    def forward(self, x, position_ids=None, cache=None):
+    def forward(self, x, position_ids=None, cache=None, seq_idx=None):
         _no_cache_with_sequence_parallel(self.ctx, cache)
-        return super().forward(self.ctx.enter(x), position_ids=position_ids, cache=cache)
+        return super().forward(self.ctx.enter(x), position_ids=position_ids, cache=cache, seq_idx=seq_idx)
 
 
 class TPMamba2(Mamba2Mixer):
@@ -85,9 +85,9 @@ class TPMamba2(Mamba2Mixer):
         self.norm = RMSNorm(self.d_inner, full.norm.eps, group_size=full.norm.group_size)
         self.out_proj = RowLinear(full.d_inner, d_model, full.out_proj.bias is not None, ctx)
 
-    def forward(self, u, cache=None):
+    def forward(self, u, cache=None, seq_idx=None):
         _no_cache_with_sequence_parallel(self.ctx, cache)
-        return super().forward(self.ctx.enter(u), cache=cache)
+        return super().forward(self.ctx.enter(u), cache=cache, seq_idx=seq_idx)
 
 
 class TPMLP(MLP):
@@ -149,8 +149,9 @@ class TensorParallelLM(nn.Module):
 
     def hidden_states(self, input_ids, position_ids=None, caches=None):
         x = self.embed(input_ids)
+        seq_idx = document_index(position_ids, input_ids.shape[0])  # the full sequence's: SP gathers it for the mixers
         for i, block in enumerate(self.blocks):
-            x = block(x, position_ids=position_ids, cache=None if caches is None else caches[i])
+            x = block(x, position_ids=position_ids, cache=None if caches is None else caches[i], seq_idx=seq_idx)
         return self.final_norm(x)
 
     def vocab_logits(self, h: torch.Tensor) -> torch.Tensor:
