@@ -80,14 +80,11 @@ def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
 
 def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None):
     """Causal depthwise conv1d over x (b, l, d) with weight (d, w). seq_idx (b, l): the document
-    of each token (None: one document); an output reads inputs of its own document only.
-    Packed rows take the reference on every device until the Triton kernel reads seq_idx."""
-    if seq_idx is not None:
-        return causal_conv1d_ref(x, weight, bias, activation, seq_idx)
+    of each token (None: one document); an output reads inputs of its own document only."""
     if backend_for(x) == "triton":
         from kernels.conv.kernel import causal_conv1d_triton
-        return causal_conv1d_triton(x, weight, bias, activation)
-    return causal_conv1d_ref(x, weight, bias, activation)
+        return causal_conv1d_triton(x, weight, bias, activation, seq_idx)
+    return causal_conv1d_ref(x, weight, bias, activation, seq_idx)
 
 
 def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):

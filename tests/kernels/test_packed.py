@@ -131,3 +131,8 @@ def test_one_document_is_todays_path(monkeypatch):
     y0 = ops.ssd_chunked(x, dt, A, B, C, CHUNK, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
     y1 = ops.ssd_chunked(x, dt, A, B, C, CHUNK, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, seq_idx=zeros)
     assert (y0 - y1).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_conv_triton_isolates_documents(layout, monkeypatch):
+    check_conv(LAYOUTS[layout], torch.float32, 1e-5, "triton", monkeypatch)
