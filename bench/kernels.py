@@ -4,6 +4,15 @@ torch.compile of that reference, with bf16 correctness against an fp32 reference
     python bench/kernels.py                      # every op, the shapes of the 1.3B hybrid
     python bench/kernels.py --ops ssd,norm --no-compile
     python bench/kernels.py --sweep              # also try SSD block-size variants first
+    python bench/kernels.py --ops ssd,norm,ce --no-compile --json out.json   # + the peers, as bench/gpu_suite.py
+
+Beside Strata's kernels, the same ops of others at the same shapes (../shared/gpu/peers.md; off
+with --no-peers): mamba_ssm's Triton SSD (mamba_chunk_scan_combined) and gated RMSNorm
+(rmsnorm_fn), fla's chunk_simple_gla as an SSD (per head: q = C, k = B, v = x dt, g = A dt, the
+dt softplus, the B/C expansion to heads and the D skip in PyTorch, inside the timing), and
+Liger's fused linear cross-entropy and RMSNorm. A peer that is not installed is a row saying so.
+They run after Strata's ops, in this process; --warm-peers only calls each once (filling
+Triton's compile cache, e.g. in a process beside other work) and exits without a table.
 
 Prints one table: median time (triton.testing.do_bench), achieved GB/s over the op's
 minimum bytes (each input read once, each output written once) and TFLOP/s, both as a
@@ -18,9 +27,13 @@ into docs/BENCHMARKS.md with the date, machine and command.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
 import os
 import sys
 import time
+import types
 
 import torch
 
@@ -346,6 +359,9 @@ def bench_ce(args):
         impls.insert(1, ("compiled ref", fwd_bwd(cref, tin)))
     run_variants("linear CE", "fwd+bwd", impls, 2 * nbytes, 3 * flops, err, grad_to_none=tin)
     ROWS[-1]["note"] = f"peak mem {mem_tri:.0f} vs {mem_ref:.0f} MiB"
+    for r in ROWS:
+        if r["op"] == "linear CE" and r["impl"] in ("triton", "reference"):
+            r["mem_mib"] = mem_tri if r["impl"] == "triton" else mem_ref
 
 
 def bench_blockdiag(args):
@@ -377,12 +393,256 @@ def bench_blockdiag(args):
                 2 * flops, err, args)
 
 
+# ----------------------------------------------------------------------------- peers
+
+# The same ops of others (../shared/gpu/peers.md): package -> the version measured, its file in
+# the wheel folder that ../shared/gpu/wheels.sh fills, and each call used: (module, name,
+# parameters passed by name or position). bench/gpu_suite.py --dry-run checks every call against
+# the peer's sources in that folder.
+PEERS = {
+    "mamba_ssm": dict(version="2.3.2.post1", dist="mamba_ssm-2.3.2.post1.tar.gz", calls=[
+        ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined",
+         ("x", "dt", "A", "B", "C", "chunk_size", "D", "z", "dt_bias", "dt_softplus")),
+        ("mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn",
+         ("x", "weight", "bias", "z", "eps", "group_size", "norm_before_gate"))]),
+    "fla": dict(version="0.6.0", dist="fla_core-0.6.0-py3-none-any.whl", calls=[
+        ("fla.ops.simple_gla.chunk", "chunk_simple_gla", ("q", "k", "v", "g", "scale"))]),
+    "liger_kernel": dict(version="0.8.5", dist="liger_kernel-0.8.5-py3-none-any.whl", calls=[
+        ("liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss.__init__",
+         ("ignore_index",)),
+        ("liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss.forward",
+         ("lin_weight", "_input", "target")),
+        ("liger_kernel.transformers.rms_norm", "LigerRMSNorm.__init__",
+         ("hidden_size", "eps", "casting_mode", "in_place")),
+        ("liger_kernel.transformers.rms_norm", "LigerRMSNorm.forward", ("hidden_states",))]),
+}
+
+
+def enter_mamba_ssm() -> None:
+    """mamba_ssm's package __init__ imports its CUDA extension (selective_scan_cuda), its Mamba3
+    modules (which call triton.set_allocator at import) and its models (transformers' generation
+    classes); its Triton SSD and gated norm need none of that. So the package is entered without
+    running __init__, and peers.md's stub of selective_scan_cuda is set for anything that asks."""
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    if "mamba_ssm" not in sys.modules:
+        spec = importlib.util.find_spec("mamba_ssm")
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec  # its loader never runs: the module is in sys.modules already
+        package.__version__ = PEERS["mamba_ssm"]["version"]
+        sys.modules["mamba_ssm"] = package
+
+
+ONLY_PEERS: set[str] = set()
+"""--only-peers: the packages to run (empty: all)."""
+
+
+def peer(package: str, module: str, name: str):
+    """(the peer's function or class, '') or (None, why not: 'not installed' or 'import failed: ...')."""
+    if ONLY_PEERS and package not in ONLY_PEERS:
+        return None, "left out (--only-peers)"
+    if package not in sys.modules and importlib.util.find_spec(package) is None:
+        return None, "not installed"
+    try:
+        if package == "mamba_ssm":
+            enter_mamba_ssm()
+        return getattr(importlib.import_module(module), name.split(".")[0]), ""
+    except Exception as e:  # noqa: BLE001 (a broken peer is a row, not the end of the run)
+        return None, f"import failed: {type(e).__name__}: {str(e)[:70]}"
+
+
+def peer_label(package: str) -> str:
+    return f"{package} {PEERS[package]['version']}"
+
+
+def strata_ms(op: str, mode: str) -> float | None:
+    return next((r["ms"] for r in ROWS if r["op"] == op and r["mode"] == mode and r["impl"] == "triton"), None)
+
+
+def vs_strata(op: str, mode: str, ms: float) -> str:
+    mine = strata_ms(op, mode)
+    if mine is None or not ms == ms:  # nan: the peer failed
+        return ""
+    return f"Strata {ms / mine:.2f}x faster" if ms >= mine else f"Strata {mine / ms:.2f}x slower"
+
+
+def run_peer(op, label, fn, inputs, nbytes_fwd, nbytes_bwd, flops_fwd, flops_bwd, err, note="",
+             modes=("fwd", "fwd+bwd"), memory=False):
+    """Time a peer's forward (no grad) and forward + backward as Strata's rows are timed; with memory,
+    also its peak memory beyond the inputs (forward + backward, gradients included)."""
+    det = [t.detach() for t in inputs]
+    tin = [leaf(t) for t in inputs]
+    for mode in modes:
+        notes = []
+        if mode == "fwd":
+            with torch.no_grad():
+                run_variants(op, mode, [(label, lambda: fn(*det))], nbytes_fwd, flops_fwd, err)
+        else:
+            step = fwd_bwd(fn, tin)
+            if memory:
+                step()  # fixes the output gradient outside the measurement
+                for t in tin:
+                    t.grad = None
+                mem = _peak_mb(step)
+                notes.append(f"peak mem {mem:.0f} MiB")
+                for t in tin:
+                    t.grad = None
+            run_variants(op, mode, [(label, step)], nbytes_fwd + nbytes_bwd, flops_fwd + flops_bwd, err,
+                         grad_to_none=tin)
+        row = ROWS[-1]
+        row["err"] = err
+        if memory and mode != "fwd":
+            row["mem_mib"] = mem
+        row["note"] = "; ".join(x for x in (row["note"], *notes, vs_strata(op, mode, row["ms"]), note) if x)
+        torch.cuda.synchronize()
+
+
+def missing_peer(op, label, why):
+    if not why.startswith("left out"):
+        add_row(op, "-", label, float("nan"), 0, 0, note=why)
+
+
+def peer_ssd(args, warm=False):
+    inputs, dims = ssd_case(args)
+    b, l, h, p, g, n, L = dims
+    fb, bb, ff, bf = ssd_cost(dims)
+    y_ref, g_ref, gy = None, None, torch.randn(inputs[0].shape, device="cuda")
+    if not warm:  # the fp32 reference on the same inputs, for the bf16 errors
+        ref_in = [leaf(t, torch.float32) for t in inputs]
+        y_ref = ssd_chunked_ref(*ref_in[:5], L, D=ref_in[5], dt_bias=ref_in[6], dt_softplus=True)
+        g_ref = torch.autograd.grad(y_ref, ref_in, gy)
+    mamba, why = peer("mamba_ssm", *PEERS["mamba_ssm"]["calls"][0][:2])
+    if mamba is None:
+        missing_peer("ssd", peer_label("mamba_ssm"), why)
+    else:
+        def mamba_ssd(x, dt, A, B, C, D, dt_bias):
+            return mamba(x, dt, A, B, C, L, D=D, z=None, dt_bias=dt_bias, dt_softplus=True)
+        _peer_ssd_rows("mamba_ssm", mamba_ssd, inputs, y_ref, gy, g_ref, (fb, bb, ff, bf), warm,
+                       "Triton SSD, mamba_chunk_scan_combined")
+    gla, why = peer("fla", *PEERS["fla"]["calls"][0][:2])
+    if gla is None:
+        missing_peer("ssd", peer_label("fla"), why)
+    else:
+        def fla_ssd(x, dt, A, B, C, D, dt_bias):
+            heads, groups = x.shape[2], B.shape[2]
+            dt = torch.nn.functional.softplus(dt.float() + dt_bias)
+            q = C.repeat_interleave(heads // groups, dim=2)
+            k = B.repeat_interleave(heads // groups, dim=2)
+            v = (x * dt.unsqueeze(-1)).to(x.dtype)
+            o, _ = gla(q, k, v, g=dt * A, scale=1.0)
+            return o + x * D[:, None].to(x.dtype)
+        _peer_ssd_rows("fla", fla_ssd, inputs, y_ref, gy, g_ref, (fb, bb, ff, bf), warm,
+                       "chunk_simple_gla per head; softplus, B/C to heads, D skip in PyTorch")
+
+
+def _peer_ssd_rows(package, fn, inputs, y_ref, gy, g_ref, cost, warm, note):
+    tin = [leaf(t) for t in inputs]
+    y = fn(*tin)
+    grads = torch.autograd.grad(y, tin, gy.to(y.dtype), allow_unused=True)
+    if warm:
+        return
+    errs = [rel(y, y_ref)] + [rel(a, r) for a, r in zip(grads, g_ref) if a is not None]
+    fb, bb, ff, bf = cost
+    run_peer("ssd", peer_label(package), fn, inputs, fb, bb, ff, bf, max(errs),
+             note=f"{note}; out err {errs[0]:.1e}")
+
+
+def peer_norm(args, warm=False):
+    rows = args.batch * args.seqlen
+    d = args.d_model
+    x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(d, device="cuda") + 0.5
+    liger_norm, why = peer("liger_kernel", *PEERS["liger_kernel"]["calls"][2][:2])
+    if liger_norm is None:
+        missing_peer("rmsnorm", peer_label("liger_kernel"), why)
+    else:
+        module = liger_norm(d, eps=1e-5, casting_mode="llama", in_place=False).cuda()
+
+        def liger(x, w):
+            return torch.func.functional_call(module, {"weight": w}, (x,))
+        _peer_rows("rmsnorm", "liger_kernel", liger, [x, w], lambda x, w: rmsnorm_ref(x, w, 1e-5), rows * d * 2,
+                   warm, (2, 3), "LigerRMSNorm, casting_mode llama, in_place off (each timed backward keeps its "
+                                 "output gradient)")
+    d = 2 * args.d_model
+    x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+    z = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(d, device="cuda") + 0.5
+    gated, why = peer("mamba_ssm", *PEERS["mamba_ssm"]["calls"][1][:2])
+    if gated is None:
+        missing_peer("rmsnorm gated", peer_label("mamba_ssm"), why)
+    else:
+        def mamba_norm(x, w, z):
+            return gated(x, w, None, z=z, eps=1e-5, group_size=None, norm_before_gate=False)
+        _peer_rows("rmsnorm gated", "mamba_ssm", mamba_norm, [x, w, z],
+                   lambda x, w, z: rmsnorm_ref(x, w, 1e-5, z, None), rows * d * 2, warm, (3, 5),
+                   "rmsnorm_fn, norm_before_gate=False (Mamba2's)")
+
+
+def _peer_rows(op, package, fn, inputs, ref, e, warm, passes, note):
+    if warm:
+        tin = [leaf(t) for t in inputs]
+        y = fn(*tin)
+        torch.autograd.grad(y, tin, torch.randn_like(y))
+        return
+    err = _errors(inputs, fn, ref)
+    run_peer(op, peer_label(package), fn, inputs, e * passes[0], e * passes[1], 0, 0, err, note=note)
+
+
+def peer_ce(args, warm=False):
+    n, d, V = args.batch * args.seqlen, args.d_model, args.vocab
+    h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(V, d, device="cuda") * 0.02).to(torch.bfloat16)
+    t = torch.randint(0, V, (n,), device="cuda")
+    t[::50] = -100
+    loss_class, why = peer("liger_kernel", *PEERS["liger_kernel"]["calls"][1][:2])
+    if loss_class is None:
+        missing_peer("linear CE", peer_label("liger_kernel"), why)
+        return
+    loss_fn = loss_class(ignore_index=-100)
+
+    def liger(h, w):
+        return loss_fn(w, h, t)
+    if warm:
+        tin = [leaf(h), leaf(w)]
+        torch.autograd.grad(liger(*tin), tin)
+        return
+    err = _errors([h, w], liger, lambda a, b: linear_cross_entropy_ref(a, b, t))
+    flops, nbytes = 2 * n * V * d, 2 * (n * d + V * d)
+    run_peer("linear CE", peer_label("liger_kernel"), liger, [h, w], nbytes, nbytes, flops, 2 * flops, err,
+             modes=("fwd+bwd",), memory=True,
+             note="LigerFusedLinearCrossEntropyLoss, defaults (its grad_weight accumulates in the input dtype)")
+
+
+PEER_BENCHES = {"ssd": peer_ssd, "norm": peer_norm, "ce": peer_ce}
+
+
+def bench_peers(args, ops, warm=False):
+    for op in ops:
+        if op not in PEER_BENCHES:
+            continue
+        t0 = time.time()
+        try:
+            PEER_BENCHES[op](args, warm)
+        except Exception as e:  # noqa: BLE001 (report and go on)
+            import traceback
+            traceback.print_exc()
+            add_row(op, "-", "peers", float("nan"), 0, 0, note=f"failed: {type(e).__name__}: {str(e)[:80]}")
+        print(f"[{op} peers {'warmed' if warm else 'done'} in {time.time() - t0:.0f} s]", flush=True)
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- main
+
+def grouped_rows() -> list[dict]:
+    """ROWS with each op's rows together (peers run last, after all of Strata's ops)."""
+    order = list(dict.fromkeys(r["op"] for r in ROWS))
+    return sorted(ROWS, key=lambda r: order.index(r["op"]))
+
 
 def print_table(args, file=None):
     hdr = "| op | pass | impl | ms | GB/s | % HBM | TFLOP/s | % peak | vs ref | bf16 err | note |"
     print("\n" + hdr + "\n|" + "---|" * 11, file=file)
-    for r in ROWS:
+    for r in grouped_rows():
         gbs = "" if r["gbs"] is None else f"{r['gbs']:.0f}"
         hbm = "" if r["gbs"] is None else f"{100 * r['gbs'] / (args.hbm_tbs * 1e3):.0f}"
         tf = "" if r["tflops"] is None else f"{r['tflops']:.1f}"
@@ -391,6 +651,19 @@ def print_table(args, file=None):
         er = "" if r["err"] is None else f"{r['err']:.1e}"
         print(f"| {r['op']} | {r['mode']} | {r['impl']} | {r['ms']:.3f} | {gbs} | {hbm} | {tf} | {pk} | {sp} | {er} | "
               f"{r['note']} |", file=file)
+
+
+def write_json(args, path):
+    """The rows, the shapes and the machine, for bench/gpu_suite.py (NaN ms: the variant failed)."""
+    import triton
+    shapes = {k: getattr(args, k) for k in ("batch", "seqlen", "d_model", "nheads", "headdim", "dstate", "chunk",
+                                            "vocab")}
+    data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "shapes": shapes, "hbm_tbs": args.hbm_tbs, "peak_tflops": args.peak_tflops, "rows": grouped_rows()}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main():
@@ -410,6 +683,12 @@ def main():
     ap.add_argument("--table-file", help="also write the table here after each op")
     ap.add_argument("--hbm-tbs", type=float, default=3.0)
     ap.add_argument("--peak-tflops", type=float, default=800.0)
+    ap.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="leave out mamba_ssm, fla and Liger (they run after Strata's ops)")
+    ap.add_argument("--warm-peers", action="store_true",
+                    help="only call each peer of --ops once (fills Triton's caches) and exit")
+    ap.add_argument("--only-peers", default="", help="comma-separated peer packages to run (default: all of PEERS)")
+    ap.add_argument("--json", help="also write the rows here (after each op), for bench/gpu_suite.py")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -418,6 +697,10 @@ def main():
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     torch.manual_seed(0)
     ops = args.ops.split(",")
+    ONLY_PEERS.update(p for p in args.only_peers.split(",") if p)
+    if args.warm_peers:
+        bench_peers(args, ops, warm=True)
+        return
     if "ssd" in ops and (args.sweep or args.breakdown):
         ssd_breakdown(args, args.sweep)
     table = {"ssd": bench_ssd, "conv": bench_conv, "norm": bench_norm, "ce": bench_ce, "blockdiag": bench_blockdiag}
@@ -434,6 +717,12 @@ def main():
         if args.table_file:
             with open(args.table_file, "w") as f:
                 print_table(args, f)
+        if args.json:
+            write_json(args, args.json)
+    if args.peers:
+        bench_peers(args, ops)
+        if args.json:
+            write_json(args, args.json)
     print_table(args)
 
 
