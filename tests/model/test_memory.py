@@ -1,0 +1,106 @@
+"""model/memory.py's tensor lists equal what a real forward keeps for the backward (the PyTorch
+reference kernels, fp32), byte for byte, for every block kind and recompute mode; the Triton
+kernels' lists are checked the same way in tests/kernels/test_memory_triton.py."""
+import pytest
+import torch
+
+from kernels import ops
+from model.config import ModelConfig
+from model.hybrid import HybridLM
+from model.memory import Shape, block_activations, kept_bytes, loss_activations
+
+
+def gqa_rope() -> ModelConfig:
+    """Every size distinct (d, E, P, N, Q, H, K, D, f) so that a wrong factor cannot hide."""
+    cfg = ModelConfig(pattern="M*-", d_model=48, vocab_size=96, max_seq_len=256)
+    cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.ngroups, cfg.mamba.chunk_size = 12, 20, 2, 16
+    cfg.attention.n_heads, cfg.attention.n_kv_heads, cfg.attention.head_dim = 6, 2, 10
+    cfg.mlp.d_ff = 112
+    cfg.validate()
+    return cfg
+
+
+def mha_relu2() -> ModelConfig:
+    cfg = ModelConfig(pattern="M*-", d_model=64, vocab_size=96, max_seq_len=256)
+    cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.chunk_size = 16, 8, 32
+    cfg.attention.n_heads, cfg.attention.rope = 4, False
+    cfg.mlp.activation = "relu2"
+    cfg.validate()
+    return cfg
+
+
+CONFIGS = {"gqa-rope-swiglu": gqa_rope, "mha-relu2": mha_relu2}
+
+
+def saved_bytes(fn, params, *args) -> int:
+    """Bytes of the storages autograd keeps from fn(*args), each once, parameters left out."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+def set_recompute(block, mode: str) -> None:
+    block.recompute = mode == "full"
+    block.mixer.recompute_core = mode == "selective"
+
+
+def check_blocks(cfg: ModelConfig, kernels: str, batch: int, seq_len: int, mode: str) -> None:
+    model = HybridLM(cfg)
+    params = list(model.parameters())
+    for i, block in enumerate(model.blocks):
+        set_recompute(block, mode)
+        x = torch.randn(batch, seq_len, cfg.d_model, requires_grad=True)
+        measured = saved_bytes(block, params, x)
+        terms = block_activations(cfg, block.kind, Shape(batch, seq_len, kernels=kernels, act_bytes=4),
+                                  dense_mlp=i == cfg.pattern.index("-"))
+        assert kept_bytes(terms, mode) == measured, (block.kind, mode)
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_block_activations_are_what_the_reference_forward_keeps(name, mode, monkeypatch):
+    monkeypatch.setenv("STRATA_KERNELS", "reference")
+    torch.manual_seed(0)
+    # seq 40 pads to the chunk (16: 48, 32: 64); 64 is a whole number of chunks
+    for batch, seq_len in ((3, 40), (2, 64)):
+        check_blocks(CONFIGS[name](), "reference", batch, seq_len, mode)
+
+
+def test_packed_documents_add_the_attention_mask_and_row_rope_tables(monkeypatch):
+    from model.hybrid import document_index
+
+    monkeypatch.setenv("STRATA_KERNELS", "reference")
+    cfg = gqa_rope()
+    model = HybridLM(cfg)
+    attention = model.blocks[cfg.pattern.index("*")]
+    positions = torch.arange(40).repeat(3, 1)
+    positions[:, 17:] -= 17  # a second document from token 17
+    x = torch.randn(3, 40, cfg.d_model, requires_grad=True)
+    measured = saved_bytes(lambda x: attention(x, position_ids=positions, seq_idx=document_index(positions, 3)),
+                           list(model.parameters()), x)
+    terms = block_activations(cfg, "*", Shape(3, 40, kernels="reference", act_bytes=4, documents=True))
+    assert kept_bytes(terms, "none") == measured
+
+
+def test_loss_activations_are_what_the_reference_loss_keeps(monkeypatch):
+    monkeypatch.setenv("STRATA_KERNELS", "reference")
+    cfg = gqa_rope()
+    model = HybridLM(cfg)
+    x = torch.randn(3, 40, cfg.d_model, requires_grad=True)
+    labels = torch.randint(0, cfg.vocab_size, (3 * 40,))
+
+    def loss(x):
+        h = model.final_norm(x)
+        return ops.linear_cross_entropy(h.reshape(-1, cfg.d_model), model.head_weight, labels)
+
+    expected = sum(t.bytes for t in loss_activations(cfg, Shape(3, 40, kernels="reference", act_bytes=4)).saved)
+    assert saved_bytes(loss, list(model.parameters()), x) - expected in range(0, 9)  # and a scalar
