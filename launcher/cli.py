@@ -26,6 +26,8 @@ COMMANDS = {  # command: (module, its entry function, what it does, for `strata 
                    "verify a run's checkpoints against their checksums, without loading them"),
     "launch": ("launcher.launch", "main",
                "write (or submit) a SLURM script that saves before its time limit and requeues itself"),
+    "plan": ("launcher.plan", "main",
+             "which parallel layouts fit a model on N GPUs: memory per GPU, FLOPs, estimated step time"),
 }
 
 STDOUT_IS_OUTPUT = {"generate", "export", "import", "checkpoint"}

@@ -98,6 +98,7 @@ class Reporter:
     def __init__(self, run_dir: Path, logging_cfg, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled
         self.log_every = logging_cfg.log_every
+        self.predicted_peak_gib: float | None = None
         self.writer = None
         self.bar = None
         self.jsonl = None
@@ -135,16 +136,28 @@ class Reporter:
         self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
         self.jsonl.flush()
 
+    def expect_peak_memory(self, step: int, gib: float) -> None:
+        """The memory plan's predicted peak per rank (launcher/plan.py), recorded once as
+        memory/predicted_peak_gib; every step then records the measured peak beside it as
+        memory/measured_peak_gib (train/peak_memory_gib's value)."""
+        self.predicted_peak_gib = gib
+        self.scalars(step, {"predicted_peak_gib": gib}, kind="memory")
+
     def step_done(self, step: int, values: dict) -> None:
         self.scalars(step, values)
+        measured = values.get("peak_memory_gib")
+        if self.predicted_peak_gib is not None and measured is not None:
+            self.scalars(step, {"measured_peak_gib": measured}, kind="memory")
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
         elif step % self.log_every == 0:
+            memory = "" if self.predicted_peak_gib is None or measured is None else \
+                f" | peak memory {measured:.2f} GiB (plan {self.predicted_peak_gib:.2f})"
             self.log(f"step {step:6d} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
-                     f"grad norm {values['grad_norm']:.3f} | {values['tokens_per_s']:.0f} tok/s")
+                     f"grad norm {values['grad_norm']:.3f} | {values['tokens_per_s']:.0f} tok/s{memory}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -36,6 +36,7 @@ from launcher.config import Config, ConfigError, dump_yaml, load_config
 from launcher.errors import (CONFIG_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error, exit_code_of,
                              leave_os_errors_to_the_main_thread, report_error_once)
 from launcher.metrics import Reporter, hardware_metrics, peak_tflops, show_strata_logs
+from launcher.plan import log_memory_plan
 from launcher.signals import Preempted, StopRequest
 from model import HybridLM
 from model.counting import format_counts, training_flops_per_token
@@ -173,6 +174,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                  f"tp={topo.tp} pp={topo.pp} | {'resumed from ' + newest.name if newest else 'fresh start'} "
                  f"at step {step}{f' (resharded from {resharded.layout.describe()})' if resharded is not None else ''}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
+    log_memory_plan(reporter, cfg, info.world_size, info.device, topo.pp_rank, step)  # checked at every step
     if describe_structure(cfg.model):
         reporter.log(describe_structure(cfg.model))
     flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)

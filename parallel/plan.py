@@ -1,0 +1,413 @@
+"""Per-rank memory and step time of a training layout, before any GPU is used (`strata plan`).
+
+    spec = RunSpec(model_cfg, seq_len=4096, global_batch=256, micro_batch=4, zero_stage=1)
+    plan = plan_layout(spec, Layout(tp=2, pp=2, dp=16, zero_stage=1))
+    plan.peak, plan.terms, plan.over(80 * GIB)           # bytes of the fullest rank, by term
+    plans = plan_layouts(spec, world_size=64)           # every layout of parallel/layout.py's valid_layouts
+
+No process group and no GPU: parameters come from a HybridLM on the meta device split by
+parallel/tp_splits.py (the TP model's own rules), pipeline stages from the same FLOP-balanced
+partition as parallel/pipeline.py, FLOPs from model/counting.py and activations from
+model/memory.py. What a rank holds (fp32 weights, torch AdamW, DeepSpeed 0.19's ZeRO):
+
+- weights: 4 bytes per local parameter (ZeRO-3: 1/dp of them, except the small ones it keeps whole).
+- bf16 weight copies: under autocast each matmul keeps the bf16 copy of its weight for the
+  backward, 2 bytes per matmul parameter, ZeRO-3 included (it gathers, autocast copies).
+- gradients: 4 bytes per local parameter (ZeRO 2: 1/dp of them; ZeRO-3 holds its partition and the
+  optimizer's copy of it throughout). With one micro-batch a step they come into being during the
+  backward: the peak holds only those made by then.
+- optimizer: AdamW's two fp32 moments, 8 bytes per parameter (ZeRO >= 1: 1/dp), and from ZeRO 1 on
+  DeepSpeed's fp32 master copy of the rank's partition (4 bytes / dp), even of fp32 weights.
+- DeepSpeed's buffers: at ZeRO 1-3 its reduce bucket, allocated whole (reduce_bucket_size, 5e8
+  elements of fp32 gradients: 1.86 GiB) whatever the model's size; at ZeRO-0 the flattened gradients
+  of its all-reduce; ZeRO-3's gathered parameters of the running layers (two blocks); under PP the
+  pipe buffers (each micro-batch's output until its backward, the gradient received).
+- activations: model/memory.py's tensors of this stage's blocks for one micro-batch, times the
+  micro-batches in flight (1F1B: pp - stage on stage `stage`, at most the accumulation steps).
+- the backward's high point (backward_moments): at the loss (the final norm's and loss's tensors and
+  its transient buffers), or inside a recomputed block's backward (its activations are back).
+
+The peak is the higher of the backward and the optimizer step (weights, all gradients, optimizer
+states and AdamW's temporaries).
+
+Step time is an estimate for ranking layouts, not a promise: compute at ASSUMED_MFU of the GPU's
+peak, the 1F1B bubble, and the TP all-reduces, DP gradient reduction and ZeRO-3 gathers at ring
+bandwidth, none of it overlapped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from model.config import ModelConfig
+from model.counting import (attention_block_flops, block_forward_flops, count_parameters,
+                            mamba_block_flops, training_flops_per_token)
+from model.memory import (FP32, LossMemory, Shape, block_activations, core_input_bytes, kept_bytes,
+                          loss_activations, recompute_working_set)
+from parallel.layout import Layout, layout_problems, valid_layouts
+
+GIB = 2**30
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's default zero_optimization.reduce_bucket_size (parallel/engine.py leaves it unset)."""
+BUCKET = "ZeRO reduce bucket (reduce_bucket_size x fp32)"
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+"""DeepSpeed's stage3_param_persistence_threshold: smaller parameters stay whole on every rank."""
+ASSUMED_MFU = 0.45
+"""Share of the GPU's peak that the compute estimate assumes."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu_memory: float = 80 * GIB
+    gpus_per_node: int = 8
+    tflops: float = 989.4
+    """Dense bf16 peak of one GPU (H100 SXM)."""
+    intra_node_gbps: float = 300.0
+    """All-reduce bus bandwidth between GPUs of a node (NVLink), GB/s."""
+    inter_node_gbps: float = 40.0
+    """All-reduce bus bandwidth per GPU across nodes (a 400 Gb/s NIC per GPU), GB/s."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the plan needs of a run besides its layout."""
+
+    model: ModelConfig
+    seq_len: int
+    global_batch: int
+    micro_batch: int
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    recompute: tuple[str, ...] = ()
+    """Each block's mode (TrainConfig.block_recompute); empty: 'none' everywhere."""
+    kernels: str = "triton"
+    act_bytes: int = 2
+    """2 under bf16 autocast (GPU), 4 in fp32."""
+    vocab_size: int = 0
+    """The vocabulary the model trains (model.vocab_size, or the tokenizer's); 0: model.vocab_size."""
+    documents: bool = False
+    """data.doc_boundaries: packed rows keep documents apart (model/memory.py Shape.documents)."""
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_size or self.model.vocab_size
+
+    def mode(self, block: int) -> str:
+        return self.recompute[block] if self.recompute else "none"
+
+    def resolved_model(self) -> ModelConfig:
+        return self.model if self.model.vocab_size else replace(self.model, vocab_size=self.vocab)
+
+
+@dataclass
+class Plan:
+    spec: RunSpec
+    layout: Layout
+    stage: int
+    """The pipeline stage whose ranks peak highest (0 when pp = 1)."""
+    terms: dict[str, float]
+    """Bytes per rank at the peak, by term."""
+    peak: float
+    phase: str
+    """'backward' or 'optimizer step': when the peak happens."""
+    accumulation: int
+    in_flight: int
+    activations_by_kind: dict[str, float] = field(default_factory=dict)
+    """One micro-batch's kept activations on the peak stage, by block kind."""
+    flops_per_token: float = 0.0
+    step_time: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    """Why the layout cannot run at all (e.g. the batch does not divide); empty when it can."""
+
+    def over(self, memory: float) -> bool:
+        return bool(self.problems) or self.peak > memory
+
+
+# ----------------------------------------------------------------------------------------
+# Parameters per rank
+# ----------------------------------------------------------------------------------------
+
+_LAYERS: dict[tuple[str, int], tuple] = {}
+
+
+def layer_of(name: str, n_blocks: int) -> int:
+    """The pipeline layer (parallel/pipeline.py's order) a HybridLM parameter belongs to."""
+    if name.startswith("embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return n_blocks + 1 if name.startswith("final_norm.") else n_blocks + 2
+
+
+def _layer_parameters(model: ModelConfig, tp: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Per pipeline layer: (parameters on one TP rank, of which matmul weights, the largest one, of
+    which in tensors ZeRO-3 never partitions),
+    from a HybridLM on the meta device (no memory) split by parallel/tp_splits.py."""
+    key = (repr(model), tp)
+    if key not in _LAYERS:
+        _LAYERS[key] = _count_layer_parameters(model, tp)
+    return _LAYERS[key]
+
+
+_META: dict[str, torch.nn.Module] = {}
+
+
+def meta_model(model: ModelConfig) -> torch.nn.Module:
+    """HybridLM(model) on the meta device: shapes, no memory. Its init draws nothing there, and
+    skipping nn.init.normal_ saves that op's one-time import on meta tensors (a second)."""
+    from unittest import mock
+
+    from model.hybrid import HybridLM
+
+    if repr(model) not in _META:
+        with torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", lambda t, *args, **kwargs: t):
+            _META[repr(model)] = HybridLM(model)
+    return _META[repr(model)]
+
+
+def _count_layer_parameters(model: ModelConfig, tp: int) -> tuple[tuple[int, int, int, int], ...]:
+    from parallel.tp_splits import parameter_splits, split_of
+
+    net = meta_model(model)
+    splits = parameter_splits(net, tp)
+    n = len(model.pattern)
+    layers = [[0, 0, 0, 0] for _ in range(n + 3)]
+    for name, p in net.named_parameters():
+        local = p.numel() if split_of(splits, name).dim is None else p.numel() // tp
+        layer = layers[layer_of(name, n)]
+        layer[0] += local
+        layer[1] += local if p.dim() >= 2 and not name.startswith("embed.") else 0
+        layer[2] = max(layer[2], local)
+        layer[3] += local if local < ZERO3_PERSISTENCE_THRESHOLD else 0
+    if model.tie_embeddings:  # the last stage's head is the embedding: a matmul weight there
+        layers[n + 2] = [0, layers[0][0], layers[0][0], 0]
+    return tuple(map(tuple, layers))
+
+
+def stage_bounds(model: ModelConfig, seq_len: int, pp: int) -> list[int]:
+    """parallel/pipeline.py's stage_bounds without importing the pipeline (and megatron-core):
+    DeepSpeed's partition_balanced over each layer's forward FLOPs (the tests check they agree)."""
+    if pp == 1:
+        return [0, len(model.pattern) + 3]
+    key = (repr(model), seq_len, pp)
+    if key not in _BOUNDS:  # every TP degree of a world size asks again
+        from deepspeed.runtime.utils import partition_balanced
+
+        costs = [0.0, *block_forward_flops(model, seq_len), 0.0, 2.0 * model.d_model * model.vocab_size]
+        _BOUNDS[key] = list(partition_balanced(costs, pp))
+    return list(_BOUNDS[key])
+
+
+_BOUNDS: dict[tuple[str, int, int], list[int]] = {}
+
+
+def stage_parameters(model: ModelConfig, tp: int, pp: int, seq_len: int) -> list[dict]:
+    """Per pipeline stage: 'params' one rank holds, 'matmul' of them (bf16 copies under autocast),
+    'largest' single parameter, and 'layers' (pipeline layer indices). With tied embeddings and
+    pp > 1 the last stage holds the embedding too (DeepSpeed's TiedLayerSpec)."""
+    layers = _layer_parameters(model, tp)
+    bounds = stage_bounds(model, seq_len, pp)
+    n = len(model.pattern)
+    out = []
+    for s in range(pp):
+        idx = list(range(bounds[s], bounds[s + 1]))
+        held = [layers[i] for i in idx]
+        if model.tie_embeddings and n + 2 in idx and 0 not in idx:
+            held.append(layers[0])
+        out.append({"params": sum(h[0] for h in held), "matmul": sum(h[1] for h in held),
+                    "largest": max((h[2] for h in held), default=0), "persistent": sum(h[3] for h in held),
+                    "layers": idx})
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------
+
+def optimizer_terms(info: dict, spec: RunSpec, layout: Layout, cuda: bool, gathered: int,
+                    accumulation: int) -> tuple[dict[str, float], dict[str, float], float]:
+    """(held through the step, gradients at the backward's peak, extra at the optimizer step) for a
+    stage `info` (stage_parameters); `gathered`: parameters of the largest block (ZeRO-3 gathers it)."""
+    z, dp, params = spec.zero_stage, layout.dp, info["params"]
+    part = params / dp
+    if z == 3:  # small parameters stay whole (stage3_param_persistence_threshold)
+        weights = info["persistent"] + (params - info["persistent"]) / dp
+    else:
+        weights = params
+    held = {"weights (fp32)": FP32 * weights}
+    if spec.act_bytes == 2:
+        held["bf16 weight copies kept by the matmuls (autocast)"] = 2 * info["matmul"]
+    held["optimizer: AdamW moments (fp32)"] = 2 * FP32 * (part if z >= 1 else params)
+    if z >= 1:
+        held["optimizer: fp32 master partition (DeepSpeed ZeRO)"] = FP32 * part
+        held[BUCKET] = FP32 * REDUCE_BUCKET_ELEMENTS
+    if z == 3:  # its partitioned gradients and the optimizer's gradient buffer: flat, held throughout
+        held["ZeRO-3 gradient partition and the optimizer's copy (fp32)"] = 2 * FP32 * part
+        held["ZeRO-3 gathered parameters (the running layers)"] = FP32 * 2 * gathered
+    if z == 0 and (dp > 1 or layout.pp > 1):  # DeepSpeed flattens the gradients to all-reduce them (<= 5e8 at a time)
+        held["gradient all-reduce buffer (DeepSpeed ZeRO-0)"] = FP32 * min(params, REDUCE_BUCKET_ELEMENTS)
+    full_grads = FP32 * (part if z >= 2 else params)
+    # Gradients exist at the backward's peak once a micro-batch has finished its backward
+    # (accumulation); a step's only backward peaks before most of them are made (backward_moments).
+    grads = {"gradients (fp32)": full_grads if accumulation > 1 and z < 3 else 0.0}
+    # AdamW's temporaries: foreach (CUDA) makes a tensor-list the size of its parameters; the
+    # single-tensor loop (CPU) one of the largest parameter.
+    step_extra = FP32 * ((part if z >= 1 else params) if cuda else info["largest"])
+    return held, grads, step_extra + (full_grads - grads["gradients (fp32)"])
+
+
+def backward_moments(kept: list[float], dropped: list[float], in_flight: int, residual_grads: float,
+                     loss: LossMemory | None, bucket: float, made: list[float] | None = None) -> list[dict[str, float]]:
+    """The bytes at each candidate high point of a stage's backward, by term: at the loss (all blocks'
+    kept tensors, the loss's, its transient buffers), and in each recomputed block's backward (the kept
+    tensors of the blocks before it and its own, what it recomputes). Other micro-batches in flight
+    keep everything meanwhile. `made`: when gradients come into being during this backward (ZeRO 0,
+    one micro-batch a step), the gradient bytes made at the loss and by each block, in block order."""
+    flight = f"activations ({in_flight} micro-batch{'es' if in_flight > 1 else ''} in flight)"
+    others = (in_flight - 1) * sum(kept)
+    transient = "transient buffers (loss, gradients in flight)"
+    if loss is None:
+        moments = [{flight: others + sum(kept), transient: residual_grads}]
+    else:
+        # ZeRO 1-3 allocate the reduce bucket when the first gradient arrives, after the loss's
+        # own buffers are gone: only what exceeds the bucket adds to the peak.
+        extra = max(loss.forward_peak, loss.backward_peak) - bucket
+        moments = [{flight: others + sum(kept), "loss: final norm, kept gradients / log-softmax":
+                    sum(t.bytes for t in loss.saved), transient: max(residual_grads, extra)}]
+    made = made or [0.0] * (len(kept) + 1)
+    grads = "gradients made so far (fp32)"
+    moments[0][grads] = made[-1]
+    alive, done = sum(kept), made[-1]
+    for k, d, g in zip(reversed(kept), reversed(dropped), reversed(made[:-1])):
+        if d:
+            moments.append({flight: others + alive, "a recomputed block's activations (in its backward)": d,
+                            transient: residual_grads, grads: done})
+        alive -= k
+        done += g
+    return moments
+
+
+def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cuda: bool) -> Plan:
+    model = spec.resolved_model()
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    info = stages[stage]
+    accumulation = max(1, spec.global_batch // (spec.micro_batch * dp))
+    in_flight = min(pp - stage, accumulation) if pp > 1 else 1
+    shape = Shape(spec.micro_batch, spec.seq_len, tp, spec.sequence_parallel, spec.kernels, spec.act_bytes,
+                  spec.documents)
+    n_blocks = len(model.pattern)
+    first_mlp = model.pattern.find("-")
+    by_kind: dict[str, float] = {}
+    kept, dropped, made = [], [], []
+    layers = _layer_parameters(model, tp)
+    for layer in info["layers"]:
+        if not 1 <= layer <= n_blocks:
+            continue
+        i = layer - 1
+        made.append(FP32 * layers[layer][0])
+        kind = model.pattern[i]
+        terms = block_activations(model, kind, shape, dense_mlp=model.mlp.dense_first_layer and i == first_mlp)
+        kept.append(kept_bytes(terms, spec.mode(i)))
+        dropped.append(recompute_working_set(terms, spec.mode(i), core_input_bytes(model, kind, shape)))
+        by_kind[kind] = by_kind.get(kind, 0.0) + kept[-1]
+    gathered = max((p - small for i, (p, _, _, small) in enumerate(layers) if 1 <= i <= n_blocks), default=0)
+    held, grads, step_extra = optimizer_terms(info, spec, layout, cuda, gathered, accumulation)
+    loss = loss_activations(model, shape, spec.vocab) if n_blocks + 2 in info["layers"] else None
+    residual_grads = 3 * shape.residual_tokens * model.d_model * FP32
+    if spec.zero_stage == 0 and accumulation == 1:  # gradients are made during the peak's backward
+        untied_embedding = layers[0][0] if 0 in info["layers"] and not model.tie_embeddings else 0
+        made.append(FP32 * (info["params"] - sum(layers[i][0] for i in info["layers"] if 1 <= i <= n_blocks)
+                            - untied_embedding))  # the head's (the tied embedding's) and final norm's, at the loss
+    else:
+        made = None
+    moments = backward_moments(kept, dropped, in_flight, residual_grads, loss, held.get(BUCKET, 0.0), made)
+    terms = {**held, **max(moments, key=lambda m: sum(m.values())), **grads}
+    if pp > 1:  # DeepSpeed's pipe buffers: each micro-batch's output kept for its backward, the gradient received
+        buffers = 2 if loss is not None else in_flight + 1
+        terms["pipeline send/receive buffers"] = buffers * shape.residual_tokens * model.d_model * FP32
+    backward = sum(terms.values())
+    step = sum(held.values()) + sum(grads.values()) + step_extra
+    if step > backward:
+        terms = {**held, **grads, "gradients and AdamW temporaries at the step": step_extra}
+    terms = {name: v for name, v in terms.items() if v}
+    return Plan(spec, layout, stage, terms, max(backward, step), "backward" if backward >= step else "optimizer step",
+                accumulation, in_flight, by_kind)
+
+
+def plan_layout(spec: RunSpec, layout: Layout, hardware: Hardware = Hardware(), cuda: bool = True,
+                stage: int | None = None) -> Plan:
+    """The plan of the layout's fullest stage (or of `stage`), with FLOPs and step time."""
+    model = spec.resolved_model()
+    layout = Layout(layout.tp, layout.pp, layout.dp, spec.zero_stage)
+    stages = stage_parameters(model, layout.tp, layout.pp, spec.seq_len)
+    candidates = [plan_stage(spec, layout, s, stages, cuda) for s in (range(layout.pp) if stage is None else [stage])]
+    plan = max(candidates, key=lambda p: p.peak)
+    plan.problems = run_problems(spec, layout)
+    plan.flops_per_token = flops_per_token(spec)
+    plan.step_time = step_time(spec, layout, stages, plan.accumulation, hardware)
+    return plan
+
+
+def run_problems(spec: RunSpec, layout: Layout) -> list[str]:
+    per_step = spec.micro_batch * layout.dp
+    problems = layout_problems(spec.model, layout.tp, layout.pp, layout.world_size, spec.zero_stage,
+                               spec.sequence_parallel, spec.seq_len, spec.vocab)
+    if spec.global_batch % per_step:
+        problems.append(f"train.global_batch_size={spec.global_batch} is not a multiple of micro-batch "
+                        f"{spec.micro_batch} x dp {layout.dp}")
+    return problems
+
+
+def plan_layouts(spec: RunSpec, world_size: int, hardware: Hardware = Hardware()) -> list[Plan]:
+    """A plan for every layout parallel/layout.py accepts on world_size ranks, in its order."""
+    layouts = valid_layouts(spec.model, world_size, zero_stage=spec.zero_stage,
+                            sequence_parallel=spec.sequence_parallel, seq_len=spec.seq_len, vocab_size=spec.vocab)
+    return [plan_layout(spec, layout, hardware) for layout in layouts]
+
+
+# ----------------------------------------------------------------------------------------
+# FLOPs and time
+# ----------------------------------------------------------------------------------------
+
+def recompute_flops_per_token(spec: RunSpec) -> float:
+    """Forward FLOPs per token that recompute adds (the recomputed parts run twice)."""
+    model, extra = spec.model, 0.0
+    full = block_forward_flops(model, spec.seq_len)
+    core = {"M": sum(v for k, v in mamba_block_flops(model).items() if k != "projections"),
+            "*": sum(v for k, v in attention_block_flops(model, spec.seq_len).items() if k != "projections"),
+            "-": 0.0}
+    for i, kind in enumerate(model.pattern):
+        mode = spec.mode(i)
+        extra += full[i] if mode == "full" else core[kind] if mode == "selective" else 0.0
+    return extra
+
+
+def flops_per_token(spec: RunSpec) -> float:
+    return training_flops_per_token(spec.resolved_model(), spec.seq_len)["total"] + recompute_flops_per_token(spec)
+
+
+def _ring(bytes_: float, ranks: int, gbps: float) -> float:
+    return 2 * (ranks - 1) / ranks * bytes_ / (gbps * 1e9) if ranks > 1 else 0.0
+
+
+def step_time(spec: RunSpec, layout: Layout, stages: list[dict], accumulation: int, hw: Hardware) -> float:
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    tokens = spec.global_batch * spec.seq_len
+    compute = tokens * flops_per_token(spec) / layout.world_size / (hw.tflops * 1e12 * ASSUMED_MFU)
+    compute *= 1 + (pp - 1) / accumulation  # 1F1B: pp - 1 idle micro-batch slots per step
+    tp_bw = hw.intra_node_gbps if tp <= hw.gpus_per_node else hw.inter_node_gbps
+    dp_bw = hw.intra_node_gbps if layout.world_size <= hw.gpus_per_node else hw.inter_node_gbps
+    micro = spec.micro_batch * spec.seq_len * spec.model.d_model * spec.act_bytes
+    blocks = max(sum(1 for i in s["layers"] if 1 <= i <= len(spec.model.pattern)) for s in stages)
+    reruns = sum(1 for i in range(len(spec.model.pattern)) if spec.mode(i) == "full") / max(1, pp)
+    tp_comm = accumulation * (2 * blocks + reruns) * _ring(micro, tp, tp_bw)
+    params = max(s["params"] for s in stages)
+    dp_comm = _ring(FP32 * params, dp, dp_bw) * (2.5 if spec.zero_stage == 3 else 1.0)
+    pp_comm = 2 * accumulation * micro / (tp_bw * 1e9) if pp > 1 else 0.0
+    return compute + tp_comm + dp_comm + pp_comm
+
+
+def total_parameters(spec: RunSpec) -> int:
+    return count_parameters(spec.resolved_model())["total"]
+

@@ -1,0 +1,78 @@
+"""`strata plan`: exit codes, one line per layout that does not fit, one line for a bad key or layout;
+and a run records the plan's prediction beside its measured peak."""
+import json
+
+import torch
+
+from launcher.cli import main as strata
+from launcher.config import CONFIG_DIR, LoggingConfig, load_config
+from launcher.metrics import Reporter
+from launcher.plan import log_memory_plan
+
+ONE_B3 = ["plan", "--config", str(CONFIG_DIR / "hybrid-1b3.yaml")]
+
+
+def test_layouts_that_fit_are_ranked_and_the_exit_code_says_so(capsys):
+    assert strata([*ONE_B3, "--gpus", "8", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "10 layouts divide the model; 10 fit" in out
+    rows = [line for line in out.splitlines() if line.startswith("| tp=")]
+    assert len(rows) == 10
+    times = [float(row.split("|")[8]) for row in rows]
+    assert times == sorted(times)
+    assert "training FLOPs/token" in out and "per-GPU memory of" in out and "activations (1 micro-batch" in out
+
+
+def test_a_layout_over_memory_is_one_line_naming_what_is_over(capsys):
+    assert strata([*ONE_B3, "--gpus", "8", "--gpu-memory", "30"]) == 0  # some fit, some do not
+    out = capsys.readouterr().out
+    over = out.split("does not fit:\n")[1].split("\n\n")[0].splitlines()
+    assert over and all(line.startswith("  tp=") for line in over)
+    for line in over:
+        assert "GiB over 30.0: activations" in line or "GiB over 30.0: weights" in line, line
+    assert any("; fits with train.recompute=" in line for line in over)
+    assert strata([*ONE_B3, "--gpus", "8", "--gpu-memory", "1"]) == 1  # nothing fits
+    assert "fits, fastest first" not in capsys.readouterr().out
+
+
+def test_one_layout_when_tp_or_pp_is_given(capsys):
+    assert strata([*ONE_B3, "--gpus", "8", "parallel.tp=2", "parallel.pp=2", "train.recompute=selective"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| tp=")] == ["tp=2 pp=2 dp=2"]
+    assert "recompute selective" in out and "stage 0 of 2" in out
+
+
+def test_a_bad_key_or_layout_is_one_line_and_exit_2(capsys):
+    assert strata([*ONE_B3, "--gpus", "8", "train.recompte=full"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown key train.recompte; did you mean train.recompute?"
+    assert strata([*ONE_B3, "--gpus", "8", "parallel.tp=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not divisible by tp=3" in err
+
+
+class Recorder:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, line):
+        self.lines.append(line)
+
+    def expect_peak_memory(self, step, gib):
+        self.expected = (step, gib)
+
+
+def test_a_run_logs_the_prediction_and_records_the_measured_peak_beside_it(tmp_path):
+    cfg = load_config(None, ["model.vocab_size=512", "data.vocab_size=512"])
+    recorder = Recorder()
+    log_memory_plan(recorder, cfg, 1, torch.device("cpu"), 0, 0)
+    assert recorder.lines[0].startswith("memory: predicted peak ") and "peak RSS" in recorder.lines[0]
+    assert 0 < recorder.expected[1] < 1  # GiB: the tiny default model
+    reporter = Reporter(tmp_path, LoggingConfig(tensorboard=False, progress="lines", log_every=1), True, 2, 0)
+    reporter.expect_peak_memory(0, 0.25)
+    reporter.step_done(1, {"loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 10.0, "peak_memory_gib": 0.3})
+    reporter.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    memory = [r for r in records if r["kind"] == "memory"]
+    assert [(r["step"], r.get("predicted_peak_gib"), r.get("measured_peak_gib")) for r in memory] == \
+        [(0, 0.25, None), (1, None, 0.3)]
