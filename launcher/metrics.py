@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from parallel.checkpoint import atomic_write
 
 
 # Dense bf16 peaks from the vendors' data sheets (TFLOP/s), matched against the device name.
@@ -68,17 +69,7 @@ def cut_metrics(path: Path, start_step: int) -> None:
     new = b"".join(kept)
     if new == data:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(new)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself
-    finally:
-        os.close(fd)
+    atomic_write(path, new)
 
 
 def show_strata_logs(is_main: bool) -> None:

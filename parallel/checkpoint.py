@@ -72,13 +72,20 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """The file holds the old content or the new, whatever kills the process: written beside it,
+    synced, renamed over it, and the rename itself synced."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 # ----------------------------------------------------------------------------------------
@@ -439,11 +446,11 @@ def _every_file(tmp: Path, hashed_while_written: list[dict]) -> dict[str, dict]:
 
 
 def _commit(root: Path, tmp: Path, final: Path, manifest: dict, keep_last: int) -> None:
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(root / "latest", final.name + "\n")
+    atomic_write(root / "latest", final.name + "\n")
     for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -507,11 +514,11 @@ def write_weights_only(root: Path, state_dict: dict[str, torch.Tensor], step: in
     save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     manifest = {"step": step, "weights_only": True, "format": FORMAT_VERSION,
                 "files": digest_files(tmp, [WEIGHTS_FILE])}
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(root / "latest", final.name + "\n")
+    atomic_write(root / "latest", final.name + "\n")
     return final
 
 

@@ -88,7 +88,7 @@ def test_a_kill_during_the_cut_loses_nothing(tmp_path, monkeypatch, killed_at):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(metrics.os, killed_at, killed)
+    monkeypatch.setattr(os, killed_at, killed)  # inside parallel.checkpoint.atomic_write
     with pytest.raises(KeyboardInterrupt):
         Reporter(tmp_path, LINES, True, 10, 4)
     monkeypatch.undo()
