@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-from launcher import metrics
 from launcher.config import LoggingConfig
 from launcher.metrics import Reporter
 
