@@ -186,23 +186,22 @@ def saved_layout(manifest: dict) -> Layout:
 
 
 def file_digest(path: Path) -> dict:
-    """Size and checksum of a file: the CRC32 of each HASH_BLOCK of it, computed by several
-    threads at once (zlib releases the GIL; the file is memory-mapped, so nothing is copied),
-    folded into one CRC32 of those block CRCs. CRC32 catches flipped and truncated bytes, which
-    is its job here (hostile files are handled by weights-only loading); the threads keep it a
-    few percent of a save (bench/checkpoint.py)."""
+    """Size and checksum of a file as it is on disk: the CRC32 of each HASH_BLOCK of it, computed
+    by several threads at once (zlib releases the GIL; the file is memory-mapped, so nothing is
+    copied), folded into one CRC32 of those block CRCs. What verify() reads; a save gets the same
+    digest from HashingWriter without reading anything back. CRC32 catches flipped and truncated
+    bytes, which is its job here (hostile files are handled by weights-only loading)."""
     size = path.stat().st_size
     blocks = []
     if size:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            offsets = range(0, size, HASH_BLOCK)
-            if len(offsets) == 1:
-                blocks = [zlib.crc32(view)]
-            else:
-                with ThreadPoolExecutor(HASH_THREADS) as pool:
-                    blocks = list(pool.map(lambda at: zlib.crc32(view[at:at + HASH_BLOCK]), offsets))
-            view.release()
+            with memoryview(mapped) as view:
+                offsets = range(0, size, HASH_BLOCK)
+                if len(offsets) == 1:
+                    blocks = [zlib.crc32(view)]
+                else:
+                    with ThreadPoolExecutor(HASH_THREADS) as pool:
+                        blocks = list(pool.map(lambda at: zlib.crc32(view[at:at + HASH_BLOCK]), offsets))
     return _fold(size, blocks)
 
 
