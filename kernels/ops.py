@@ -1,9 +1,16 @@
 """The one dispatch point per kernel op: the model calls only these functions.
 
 Backend choice (`backend_for`): Triton when the tensors are on CUDA and Triton
-imports, the PyTorch reference otherwise. STRATA_KERNELS=reference forces the
-reference everywhere; STRATA_KERNELS=triton forces Triton (with TRITON_INTERPRET=1
-this runs the Triton kernels on CPU, as the kernel tests do).
+imports, the CPU paths for CPU tensors, the PyTorch reference otherwise.
+STRATA_KERNELS=reference forces the reference everywhere; STRATA_KERNELS=cpu the CPU paths
+(where their inputs allow); STRATA_KERNELS=triton forces Triton (with TRITON_INTERPRET=1 this
+runs the Triton kernels on CPU, as the kernel tests do).
+
+The CPU paths (`cpu.py` beside a reference) compute what the reference computes with fewer
+passes over memory: linears and the LM head on oneDNN in fp32 (kernels/linear/cpu.py), the SSD
+scan, RMSNorm and the causal conv as autograd Functions with written-out backwards. Ops without
+one, packed rows (seq_idx) and inputs of mixed dtypes or under autocast take the reference.
+docs/BENCHMARKS.md measures them against the reference and transformers (bench/cpu.py).
 
 The Triton modules are imported on first use only, so that a CPU-only run never
 imports them and the interpreter switch (read when a kernel is defined) is honoured
@@ -17,14 +24,20 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from kernels.blockdiag.reference import blockdiag_matmul_ref
+from kernels.conv.cpu import causal_conv1d_cpu
 from kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref
+from kernels.cross_entropy.cpu import linear_cross_entropy_cpu
 from kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
+from kernels.linear import cpu as linear_on_cpu
+from kernels.norm.cpu import rmsnorm_cpu
 from kernels.norm.reference import rmsnorm_ref
-from kernels.ssd.reference import NO_DT_LIMIT, ssd_chunked_ref, ssd_step_ref
+from kernels.ssd.cpu import ssd_chunked_cpu
+from kernels.ssd.reference import NO_DT_LIMIT, prepare_dt, ssd_chunked_ref, ssd_step_ref
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 @functools.cache
@@ -41,11 +54,20 @@ def backend_for(t: torch.Tensor) -> str:
     if choice not in BACKENDS:
         raise ValueError(f"STRATA_KERNELS={choice!r} is not a backend; use one of {', '.join(BACKENDS)}")
     if choice == "auto":
-        return "triton" if t.is_cuda and triton_available() else "reference"
+        if t.is_cuda and triton_available():
+            return "triton"
+        return "cpu" if t.device.type == "cpu" else "reference"
     if choice == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("STRATA_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 "
                            "(the Triton interpreter); or use STRATA_KERNELS=reference")
     return choice
+
+
+def _same_dtype(*tensors) -> bool:
+    """The CPU paths compute in their inputs' dtype: all of one dtype, outside autocast (whose
+    casts the references' ops make themselves)."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return len(dtypes) == 1 and not torch.is_autocast_enabled("cpu")
 
 
 def _needs_grad(*tensors) -> bool:
@@ -61,10 +83,14 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_sof
     if seq_idx is not None:
         return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                                initial_states, return_final_states, dt_limit, seq_idx)
-    if backend_for(x) == "triton":
+    backend = backend_for(x)
+    if backend == "triton":
         from kernels.ssd.function import ssd_chunked_triton
         return ssd_chunked_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                                   initial_states, return_final_states, dt_limit)
+    if backend == "cpu":
+        return ssd_chunked_cpu(x, prepare_dt(dt, dt_bias, dt_softplus, dt_limit), A, B, C, chunk_size, D, z,
+                               initial_states, return_final_states)
     return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                            initial_states, return_final_states, dt_limit)
 
@@ -81,9 +107,12 @@ def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
 def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None):
     """Causal depthwise conv1d over x (b, l, d) with weight (d, w). seq_idx (b, l): the document
     of each token (None: one document); an output reads inputs of its own document only."""
-    if backend_for(x) == "triton":
+    backend = backend_for(x)
+    if backend == "triton":
         from kernels.conv.kernel import causal_conv1d_triton
         return causal_conv1d_triton(x, weight, bias, activation, seq_idx)
+    if backend == "cpu" and seq_idx is None and _same_dtype(x, weight, bias):
+        return causal_conv1d_cpu(x, weight, bias, activation)
     return causal_conv1d_ref(x, weight, bias, activation, seq_idx)
 
 
@@ -97,9 +126,12 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
 
 def rmsnorm(x, weight, eps=1e-5, z=None, group_size=None):
     """RMSNorm over the last dim; gated by silu(z) and grouped when given."""
-    if backend_for(x) == "triton":
+    backend = backend_for(x)
+    if backend == "triton":
         from kernels.norm.kernel import rmsnorm_triton
         return rmsnorm_triton(x, weight, eps, z, group_size)
+    if backend == "cpu" and _same_dtype(x, weight, z):
+        return rmsnorm_cpu(x, weight, eps, z, group_size)
     return rmsnorm_ref(x, weight, eps, z, group_size)
 
 
@@ -113,7 +145,11 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, *, reductio
     gradient comes back summed over the group. chunk_size: token rows per chunk of
     the Triton op (default about N * d / V).
     """
-    if backend_for(hidden) == "triton":
+    backend = backend_for(hidden)
+    if (backend == "cpu" and process_group is None and linear_on_cpu.usable(hidden, weight)
+            and linear_on_cpu.worth_it(hidden, weight)):
+        return linear_cross_entropy_cpu(hidden, weight, targets, ignore_index, reduction)
+    if backend == "triton":
         from kernels.cross_entropy.kernel import linear_cross_entropy_triton
         return linear_cross_entropy_triton(hidden, weight, targets, ignore_index, reduction,
                                            process_group=process_group, vocab_start=vocab_start,
@@ -126,6 +162,14 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, *, reductio
                                                        targets.reshape(-1), ignore_index, reduction,
                                                        process_group, vocab_start)
     return linear_cross_entropy_ref(hidden, weight, targets, ignore_index, reduction)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, as F.linear: oneDNN on CPU in fp32 for products large enough to pay
+    (kernels/linear/cpu.py), F.linear elsewhere."""
+    if backend_for(x) == "cpu" and linear_on_cpu.usable(x, weight) and linear_on_cpu.worth_it(x, weight):
+        return linear_on_cpu.linear_cpu(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def blockdiag_matmul(x, w, shuffle=False):

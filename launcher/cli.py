@@ -3,8 +3,10 @@
 Each command is a module with `main(argv) -> int` (train: `run(argv)`, which leaves the process
 itself; see launcher/train.py:run). Before any command is imported, `quiet_third_party()`
 (launcher/quiet.py) keeps third-party start-up noise off the terminal, so every command's first
-line is Strata's own. `strata train --help` adds the config keys (launcher/config.py:describe_keys)
-to train's own usage.
+line is Strata's own, and launcher/host.py sets how the process uses the CPU (OpenMP threads that
+spin only briefly when idle; for `strata train` without CUDA, freed memory kept for the next
+step). `strata train --help` adds the config keys (launcher/config.py:describe_keys) to train's
+own usage.
 """
 from __future__ import annotations
 
@@ -66,11 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; use one of {', '.join(COMMANDS)} (`strata --help` says "
               "what each does)", file=sys.stderr)
         return 2
+    from launcher import host
+
+    host.short_omp_spinning()  # before anything imports torch
     from launcher.quiet import quiet_third_party
 
     quiet_third_party(stdout_is_output=command in STDOUT_IS_OUTPUT)
     if command == "train" and ("-h" in rest or "--help" in rest):
         return train_help()
+    if command == "train":
+        host.keep_freed_memory()
     module, function, _ = COMMANDS[command]
     return getattr(importlib.import_module(module), function)(rest)
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import AttentionConfig
+from model.linear import Linear
 from model.recompute import checkpoint_if
 
 
@@ -55,10 +56,10 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.resolved_kv_heads()
         self.head_dim = cfg.resolved_head_dim(d_model)
-        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        self.q_proj = Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d_model, bias=False)
 
     def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         b, l, _ = t.shape

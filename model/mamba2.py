@@ -18,6 +18,7 @@ from torch import nn
 from kernels import ops
 from kernels.conv.reference import conv_state_from_inputs
 from model.config import MambaConfig
+from model.linear import Linear
 from model.norm import RMSNorm
 from model.recompute import checkpoint_if
 
@@ -41,14 +42,14 @@ class Mamba2Mixer(nn.Module):
         self.nheads = self.d_inner // cfg.headdim
         self.bc_dim = cfg.ngroups * cfg.d_state
         self.conv_dim = self.d_inner + 2 * self.bc_dim
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * self.bc_dim + self.nheads, bias=cfg.proj_bias)
+        self.in_proj = Linear(d_model, 2 * self.d_inner + 2 * self.bc_dim + self.nheads, bias=cfg.proj_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
                                 padding=cfg.d_conv - 1, bias=cfg.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm = RMSNorm(self.d_inner, norm_eps, group_size=self.d_inner // cfg.ngroups)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.proj_bias)
+        self.out_proj = Linear(self.d_inner, d_model, bias=cfg.proj_bias)
         self.reset_ssm_parameters()
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import MLPConfig, ModelConfig, StructuredSizes
+from model.linear import Linear
 from model.recompute import checkpoint_if
 from model.structured import BlockDense, BlockShuffle, LowRank
 
@@ -17,7 +18,7 @@ def make_linear(in_features: int, out_features: int, cfg: MLPConfig, layer_idx: 
     """The one place that decides how an MLP linear is built (dense or structured).
     `sizes` (from cfg.structured_sizes) selects a structured linear; None builds a dense one."""
     if sizes is None or sizes.structure == "dense":
-        return nn.Linear(in_features, out_features, bias=cfg.bias)
+        return Linear(in_features, out_features, bias=cfg.bias)
     if sizes.structure == "lowrank":
         linear = LowRank(in_features, out_features, sizes.rank, cfg.bias, layer_idx)
     elif sizes.structure == "blockdense":

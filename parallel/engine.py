@@ -74,8 +74,11 @@ def build_engine(model: torch.nn.Module, train, par: ParallelConfig, world_size:
     dp = data_parallel_size(world_size, par)
     # ZeRO 1-3 skip a non-finite step themselves; at stage 0 the engine calls AdamW directly.
     adamw = GuardedAdamW if par.zero_stage == 0 else torch.optim.AdamW
+    # On CPU torch's AdamW defaults to a Python loop of ops per parameter; its fused kernel does the
+    # same arithmetic in one pass per tensor (3x faster on the tiny model, far more on busy cores).
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     optimizer = adamw(param_groups(model, train.weight_decay), lr=train.lr,
-                      betas=(train.beta1, train.beta2), eps=train.eps)
+                      betas=(train.beta1, train.beta2), eps=train.eps, fused=on_cpu or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, par, dp), mpu=mpu)

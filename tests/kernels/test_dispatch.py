@@ -1,4 +1,4 @@
-"""kernels.ops picks Triton or the reference per call, as STRATA_KERNELS and the device say."""
+"""kernels.ops picks Triton, the CPU path or the reference per call, as STRATA_KERNELS and the device say."""
 import pytest
 import torch
 
@@ -8,7 +8,9 @@ from kernels import ops
 def test_backend_choice(monkeypatch):
     t = torch.zeros(1)
     monkeypatch.delenv("STRATA_KERNELS", raising=False)
-    assert ops.backend_for(t) == "reference"  # CPU tensor, auto
+    assert ops.backend_for(t) == "cpu"  # CPU tensor, auto
+    monkeypatch.setenv("STRATA_KERNELS", "reference")
+    assert ops.backend_for(t) == "reference"
     monkeypatch.setenv("STRATA_KERNELS", "triton")
     assert ops.backend_for(t) == "triton"  # under the interpreter (set by conftest)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -48,3 +50,33 @@ def test_reference_forced(monkeypatch):
     monkeypatch.setenv("STRATA_KERNELS", "reference")
     x = torch.randn(1, 9, 8, requires_grad=True)
     assert type(ops.rmsnorm(x, torch.ones(8)).grad_fn).__name__ != "RMSNormBackward"
+
+
+def test_cpu_paths_on_cpu_and_reference_when_forced(monkeypatch):
+    """On CPU (auto) the SSD scan, fp32 linears, the fused loss, the conv and RMSNorm are the
+    CPU paths' Functions;
+    STRATA_KERNELS=reference gives the references' autograd graphs instead."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 20, 2, 16, generator=g, requires_grad=True)
+    dt = torch.rand(1, 20, 2, generator=g)
+    B = C = torch.randn(1, 20, 1, 16, generator=g)
+    h = torch.randn(9, 8, generator=g, requires_grad=True)
+    w = torch.randn(30, 8, generator=g)
+    big = torch.randn(2**22 // (30 * 8) + 1, 8, generator=g, requires_grad=True)  # oneDNN only where it pays
+    xc = torch.randn(1, 9, 8, generator=g, requires_grad=True)
+    names = {"cpu": ("SSDChunkedCPUBackward", "LinearCPUBackward", "LinearCrossEntropyCPUBackward",
+                     "CausalConv1dCPUBackward", "RMSNormCPUBackward")}
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("STRATA_KERNELS", backend)
+        got = (type(ops.ssd_chunked(x, dt, -torch.ones(2), B, C, 16).grad_fn).__name__,
+               type(ops.linear(big, w).grad_fn).__name__,
+               type(ops.linear_cross_entropy(big, w, torch.randint(0, 30, big.shape[:1])).grad_fn).__name__,
+               type(ops.causal_conv1d(xc, torch.randn(8, 4)).grad_fn).__name__,
+               type(ops.rmsnorm(xc, torch.ones(8)).grad_fn).__name__)
+        if backend == "auto":
+            assert got == names["cpu"]
+        else:
+            assert not set(got) & set(names["cpu"])
+    monkeypatch.delenv("STRATA_KERNELS")
+    assert type(ops.linear(h, w).grad_fn).__name__ == "MmBackward0"  # small: F.linear
+    assert type(ops.linear(big.double(), w.double()).grad_fn).__name__ == "MmBackward0"  # fp64: F.linear

@@ -1,0 +1,1 @@
+"""See cpu.py; ops.py is the dispatch point."""
