@@ -11,6 +11,7 @@ from kernel_helpers import assert_close, leaves
 
 from kernels.cross_entropy.kernel import linear_cross_entropy_triton
 from kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
+from tests.parallel.dist_helpers import leave_process
 
 
 def make(n, d, vocab, ignore_every=4, seed=0):
@@ -53,6 +54,7 @@ def test_linear_cross_entropy_no_grad_and_leading_dims():
     assert_close("loss", loss, reference(hidden, weight, targets)[0], 1e-6)
 
 
+
 def _vocab_parallel_worker(rank, world, init_file, shards):
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -74,6 +76,7 @@ def _vocab_parallel_worker(rank, world, init_file, shards):
             assert_close(f"{name} dweight", dw, ref_dw[start:start + shards[rank]], 1e-5)
     finally:
         dist.destroy_process_group()
+    leave_process()
 
 
 def test_vocab_parallel_linear_cross_entropy():

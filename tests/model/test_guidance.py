@@ -13,6 +13,7 @@ from model.guidance import (SelfGuidance, alpha_at, equal_flops_extra_steps, gui
                             remove_from_optimizer)
 from model.hybrid import HybridLM
 from model.structured import BlockDense, BlockShuffle, LowRank, count_params, structured_linears
+from tests.parallel.dist_helpers import leave_process
 
 
 def test_cosine_and_linear_schedules_go_from_one_to_zero_at_t():
@@ -118,6 +119,7 @@ def _draws_on_rank(rank, world, port, out):
     if rank == 0:
         torch.save(torch.stack(gathered), out)
     dist.destroy_process_group()
+    leave_process()
 
 
 def test_stochastic_draws_agree_across_data_parallel_ranks(tmp_path):

@@ -42,9 +42,13 @@ def _entry(rank: int, worker, world_size: int, port: int, args: tuple) -> None:
 
         destroy_topology()
         dist.destroy_process_group()
-    # Leave without interpreter finalization, as launcher/train.py:run does: a gloo worker
-    # thread still freeing the last collective's tensors then aborts the process (SIGABRT,
-    # pytorch/pytorch#179291) and fails a rank that did everything right.
+    leave_process()
+
+
+def leave_process() -> None:
+    """End a spawned rank that finished without interpreter finalization, as launcher/train.py:run
+    does: a gloo worker thread still freeing the last collective's tensors then aborts the
+    process (SIGABRT, pytorch/pytorch#179291) and fails a rank that did everything right."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
