@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,16 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def one_rank_group() -> None:
-    import torch.distributed as dist
+    """A one-process gloo group, as `strata train` starts one (parallel/distributed.py)."""
+    from parallel.distributed import init_distributed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    from parallel.distributed import skip_deepspeed_shm_build
-
-    skip_deepspeed_shm_build()
+    init_distributed("gloo")
 
 
 def engine_for(config: str):

@@ -40,18 +40,10 @@ NEMOTRON_SHAPE = ["model.attention.rope=false", "model.mlp.activation=relu2"]
 
 
 def one_rank_group() -> None:
-    import socket
+    """A one-process gloo group, as `strata train` starts one (parallel/distributed.py)."""
+    from parallel.distributed import init_distributed
 
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    from parallel.distributed import skip_deepspeed_shm_build
-
-    skip_deepspeed_shm_build()
+    init_distributed("gloo")
 
 
 @contextlib.contextmanager
