@@ -89,17 +89,24 @@ class Run:
     tokenizer: object = None
 
 
-def autocast(cfg: Config, device: torch.device):
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.bfloat16 if bf16 else None
 
 
-def mean_loss_and_stop(loss: float, stop: bool, device: torch.device) -> tuple[float, bool]:
-    """The loss averaged over ranks, and whether any rank was asked to stop: one all-reduce per
-    step carries both, so every rank takes the same decision at the same step boundary."""
-    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=device)
+def autocast(cfg: Config, device: torch.device):
+    """For what runs outside the engine's forward: the pipeline's stages, evaluation, samples
+    (the engine's forward enters its own: parallel.engine.autocast_section)."""
+    dtype = autocast_dtype(cfg, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def mean_loss_and_stop(losses: list[torch.Tensor], stop: bool, device: torch.device) -> tuple[float, bool]:
+    """The step's micro-batch losses averaged over them and over ranks, and whether any rank was
+    asked to stop: one all-reduce per step carries both, so every rank takes the same decision at
+    the same step boundary. Reading it is the step's one host synchronisation."""
+    loss = torch.stack(losses).to(device, torch.float64).mean()
+    t = torch.stack([loss, torch.tensor(float(stop), dtype=torch.float64, device=device)])
     dist.all_reduce(t)
     return t[0].item() / dist.get_world_size(), bool(t[1].item())
 
@@ -147,7 +154,8 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                            cfg.train.block_recompute(cfg.model.pattern)).to(info.device)
     guidance = start_guidance(cfg, model, None if imported else newest)
     extend_to_equal_flops(cfg)
-    engine = build_engine(model, cfg.train, cfg.parallel, info.world_size, mpu=topo.engine_mpu)
+    engine = build_engine(model, cfg.train, cfg.parallel, info.world_size, mpu=topo.engine_mpu,
+                          autocast=autocast_dtype(cfg, info.device))
     loader = data.TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
                               dp_rank, dp, cfg.train.seed)
     step = 0
@@ -248,23 +256,22 @@ def train_step(run: Run) -> tuple[dict, bool]:
     if run.topo.pp > 1:  # the pipeline engine runs the step's micro-batches itself (1F1B)
         waits = []
         with autocast(cfg, device):
-            losses.append(engine.train_batch(pipeline_micro_batches(run, waits)).item())
+            losses.append(engine.train_batch(pipeline_micro_batches(run, waits)).detach())
         data_wait = sum(waits)
     else:
         for _ in range(engine.gradient_accumulation_steps()):
             batch = to_device(next(run.loader), device)
             data_wait += run.loader.last_wait_s
-            with autocast(cfg, device):
-                loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
+            loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
             engine.backward(poison_non_finite(run.spikes.gate(loss)))  # skipped: parallel/guard.py
             own_norm = grad_norm_if_engine_has_none(engine, run.topo)
             engine.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read once per step: no host sync per micro-batch
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
+    loss, stop = mean_loss_and_stop(losses, run.stop.requested, device)
     elapsed = time.perf_counter() - start
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
-    loss, stop = mean_loss_and_stop(sum(losses) / len(losses), run.stop.requested, device)
     skipped = engine.skipped_steps > skipped_before
     run.skipped_in_a_row = run.skipped_in_a_row + 1 if skipped else 0
     spike = {"loss_spike_z": run.spikes.zscore_of(loss)} if run.spikes.is_spike(loss) else {}

@@ -25,7 +25,17 @@ def grad_accumulation_steps(global_batch: int, par: ParallelConfig, dp: int) -> 
     return global_batch // per_step
 
 
-def deepspeed_config(train, par: ParallelConfig, dp: int) -> dict:
+def autocast_section(dtype: torch.dtype | None) -> dict:
+    """DeepSpeed's engine turns off an autocast entered outside its forward on GPU (it warns once and
+    runs the model in fp32), so the engine enters it itself. No module's gradients are marked for
+    low-precision communication: they are reduced in fp32, as without autocast."""
+    if dtype is None:
+        return {}
+    return {"torch_autocast": {"enabled": True, "dtype": str(dtype).removeprefix("torch."),
+                               "lower_precision_safe_modules": []}}
+
+
+def deepspeed_config(train, par: ParallelConfig, dp: int, autocast: torch.dtype | None = None) -> dict:
     gas = grad_accumulation_steps(train.global_batch_size, par, dp)
     pipeline = {"pipeline": deepspeed_pipeline_section(par.sequence_parallel)} if par.pp > 1 else {}
     return {
@@ -39,6 +49,7 @@ def deepspeed_config(train, par: ParallelConfig, dp: int) -> dict:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
         **pipeline,
+        **autocast_section(autocast),
     }
 
 
@@ -70,18 +81,20 @@ def lr_multiplier(step: int, train) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(model: torch.nn.Module, train, par: ParallelConfig, world_size: int, mpu=None):
+def build_engine(model: torch.nn.Module, train, par: ParallelConfig, world_size: int, mpu=None,
+                 autocast: torch.dtype | None = None):
+    """`autocast`: the dtype the engine's forward computes its matmuls in (None: the parameters')."""
     dp = data_parallel_size(world_size, par)
     # ZeRO 1-3 skip a non-finite step themselves; at stage 0 the engine calls AdamW directly.
     adamw = GuardedAdamW if par.zero_stage == 0 else torch.optim.AdamW
-    # On CPU torch's AdamW defaults to a Python loop of ops per parameter; its fused kernel does the
-    # same arithmetic in one pass per tensor (3x faster on the tiny model, far more on busy cores).
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    # torch's fused AdamW does foreach's arithmetic in one kernel per parameter group (CUDA) or one
+    # pass per tensor (CPU, where the default is a Python loop: 3x faster on the tiny model).
+    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in model.parameters())
     optimizer = adamw(param_groups(model, train.weight_decay), lr=train.lr,
-                      betas=(train.beta1, train.beta2), eps=train.eps, fused=on_cpu or None)
+                      betas=(train.beta1, train.beta2), eps=train.eps, fused=fusable or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(train, par, dp), mpu=mpu)
+                                           config=deepspeed_config(train, par, dp, autocast), mpu=mpu)
     return engine
 
 

@@ -18,10 +18,10 @@ import torch.distributed as dist
 
 def poison_non_finite(loss: torch.Tensor) -> torch.Tensor:
     """The loss itself where finite; else NaN, whose gradient is NaN in every parameter it
-    reaches (an infinite loss can have a finite gradient: cross-entropy's is bounded)."""
-    if torch.isfinite(loss.detach()).all():
-        return loss
-    return loss * float("nan")
+    reaches (an infinite loss can have a finite gradient: cross-entropy's is bounded). Decided on
+    the device, without a host synchronisation: times 1 (exact) or times NaN."""
+    finite = torch.isfinite(loss.detach()).all()
+    return loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype)
 
 
 class GuardedAdamW(torch.optim.AdamW):

@@ -32,8 +32,9 @@ def rebuild_engine(old, model: torch.nn.Module, train, par, world_size: int, mpu
     states, step = _read_states(old, kept, par.zero_stage)
     lr_state = old.lr_scheduler.state_dict()
     counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
+    autocast = old.torch_autocast_dtype() if old.torch_autocast_enabled() else None
     old.destroy()  # removes its gradient hooks from the parameters we keep
-    new = build_engine(model, train, par, world_size, mpu)
+    new = build_engine(model, train, par, world_size, mpu, autocast)
     write_optimizer_states(new, kept, states.get, step, par.zero_stage)
     restore_schedule(new, lr_state, counters)
     return new

@@ -72,7 +72,10 @@ def test_a_non_finite_gradient_on_one_rank_is_skipped_by_all(tmp_path, stage):
 def test_a_non_finite_loss_has_a_non_finite_gradient_everywhere():
     w = torch.ones(3, requires_grad=True)
     finite = (w * 2).sum()
-    assert poison_non_finite(finite) is finite
+    kept = poison_non_finite(finite)
+    kept.backward()
+    assert kept.item() == finite.item() and torch.equal(w.grad, torch.full((3,), 2.0)), "a finite loss is untouched"
+    w.grad = None
     # an infinite loss can have a finite gradient (here 1 per element): poisoned, it has none
     inf = (w * 1).sum() + torch.tensor(float("inf"))
     poison_non_finite(inf).backward()

@@ -87,3 +87,32 @@ def test_rebuilt_engine_continues_exactly_without_the_dense_paths(one_rank, stag
     engine.save_checkpoint(str(tmp_path), tag="after")
     saved = torch.load(tmp_path / "after" / "mp_rank_00_model_states.pt", weights_only=False)
     assert not any("guide" in k for k in saved["module"])
+
+
+def matmul_dtypes_in_engine_forward(engine, model) -> set:
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    engine(torch.randint(0, 50, (2, 16)), labels=torch.randint(0, 50, (2, 16)))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_the_engine_enters_bf16_autocast_itself_and_keeps_it_when_rebuilt(one_rank):
+    """On GPU DeepSpeed switches off an autocast entered outside its forward (the model then ran in
+    fp32: 2.4% MFU on an H100); the engine must autocast itself, and a rebuilt one as well."""
+    cfg = ModelConfig(pattern="-*-", d_model=32, vocab_size=50, max_seq_len=32,
+                      mlp=MLPConfig(activation="relu2", structure="lowrank", rank=4, self_guided=True,
+                                    dense_first_layer=False, guide_stochastic=False))
+    cfg.attention.n_heads = 4
+    cfg.validate()
+    tr = TrainConfig(max_steps=2, warmup_steps=1, global_batch_size=2, seq_len=16)
+    par = ParallelConfig(zero_stage=1, micro_batch_size=2)
+    model = HybridLM(cfg)
+    assert matmul_dtypes_in_engine_forward(build_engine(model, tr, par, 1), model) == {torch.float32}
+    engine = build_engine(model, tr, par, 1, autocast=torch.bfloat16)
+    assert matmul_dtypes_in_engine_forward(engine, model) == {torch.bfloat16}
+    SelfGuidance(model, cfg.mlp, total_steps=2, seed=1).drop_dense_paths(model)
+    engine = rebuild_engine(engine, model, tr, par, 1)
+    assert matmul_dtypes_in_engine_forward(engine, model) == {torch.bfloat16}
