@@ -44,7 +44,7 @@ def engine_for(config: str):
     cfg = load_config(config, [vocab, "parallel.micro_batch_size=1", "train.global_batch_size=1"])
     torch.manual_seed(0)
     model = HybridLM(cfg.model)
-    engine = build_engine(model, cfg.train, cfg.parallel, 1)
+    engine = build_engine(model, cfg.train.optimizer(), cfg.parallel, 1)
     ids = torch.randint(0, cfg.model.vocab_size, (1, 33))
     engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]))  # one step: AdamW's states exist
     engine.step()

@@ -72,7 +72,7 @@ def strata_side(cfg, seed: int, backend: str | None = None):
     torch.manual_seed(seed)
     model = HybridLM(cfg.model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    engine = build_engine(model, cfg.train, cfg.parallel, 1)
+    engine = build_engine(model, cfg.train.optimizer(), cfg.parallel, 1)
 
     def step(ids, labels):
         with kernels(backend):

@@ -69,9 +69,11 @@ def main() -> None:
           "bytes per token kept for the backward by one block\n")
     print("| block | none | selective | full | selective / none | full / none |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for kind in dict.fromkeys(cfg.pattern):
-        block = Block(kind, cfg, cfg.pattern.index(kind))
-        b = block_bytes_per_token(block, cfg.d_model, args.seq_len)
+    firsts = {}
+    for spec in cfg.blocks():
+        firsts.setdefault(spec.kind, spec)
+    for kind, spec in firsts.items():
+        b = block_bytes_per_token(Block(spec, cfg), cfg.d_model, args.seq_len)
         print(f"| `{kind}` | {b['none']:,.0f} | {b['selective']:,.0f} | {b['full']:,.0f} | "
               f"{b['selective'] / b['none']:.2f} | {b['full'] / b['none']:.2f} |")
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from kernels.blockdiag.reference import blockdiag_matmul_ref
 from kernels.conv.cpu import causal_conv1d_cpu
-from kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref
+from kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref, conv_state_from_inputs
 from kernels.cross_entropy.cpu import linear_cross_entropy_cpu
 from kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
 from kernels.linear import cpu as linear_on_cpu
@@ -114,6 +114,12 @@ def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None):
     if backend == "cpu" and seq_idx is None and _same_dtype(x, weight, bias):
         return causal_conv1d_cpu(x, weight, bias, activation)
     return causal_conv1d_ref(x, weight, bias, activation, seq_idx)
+
+
+def conv_state(x, width):
+    """The decoding state after inputs x (b, l, d): their last `width`, zero-padded on the left
+    (the same on every backend: a slice and a pad)."""
+    return conv_state_from_inputs(x, width)
 
 
 def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):

@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 
 from data.config import DataConfig
-from model.config import BLOCK_KINDS, ModelConfig
-from parallel.config import RECOMPUTE_MODES, CheckpointConfig, ParallelConfig
+from model.config import BLOCK_KINDS, BlockSpec, ModelConfig
+from parallel.config import RECOMPUTE_MODES, CheckpointConfig, OptimizerConfig, ParallelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -172,16 +172,20 @@ class TrainConfig:
             raise ValueError(f"recompute_every: {self.recompute_every} applies to full recompute only; set "
                              "train.recompute=full (or a kind to full in train.recompute_kinds) or leave it at 1")
 
-    def block_recompute(self, pattern: str) -> list[str]:
-        """Each block's recompute mode (one of RECOMPUTE_MODES; parallel/parallelize.py applies it):
-        recompute_kinds[its letter], else recompute; a 'full' block that is not one of its kind's
-        every recompute_every-th 'full' blocks gets 'none'."""
+    def optimizer(self) -> OptimizerConfig:
+        """What the engine reads of this section (parallel/engine.py), at its current values."""
+        return OptimizerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerConfig)})
+
+    def block_recompute(self, blocks: list[BlockSpec]) -> list[str]:
+        """Each block's recompute mode (one of RECOMPUTE_MODES; parallel/parallelize.py applies it),
+        for ModelConfig.blocks(): recompute_kinds[its kind], else recompute; a 'full' block that is
+        not one of its kind's every recompute_every-th 'full' blocks gets 'none'."""
         plan, fulls = [], dict.fromkeys(BLOCK_KINDS, 0)
-        for kind in pattern:
-            mode = self.recompute_kinds.get(kind, self.recompute)
+        for block in blocks:
+            mode = self.recompute_kinds.get(block.kind, self.recompute)
             if mode == "full":
-                fulls[kind] += 1
-                mode = "full" if fulls[kind] % self.recompute_every == 0 else "none"
+                fulls[block.kind] += 1
+                mode = "full" if fulls[block.kind] % self.recompute_every == 0 else "none"
             plan.append(mode)
         return plan
 
@@ -238,6 +242,13 @@ class Config:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")
+
+    def planned_vocab_size(self) -> int:
+        """model.vocab_size, else the vocabulary data.vocab_size will train when `strata prepare`
+        trains the tokenizer (0: the tokenizer's, not known before it is read)."""
+        if self.model.vocab_size:
+            return self.model.vocab_size
+        return 0 if self.data.tokenizer else self.data.vocab_size
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -85,19 +85,6 @@ def guided_note(ckpt: Path, alpha: float | None, what: str) -> str | None:
             "as training evaluates this step")
 
 
-def set_guide_alpha(model, alpha: float | None, state: dict) -> None:
-    """Structured linears of `model` (not yet loaded) made to compute what training evaluates at the
-    checkpoint `state`: its dense paths mixed in at `alpha`, or dropped where it has none."""
-    from model.structured import StructuredLinear
-
-    for name, module in model.named_modules():
-        if isinstance(module, StructuredLinear):
-            if f"{name}.guide" not in state:
-                module.drop_guide()  # the guided phase ended before this checkpoint
-            else:
-                module.guide_alpha = alpha
-
-
 @torch.no_grad()
 def premerge_structured(state: dict, cfg, alpha: float | None = None) -> tuple[dict, object]:
     """Structured MLP linears replaced by their exact dense weights (built on the meta device,
@@ -110,10 +97,7 @@ def premerge_structured(state: dict, cfg, alpha: float | None = None) -> tuple[d
 
     if alpha is None and any(name.endswith(".guide") for name in state):
         raise ValueError("the checkpoint holds self-guided dense paths: give the a they are mixed in at")
-    with torch.device("meta"):
-        model = HybridLM(cfg)
-    set_guide_alpha(model, alpha, state)
-    model.load_state_dict(state, assign=True)
+    model = HybridLM.from_state(cfg, state, alpha)
     to_dense(model)
     return model.state_dict(), dense_mlp_config(cfg)
 

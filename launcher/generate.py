@@ -62,17 +62,13 @@ def load_model(ckpt, cfg, device: torch.device):
     """HybridLM with the checkpoint's weights (built on the meta device, weights assigned:
     one copy of the model in memory), computing what training evaluates at that step: in the
     self-guided phase, each structured linear's dense path mixed in at the step's a."""
-    from launcher.export import self_guided_alpha, set_guide_alpha
+    from launcher.export import self_guided_alpha
     from model.hybrid import HybridLM
     from parallel.consolidate import consolidate
 
     # fp32 like training's master weights, whatever dtype an imported checkpoint was stored in
     state = {k: v.float() if v.is_floating_point() else v for k, v in consolidate(ckpt, cfg.model).items()}
-    with torch.device("meta"):
-        model = HybridLM(cfg.model)
-    set_guide_alpha(model, self_guided_alpha(ckpt, state), state)
-    model.load_state_dict(state, assign=True)
-    return model.to(device).eval()
+    return HybridLM.from_state(cfg.model, state, self_guided_alpha(ckpt, state)).to(device).eval()
 
 
 def flag_problem(args: argparse.Namespace) -> str | None:

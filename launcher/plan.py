@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from launcher.config import Config, ConfigError, load_config
 from model.counting import KIND_NAMES
-from parallel.layout import Layout, LayoutError, check_layout, effective_vocab_size
+from parallel.layout import Layout, LayoutError, check_layout
 from parallel.plan import ASSUMED_MFU, GIB, Hardware, Plan, RunSpec, plan_layout, plan_layouts, total_parameters
 
 NOTHING_FITS = 1
@@ -44,7 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run_spec(cfg: Config, device_type: str = "cuda") -> RunSpec:
     """The plan's view of a config, on a device of `device_type` (the kernels and dtype it will run)."""
-    vocab = effective_vocab_size(cfg.model, cfg.data)
+    vocab = cfg.planned_vocab_size()
     if not vocab:
         raise ConfigError("model.vocab_size: 0 follows data.tokenizer, which the plan does not open; set "
                           "model.vocab_size to the tokenizer's vocabulary")
@@ -52,7 +52,7 @@ def run_spec(cfg: Config, device_type: str = "cuda") -> RunSpec:
     cuda = device_type == "cuda"
     kernels = "triton" if (choice == "auto" and cuda) or choice == "triton" else "reference"
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
-    recompute = tuple(cfg.train.block_recompute(cfg.model.pattern))  # train.recompute, recompute_kinds, _every
+    recompute = tuple(cfg.train.block_recompute(cfg.model.blocks()))  # train.recompute, recompute_kinds, _every
     return RunSpec(cfg.model, cfg.train.seq_len, cfg.train.global_batch_size, cfg.parallel.micro_batch_size,
                    cfg.parallel.zero_stage, cfg.parallel.sequence_parallel, recompute, kernels, 2 if bf16 else 4,
                    vocab, cfg.data.doc_boundaries)
@@ -102,7 +102,7 @@ def short(plan: Plan) -> str:
 
 def what_fits(plan: Plan, memory: float, hardware: Hardware) -> str:
     """The least change of recompute or ZeRO stage under which the layout fits, as overrides."""
-    spec, layout, n = plan.spec, plan.layout, len(plan.spec.model.pattern)
+    spec, layout, n = plan.spec, plan.layout, plan.spec.model.n_blocks
     now = max((RECOMPUTE_ORDER.index(m) for m in spec.recompute), default=0)
     modes = RECOMPUTE_ORDER[now + 1:]
     stages = [z for z in range(spec.zero_stage + 1, 4) if layout.pp == 1 or z <= 1]
@@ -161,7 +161,7 @@ def header(cfg: Config, spec: RunSpec, plan: Plan, args) -> list[str]:
         recompute += f", full every {cfg.train.recompute_every} blocks of a kind"
     dtype = "bf16 autocast" if spec.act_bytes == 2 else "fp32"
     return [f"{cfg.model.pattern} d_model={cfg.model.d_model} vocab={spec.vocab}: "
-            f"{human(total_parameters(spec)).replace('G', 'B')} parameters, {len(cfg.model.pattern)} blocks",
+            f"{human(total_parameters(spec)).replace('G', 'B')} parameters, {cfg.model.n_blocks} blocks",
             f"seq_len {spec.seq_len}, global batch {spec.global_batch} sequences, micro-batch {spec.micro_batch}; "
             f"{dtype}, {spec.kernels} kernels; recompute {recompute}; training FLOPs/token "
             f"{human(plan.flops_per_token)} (recompute included)",

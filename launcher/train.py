@@ -44,16 +44,16 @@ from model.generate import PromptTooLong, Sampling, generate
 from model.guidance import SelfGuidance, equal_flops_extra_steps, split_guide_flops
 from model.mlp import describe_structure
 from parallel import checkpoint as ckpt
-from parallel import consolidate, reshard
 from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
-from parallel.engine import apply_schedule_now, build_engine, data_parallel_size, grad_accumulation_steps
-from parallel.guard import SpikeGuard, parameters_finite, poison_non_finite
+from parallel.engine import build_engine, data_parallel_size, grad_accumulation_steps
+from parallel.guard import SpikeGuard, parameters_finite
 from parallel.layout import Layout
 from parallel.layout import check_layout as check_parallel_layout
-from parallel.layout import effective_vocab_size
-from parallel.parallelize import parallel_model, pipeline_item
+from parallel.parallelize import parallel_model
+from parallel.resume import ResumePlan
+from parallel.steps import eval_loss, train_micro_batches
 from parallel.rebuild import rebuild_engine, supports_rebuild
-from parallel.topology import Topology, init_topology, model_parallel_grad_norm
+from parallel.topology import Topology, init_topology
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -121,14 +121,28 @@ def open_data(cfg: Config, info: DistInfo):
     if info.is_main:
         data.ensure_prepared(cfg.data)
     dist.barrier()
-    corpus = data.open_corpus(cfg.data)
-    vocab = corpus.tokenizer.vocab_size
+    return data.open_corpus(cfg.data)
+
+
+def resolve_config(cfg: Config, tokenizer_vocab: int) -> int:
+    """What the config leaves to the run, settled once, before anything is built: the vocabulary
+    (model.vocab_size 0 follows the tokenizer) and the length (mlp.equal_flops extends
+    train.max_steps). Returns the steps the config asked for: the self-guided phase is a share of
+    those, not of the extension. The resolved config is what config.yaml records (equal_flops
+    off), so a run restarted from it does not extend twice."""
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = vocab
-    elif cfg.model.vocab_size < vocab:
+        cfg.model.vocab_size = tokenizer_vocab
+    elif cfg.model.vocab_size < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{vocab}; set model.vocab_size={vocab} (or 0 to follow the tokenizer)")
-    return corpus
+                          f"{tokenizer_vocab}; set model.vocab_size={tokenizer_vocab} (or 0 to follow the tokenizer)")
+    asked = cfg.train.max_steps
+    if cfg.model.mlp.equal_flops:
+        try:
+            cfg.train.max_steps += equal_flops_extra_steps(cfg.model, asked, cfg.train.seq_len)
+        except ValueError as e:
+            raise ConfigError(f"model.{e}") from None
+        cfg.model.mlp.equal_flops = False
+    return asked
 
 
 def setup(cfg: Config, info: DistInfo) -> Run:
@@ -136,6 +150,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
     dp, dp_rank = topo.dp, topo.dp_rank
     corpus = open_data(cfg, info)
+    asked_steps = resolve_config(cfg, corpus.tokenizer.vocab_size)
     data.install_run_tokenizer(corpus.tokenizer, run_dir, write=info.is_main)  # what generate/export read
     check_layout(cfg, info.world_size)  # again, now that the vocabulary is known
     torch.manual_seed(cfg.train.seed)
@@ -144,28 +159,18 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     newest, notes = None, []
     if cfg.checkpoint.resume:
         newest, notes = ckpt.checkpoint_to_resume(run_dir / "checkpoints", cfg.checkpoint.on_corrupt, info.is_main)
-    imported = newest is not None and consolidate.is_weights_only(newest)
-    if imported:  # weights from `strata import`: start training from them with a fresh optimizer
-        model.load_state_dict(consolidate.consolidate(newest, cfg.model))
-    resharded = None if newest is None or imported else resharded_state(cfg, info, newest)
-    if resharded is not None:
-        reshard.load_full_weights(model, resharded)
+    plan = ResumePlan.decide(newest, cfg.model, layout_of(cfg, info))
+    plan.prepare(model)
     model = parallel_model(model, topo, cfg.train.seq_len, cfg.parallel.sequence_parallel,
-                           cfg.train.block_recompute(cfg.model.pattern)).to(info.device)
-    guidance = start_guidance(cfg, model, None if imported else newest)
-    extend_to_equal_flops(cfg)
-    engine = build_engine(model, cfg.train, cfg.parallel, info.world_size, mpu=topo.engine_mpu,
+                           cfg.train.block_recompute(cfg.model.blocks())).to(info.device)
+    guidance = start_guidance(cfg, model, newest if plan.continues_training else None, asked_steps)
+    engine = build_engine(model, cfg.train.optimizer(), cfg.parallel, info.world_size, mpu=topo.engine_mpu,
                           autocast=autocast_dtype(cfg, info.device))
     loader = data.TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
                               dp_rank, dp, cfg.train.seed)
     step = 0
-    if newest is not None and not imported:
-        if resharded is None:
-            state = ckpt.load_checkpoint(engine, newest, info.rank)
-        else:
-            reshard.apply_optimizer_state(engine, resharded, topo.tp_rank, topo.tp, topo.pp, cfg.model)
-            state = ckpt.load_trainer_state(newest, info.rank)
-        apply_schedule_now(engine, cfg.train.lr)
+    state = plan.restore(engine, info.rank, topo, cfg.train.lr)
+    if state is not None:
         loader.load_state_dict(state["data"])
         step = state["step"]
     evals = data.eval_batches(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
@@ -179,8 +184,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
         reporter.log(f"strata: {note}")
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
-                 f"tp={topo.tp} pp={topo.pp} | {'resumed from ' + newest.name if newest else 'fresh start'} "
-                 f"at step {step}{f' (resharded from {resharded.layout.describe()})' if resharded is not None else ''}")
+                 f"tp={topo.tp} pp={topo.pp} | {plan.describe(step)}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
     log_memory_plan(reporter, cfg, info.world_size, info.device, topo.pp_rank, step)  # checked at every step
     if describe_structure(cfg.model):
@@ -192,16 +196,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                                                     cfg.train.spike_skip))
 
 
-def resharded_state(cfg: Config, info: DistInfo, newest: Path) -> reshard.FullState | None:
-    """None when DeepSpeed reloads the checkpoint as written; else its full training state,
-    read for this layout (another DP size under ZeRO, ZeRO stage, TP or PP degree)."""
-    saved = ckpt.saved_layout(ckpt.read_manifest(newest))
-    if layout_of(cfg, info).reloads_as_written(saved):
-        return None
-    return reshard.read_full_state(newest, cfg.model, saved)
-
-
-def start_guidance(cfg: Config, model, newest: Path | None) -> SelfGuidance | None:
+def start_guidance(cfg: Config, model, newest: Path | None, asked_steps: int) -> SelfGuidance | None:
     """Self-guided training's schedule, as the checkpoint left it; a run resumed past the
     guided phase loses its dense paths here, before the engine (and its optimizer) exist."""
     if not cfg.model.mlp.self_guided:
@@ -209,7 +204,7 @@ def start_guidance(cfg: Config, model, newest: Path | None) -> SelfGuidance | No
     if cfg.parallel.pp > 1 or not supports_rebuild(cfg.parallel.zero_stage):
         raise ConfigError(f"model.mlp.self_guided: dropping the dense paths mid-run needs parallel.zero_stage <= 2 "
                           f"and pp = 1 (got {cfg.parallel.zero_stage}, {cfg.parallel.pp}); change one or the other")
-    guidance = SelfGuidance(model, cfg.model.mlp, cfg.train.max_steps, cfg.train.seed)
+    guidance = SelfGuidance(model, cfg.model.mlp, asked_steps, cfg.train.seed)
     step = 0
     if newest is not None:
         manifest = ckpt.read_manifest(newest)
@@ -220,24 +215,12 @@ def start_guidance(cfg: Config, model, newest: Path | None) -> SelfGuidance | No
     return guidance
 
 
-def extend_to_equal_flops(cfg: Config) -> None:
-    """mlp.equal_flops: train on until the dense model's FLOPs over train.max_steps are spent.
-    The resolved config records the longer run (and equal_flops off), so a run restarted
-    from its config.yaml does not extend twice."""
-    if cfg.model.mlp.equal_flops:
-        try:
-            cfg.train.max_steps += equal_flops_extra_steps(cfg.model, cfg.train.max_steps, cfg.train.seq_len)
-        except ValueError as e:
-            raise ConfigError(f"model.{e}") from None
-        cfg.model.mlp.equal_flops = False
-
-
 def end_guided_phase_if_due(run: Run) -> None:
     """Once a = 0 for good: drop the dense paths and rebuild the engine without them, before
     the next checkpoint, so that they hold no optimizer state and are saved no more."""
     if run.guidance is not None and run.guidance.should_drop(run.step):
         run.guidance.drop_dense_paths()
-        run.engine = rebuild_engine(run.engine, run.engine.module, run.cfg.train, run.cfg.parallel,
+        run.engine = rebuild_engine(run.engine, run.engine.module, run.cfg.train.optimizer(), run.cfg.parallel,
                                     run.dist.world_size, mpu=run.topo.engine_mpu)
         run.reporter.log(f"step {run.step:6d} | self-guided training done: dense paths dropped")
 
@@ -252,21 +235,10 @@ def train_step(run: Run) -> tuple[dict, bool]:
     start = time.perf_counter()
     lr = engine.get_lr()[0]
     skipped_before = engine.skipped_steps
-    losses, data_wait, own_norm = [], 0.0, float("nan")
-    if run.topo.pp > 1:  # the pipeline engine runs the step's micro-batches itself (1F1B)
-        waits = []
-        with autocast(cfg, device):
-            losses.append(engine.train_batch(pipeline_micro_batches(run, waits)).detach())
-        data_wait = sum(waits)
-    else:
-        for _ in range(engine.gradient_accumulation_steps()):
-            batch = to_device(next(run.loader), device)
-            data_wait += run.loader.last_wait_s
-            loss = engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
-            engine.backward(poison_non_finite(run.spikes.gate(loss)))  # skipped: parallel/guard.py
-            own_norm = grad_norm_if_engine_has_none(engine, run.topo)
-            engine.step()
-            losses.append(loss.detach())  # read once per step: no host sync per micro-batch
+    waits = []
+    losses, own_norm = train_micro_batches(engine, run.topo, micro_batches(run, waits), gate=run.spikes.gate,
+                                           autocast=lambda: autocast(cfg, device))
+    data_wait = sum(waits)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
     loss, stop = mean_loss_and_stop(losses, run.stop.requested, device)
@@ -284,22 +256,14 @@ def train_step(run: Run) -> tuple[dict, bool]:
             "data_wait_share": data_wait / elapsed, "tokens_seen": (run.step + 1) * tokens, **hardware, **spike}, stop
 
 
-def pipeline_micro_batches(run: Run, waits: list):
-    """The step's micro-batches for the pipeline engine (only its first and last stages
-    read them), as they are drawn."""
+def micro_batches(run: Run, waits: list):
+    """The step's micro-batches, on the device, as the engine draws them (a pipeline's middle
+    stages draw them too: the loader stays in step on every rank); each one's wait for data is
+    appended to `waits`."""
     for _ in range(run.engine.gradient_accumulation_steps()):
         batch = to_device(next(run.loader), run.dist.device)
         waits.append(run.loader.last_wait_s)
-        yield pipeline_item(batch)
-
-
-def grad_norm_if_engine_has_none(engine, topo: Topology) -> float:
-    """ZeRO stage 0 clips without recording the norm; at the accumulation boundary
-    (after backward, gradients already all-reduced) it is the norm of the full grads,
-    every tensor-parallel shard counted once."""
-    if engine.zero_optimization_stage() > 0 or not engine.is_gradient_accumulation_boundary():
-        return float("nan")
-    return model_parallel_grad_norm(engine.module, topo)
+        yield batch
 
 
 @torch.no_grad()
@@ -310,11 +274,7 @@ def evaluate(run: Run) -> dict:
     for batch in run.eval_batches:
         batch = to_device(batch, run.dist.device)
         with autocast(run.cfg, run.dist.device):
-            if run.topo.pp > 1:  # the loss comes back to every stage
-                loss = run.engine.eval_batch(iter([pipeline_item(batch)]), num_micro_batches=1)
-            else:
-                loss = run.engine(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
-            total[0] += loss.item()
+            total[0] += eval_loss(run.engine, run.topo, batch).item()
         total[1] += 1
     run.engine.train()
     dist.all_reduce(total)
@@ -447,7 +407,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
     par = cfg.parallel
     try:
         check_parallel_layout(cfg.model, par.tp, par.pp, world_size, par.zero_stage, par.sequence_parallel,
-                              cfg.train.seq_len, effective_vocab_size(cfg.model, cfg.data))
+                              cfg.train.seq_len, cfg.planned_vocab_size())
         grad_accumulation_steps(cfg.train.global_batch_size, par, data_parallel_size(world_size, par))
         if cfg.train.spike_skip and par.pp > 1:
             raise ValueError("train.spike_skip: the pipeline engine computes the loss inside its schedule; "

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import AttentionConfig
-from model.linear import Linear
+from model.linear import WHOLE, Projections
 from model.recompute import checkpoint_if
 
 
@@ -50,16 +50,18 @@ class Attention(nn.Module):
     recompute_core = False
     """Recompute `core` in the backward (selective recompute; model/recompute.py)."""
 
-    def __init__(self, cfg: AttentionConfig, d_model: int):
+    def __init__(self, cfg: AttentionConfig, d_model: int, projections: Projections = WHOLE):
+        """`projections.ranks` > 1 builds one rank's share of the query heads, and of the KV heads
+        (or the one KV head its query heads share where the ranks outnumber them)."""
         super().__init__()
         self.cfg = cfg
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.resolved_kv_heads()
         self.head_dim = cfg.resolved_head_dim(d_model)
-        self.q_proj = Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        self.n_heads = cfg.n_heads // projections.ranks
+        full_width = cfg.n_heads * self.head_dim
+        self.q_proj = projections.column(d_model, full_width, cfg.qkv_bias)
+        self.k_proj, self.n_kv_heads = projections.kv(d_model, cfg.resolved_kv_heads(), self.head_dim, cfg.qkv_bias)
+        self.v_proj, _ = projections.kv(d_model, cfg.resolved_kv_heads(), self.head_dim, cfg.qkv_bias)
+        self.o_proj = projections.row(full_width, d_model, False)
 
     def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         b, l, _ = t.shape

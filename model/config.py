@@ -5,7 +5,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-BLOCK_KINDS = {"M": "Mamba2 mixer", "*": "attention", "-": "MLP"}
+MAMBA_BLOCK, ATTENTION_BLOCK, MLP_BLOCK = "M", "*", "-"
+"""The letters of ModelConfig.pattern. Only this module reads a pattern: everything else asks
+ModelConfig.blocks() and compares a BlockSpec's kind with these names."""
+BLOCK_KINDS = {MAMBA_BLOCK: "Mamba2 mixer", ATTENTION_BLOCK: "attention", MLP_BLOCK: "MLP"}
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of the pattern, as the model builds it."""
+
+    index: int
+    """Position in the pattern (0-based; the model's blocks.<index>)."""
+    kind: str
+    """MAMBA_BLOCK, ATTENTION_BLOCK or MLP_BLOCK."""
+    dense_mlp: bool = False
+    """An MLP block whose linears are dense: mlp.structure is dense, or it is the first MLP and
+    mlp.dense_first_layer keeps it dense."""
 
 
 @dataclass
@@ -41,12 +57,32 @@ class MambaConfig:
     proj_bias: bool = False
     """Bias in in_proj and out_proj."""
 
+    def d_inner(self, d_model: int) -> int:
+        """Width of x (and z, and the gated norm): expand * d_model."""
+        return self.expand * d_model
+
+    def nheads(self, d_model: int) -> int:
+        """SSM heads: d_inner / headdim."""
+        return self.d_inner(d_model) // self.headdim
+
+    def bc_dim(self) -> int:
+        """Width of B (and of C): ngroups * d_state."""
+        return self.ngroups * self.d_state
+
+    def conv_dim(self, d_model: int) -> int:
+        """Channels of the causal conv: x, B and C."""
+        return self.d_inner(d_model) + 2 * self.bc_dim()
+
+    def in_proj_dim(self, d_model: int) -> int:
+        """Outputs of in_proj: z, x, B, C and dt."""
+        return 2 * self.d_inner(d_model) + 2 * self.bc_dim() + self.nheads(d_model)
+
     def validate(self, d_model: int) -> None:
-        d_inner = self.expand * d_model
+        d_inner = self.d_inner(d_model)
         if d_inner % self.headdim:
             raise ValueError(f"headdim: {self.headdim} does not divide d_inner = expand*d_model = {d_inner}; "
                              f"try headdim={_nearest_divisor(d_inner, self.headdim)}")
-        nheads = d_inner // self.headdim
+        nheads = self.nheads(d_model)
         if nheads % self.ngroups:
             raise ValueError(f"ngroups: {self.ngroups} does not divide the {nheads} SSM heads; "
                              f"try ngroups={_nearest_divisor(nheads, self.ngroups)}")
@@ -310,6 +346,24 @@ class ModelConfig:
     """Attention settings (for '*' blocks)."""
     mlp: MLPConfig = field(default_factory=MLPConfig)
     """MLP settings (for '-' blocks)."""
+
+    def blocks(self) -> list[BlockSpec]:
+        """The pattern read: each block's kind, and which MLP is dense."""
+        first_mlp = self.pattern.find(MLP_BLOCK)
+        return [BlockSpec(i, kind, kind == MLP_BLOCK and (self.mlp.structure == "dense" or
+                                                    (self.mlp.dense_first_layer and i == first_mlp)))
+                for i, kind in enumerate(self.pattern)]
+
+    def has(self, kind: str) -> bool:
+        """Whether any block is of `kind`."""
+        return kind in self.pattern
+
+    def count(self, kind: str) -> int:
+        return self.pattern.count(kind)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.pattern)
 
     def validate(self) -> None:
         bad = sorted(set(self.pattern) - set(BLOCK_KINDS))

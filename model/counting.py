@@ -35,9 +35,9 @@ convention (torchtitan/PaLM count the full square: 2x our attention-score term).
 """
 from __future__ import annotations
 
-from model.config import ModelConfig
+from model.config import ATTENTION_BLOCK, BLOCK_KINDS, MAMBA_BLOCK, MLP_BLOCK, BlockSpec, ModelConfig
 
-KIND_NAMES = {"M": "mamba2", "*": "attention", "-": "mlp"}
+KIND_NAMES = {MAMBA_BLOCK: "mamba2", ATTENTION_BLOCK: "attention", MLP_BLOCK: "mlp"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -46,9 +46,8 @@ KIND_NAMES = {"M": "mamba2", "*": "attention", "-": "mlp"}
 
 def mamba_block_parameters(cfg: ModelConfig) -> dict[str, int]:
     m, d = cfg.mamba, cfg.d_model
-    E = m.expand * d
-    h, gN = E // m.headdim, m.ngroups * m.d_state
-    conv_dim, proj_out = E + 2 * gN, 2 * E + 2 * gN + h
+    E, h = m.d_inner(d), m.nheads(d)
+    conv_dim, proj_out = m.conv_dim(d), m.in_proj_dim(d)
     bias = int(m.proj_bias)
     return {"norm": d, "in_proj": d * proj_out + bias * proj_out,
             "conv": conv_dim * m.d_conv + int(m.conv_bias) * conv_dim,
@@ -88,23 +87,22 @@ def mlp_block_parameters(cfg: ModelConfig, dense: bool) -> dict[str, int]:
 
 def block_parameters(cfg: ModelConfig) -> list[dict[str, int]]:
     """Per block of the pattern, its parameters by term."""
-    first_mlp = cfg.pattern.find("-")
     out = []
-    for i, kind in enumerate(cfg.pattern):
-        if kind == "M":
+    for block in cfg.blocks():
+        if block.kind == MAMBA_BLOCK:
             out.append(mamba_block_parameters(cfg))
-        elif kind == "*":
+        elif block.kind == ATTENTION_BLOCK:
             out.append(attention_block_parameters(cfg))
         else:
-            out.append(mlp_block_parameters(cfg, dense=cfg.mlp.dense_first_layer and i == first_mlp))
+            out.append(mlp_block_parameters(cfg, dense=block.dense_mlp))
     return out
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """{'embedding', 'M', '*', '-', 'final_norm', 'lm_head', 'total'}: block kinds summed over the pattern."""
-    counts = {"embedding": cfg.vocab_size * cfg.d_model, "M": 0, "*": 0, "-": 0}
-    for kind, terms in zip(cfg.pattern, block_parameters(cfg)):
-        counts[kind] += sum(terms.values())
+    counts = {"embedding": cfg.vocab_size * cfg.d_model, **dict.fromkeys(BLOCK_KINDS, 0)}
+    for block, terms in zip(cfg.blocks(), block_parameters(cfg)):
+        counts[block.kind] += sum(terms.values())
     counts["final_norm"] = cfg.d_model
     counts["lm_head"] = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     counts["total"] = sum(counts.values())
@@ -118,10 +116,10 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
 def mamba_block_flops(cfg: ModelConfig) -> dict[str, float]:
     """Forward FLOPs per token of one Mamba2 block, by term."""
     m, d = cfg.mamba, cfg.d_model
-    E = m.expand * d
-    h, P, N, g, Q = E // m.headdim, m.headdim, m.d_state, m.ngroups, m.chunk_size
-    return {"projections": 2 * d * (2 * E + 2 * g * N + h) + 2 * E * d,
-            "conv": 2 * (E + 2 * g * N) * m.d_conv,
+    E, h = m.d_inner(d), m.nheads(d)
+    P, N, g, Q = m.headdim, m.d_state, m.ngroups, m.chunk_size
+    return {"projections": 2 * d * m.in_proj_dim(d) + 2 * E * d,
+            "conv": 2 * m.conv_dim(d) * m.d_conv,
             "ssd_scores": 2 * g * N * Q / 2, "ssd_scores_x": 2 * h * P * Q / 2,
             "ssd_chunk_states": 2 * h * P * N, "ssd_state_passing": 2 * h * P * N / Q,
             "ssd_state_output": 2 * h * P * N}
@@ -147,24 +145,31 @@ def mlp_block_flops(cfg: ModelConfig, dense: bool) -> dict[str, float]:
 
 def block_forward_flops(cfg: ModelConfig, seq_len: int) -> list[float]:
     """Forward FLOPs per token of each block of the pattern, in order."""
-    first_mlp = cfg.pattern.find("-")
-    costs = []
-    for i, kind in enumerate(cfg.pattern):
-        if kind == "M":
-            terms = mamba_block_flops(cfg)
-        elif kind == "*":
-            terms = attention_block_flops(cfg, seq_len)
-        else:
-            terms = mlp_block_flops(cfg, dense=cfg.mlp.dense_first_layer and i == first_mlp)
-        costs.append(float(sum(terms.values())))
-    return costs
+    return [float(sum(block_flop_terms(cfg, block, seq_len).values())) for block in cfg.blocks()]
+
+
+def block_flop_terms(cfg: ModelConfig, block: BlockSpec, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one block, by term."""
+    if block.kind == MAMBA_BLOCK:
+        return mamba_block_flops(cfg)
+    if block.kind == ATTENTION_BLOCK:
+        return attention_block_flops(cfg, seq_len)
+    return mlp_block_flops(cfg, dense=block.dense_mlp)
+
+
+def block_core_flops(cfg: ModelConfig, block: BlockSpec, seq_len: int) -> float:
+    """Forward FLOPs per token of the block's mixer core (model/recompute.py), what selective
+    recompute runs again: all but its projections (an MLP's activation counts as none)."""
+    if block.kind == MLP_BLOCK:
+        return 0.0
+    return float(sum(v for k, v in block_flop_terms(cfg, block, seq_len).items() if k != "projections"))
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """{'M', '*', '-', 'lm_head', 'total'}: forward FLOPs per token, block kinds summed."""
-    flops = {"M": 0.0, "*": 0.0, "-": 0.0}
-    for kind, cost in zip(cfg.pattern, block_forward_flops(cfg, seq_len)):
-        flops[kind] += cost
+    flops = dict.fromkeys(BLOCK_KINDS, 0.0)
+    for block, cost in zip(cfg.blocks(), block_forward_flops(cfg, seq_len)):
+        flops[block.kind] += cost
     flops["lm_head"] = 2 * cfg.d_model * cfg.vocab_size
     flops["total"] = sum(flops.values())
     return flops
@@ -194,9 +199,9 @@ def format_counts(cfg: ModelConfig, seq_len: int | None = None) -> str:
     """Two log lines: parameters (total and per block kind) and training FLOPs per token."""
     seq_len = seq_len or cfg.max_seq_len
     params, flops = count_parameters(cfg), training_flops_per_token(cfg, seq_len)
-    present = [k for k in ("M", "*", "-") if k in cfg.pattern]
+    present = [k for k in BLOCK_KINDS if cfg.has(k)]
     head = "tied" if cfg.tie_embeddings else _human(params["lm_head"])
-    kinds = ", ".join(f"{KIND_NAMES[k]} {_human(params[k])} ({_blocks(cfg.pattern.count(k))})" for k in present)
+    kinds = ", ".join(f"{KIND_NAMES[k]} {_human(params[k])} ({_blocks(cfg.count(k))})" for k in present)
     line1 = (f"parameters: {_human(params['total'])} ({params['total']:,}) = embedding {_human(params['embedding'])}"
              f", {kinds}, lm_head {head}")
     shares = ", ".join(f"{KIND_NAMES[k]} {100 * flops[k] / flops['total']:.0f}%" for k in present)

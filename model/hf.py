@@ -354,11 +354,6 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, arch
     return out
 
 
-def ties_in_hf(arch: str) -> bool:
-    """Whether the HF class ties lm_head to the embedding when tie_word_embeddings is set."""
-    return arch != "nemotron_h"
-
-
 # ----------------------------------------------------------------------------------------
 # Files: config.json and safetensors weights (transformers is imported only here, lazily)
 # ----------------------------------------------------------------------------------------

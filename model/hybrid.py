@@ -19,7 +19,8 @@ from torch import nn
 
 from kernels import ops
 from model.attention import Attention
-from model.config import ModelConfig
+from model.config import ATTENTION_BLOCK, MAMBA_BLOCK, BlockSpec, ModelConfig
+from model.linear import WHOLE, Projections
 from model.mamba2 import Mamba2Mixer
 from model.mlp import MLP
 from model.norm import RMSNorm
@@ -45,18 +46,17 @@ class Block(nn.Module):
     """Recompute the whole block in the backward, keeping only its input (full recompute;
     model/recompute.py)."""
 
-    def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, spec: BlockSpec, cfg: ModelConfig, norm: nn.Module | None = None,
+                 mixer: nn.Module | None = None):
+        """The block `spec` of cfg.pattern. A parallel form passes its own `norm` and `mixer`
+        (built with the mixers' own constructors, split) instead of the whole ones."""
         super().__init__()
-        self.kind = kind
-        self.layer_idx = layer_idx
+        self.spec = spec
+        self.kind = spec.kind
+        self.layer_idx = spec.index
         self.residual_in_fp32 = cfg.residual_in_fp32
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if kind == "M":
-            self.mixer = Mamba2Mixer(cfg.mamba, cfg.d_model, cfg.norm_eps)
-        elif kind == "*":
-            self.mixer = Attention(cfg.attention, cfg.d_model)
-        else:
-            self.mixer = MLP(cfg.mlp, cfg.d_model, layer_idx, first_mlp=layer_idx == cfg.pattern.index("-"))
+        self.norm = norm if norm is not None else RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = mixer if mixer is not None else build_mixer(spec, cfg)
 
     def forward(self, x, position_ids=None, cache=None, seq_idx=None):
         return checkpoint_if(self.recompute and cache is None, self.body, x, position_ids, cache, seq_idx)
@@ -66,20 +66,19 @@ class Block(nn.Module):
         # residual_in_fp32: the sum in fp32, the norm reading x in the weights' dtype (as mamba_ssm)
         residual = x.to(torch.promote_types(x.dtype, torch.float32)) if self.residual_in_fp32 else x
         h = self.norm(x.to(self.norm.weight.dtype))
-        if self.kind == "M":
-            h = self.mixer(h, cache=cache, seq_idx=seq_idx)
-        elif self.kind == "*":
-            h = self.mixer(h, position_ids=position_ids, cache=cache, seq_idx=seq_idx)
-        else:
-            h = self.mixer(h)
-        return residual + h
+        return residual + self.mixer(h, position_ids=position_ids, cache=cache, seq_idx=seq_idx)
 
     def allocate_cache(self, batch_size, max_len, device=None, dtype=None):
-        if self.kind == "M":
-            return self.mixer.allocate_cache(batch_size, device, dtype)
-        if self.kind == "*":
-            return self.mixer.allocate_cache(batch_size, max_len, device, dtype)
-        return None
+        return self.mixer.allocate_cache(batch_size, max_len, device, dtype)
+
+
+def build_mixer(spec: BlockSpec, cfg: ModelConfig, projections: Projections = WHOLE) -> nn.Module:
+    """The mixer of block `spec`: the one place a block's kind picks its class."""
+    if spec.kind == MAMBA_BLOCK:
+        return Mamba2Mixer(cfg.mamba, cfg.d_model, cfg.norm_eps, projections)
+    if spec.kind == ATTENTION_BLOCK:
+        return Attention(cfg.attention, cfg.d_model, projections)
+    return MLP(cfg.mlp, cfg.d_model, spec.index, spec.dense_mlp, projections)
 
 
 RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "down_proj")
@@ -92,10 +91,37 @@ class HybridLM(nn.Module):
             raise ValueError("model.vocab_size must be resolved (>= 1) before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(kind, cfg, i) for i, kind in enumerate(cfg.pattern))
+        self.blocks = nn.ModuleList(Block(spec, cfg) for spec in cfg.blocks())
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
+        self.declare_no_weight_decay()
+
+    @classmethod
+    @torch.no_grad()
+    def from_state(cls, cfg: ModelConfig, state: dict, guide_alpha: float | None = None) -> "HybridLM":
+        """A model holding `state`'s tensors (built on the meta device and assigned: one copy in
+        memory), computing what training computed with them: each structured linear whose dense
+        path `state` holds mixes it in at `guide_alpha`; one without it has none (the self-guided
+        phase ended before `state` was saved)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        for name, module in model.named_modules():
+            if isinstance(module, StructuredLinear):
+                if f"{name}.guide" in state:
+                    module.guide_alpha = guide_alpha
+                else:
+                    module.drop_guide()
+        model.load_state_dict(state, assign=True)
+        return model
+
+    def declare_no_weight_decay(self) -> None:
+        """Marks the parameters weight decay leaves alone (the optimizer reads the mark:
+        parallel/engine.py; a split form carries it over): the embedding, and every vector (norm
+        weights, biases, Mamba2's A_log, D and dt_bias)."""
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or name == "embed.weight":
+                p._no_weight_decay = True
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import dataclasses
+
 from kernels import ops
-from kernels.conv.reference import conv_state_from_inputs
 from model.config import MambaConfig
-from model.linear import Linear
+from model.linear import WHOLE, Projections
 from model.norm import RMSNorm
 from model.recompute import checkpoint_if
 
@@ -35,21 +36,23 @@ class Mamba2Mixer(nn.Module):
     recompute_core = False
     """Recompute `core` in the backward (selective recompute; model/recompute.py)."""
 
-    def __init__(self, cfg: MambaConfig, d_model: int, norm_eps: float = 1e-5):
+    def __init__(self, cfg: MambaConfig, d_model: int, norm_eps: float = 1e-5, projections: Projections = WHOLE):
+        """`projections.ranks` > 1 builds one rank's share: its heads and groups, with in_proj split
+        by outputs and out_proj by inputs (parallel/tensor_parallel.py)."""
         super().__init__()
-        self.cfg = cfg
-        self.d_inner = cfg.expand * d_model
-        self.nheads = self.d_inner // cfg.headdim
-        self.bc_dim = cfg.ngroups * cfg.d_state
+        ranks = projections.ranks
+        self.cfg = dataclasses.replace(cfg, ngroups=cfg.ngroups // ranks) if ranks > 1 else cfg
+        self.d_inner, self.nheads = cfg.d_inner(d_model) // ranks, cfg.nheads(d_model) // ranks
+        self.bc_dim = self.cfg.bc_dim()
         self.conv_dim = self.d_inner + 2 * self.bc_dim
-        self.in_proj = Linear(d_model, 2 * self.d_inner + 2 * self.bc_dim + self.nheads, bias=cfg.proj_bias)
+        self.in_proj = projections.column(d_model, cfg.in_proj_dim(d_model), cfg.proj_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
                                 padding=cfg.d_conv - 1, bias=cfg.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm = RMSNorm(self.d_inner, norm_eps, group_size=self.d_inner // cfg.ngroups)
-        self.out_proj = Linear(self.d_inner, d_model, bias=cfg.proj_bias)
+        self.norm = RMSNorm(self.d_inner, norm_eps, group_size=cfg.d_inner(d_model) // cfg.ngroups)
+        self.out_proj = projections.row(cfg.d_inner(d_model), d_model, cfg.proj_bias)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -61,8 +64,6 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(c.A_init_min, c.A_init_max)))
         self.D.fill_(1.0)
-        for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
 
     @property
     def conv_weight(self) -> torch.Tensor:
@@ -86,9 +87,9 @@ class Mamba2Mixer(nn.Module):
         if seq_idx is not None:
             seq_idx = torch.nn.functional.pad(seq_idx, (width - 1, 0))
             last_document = (seq_idx == seq_idx[:, -1:])[..., None]
-            cache.conv_state.copy_(conv_state_from_inputs(seen * last_document, width))
+            cache.conv_state.copy_(ops.conv_state(seen * last_document, width))
         else:
-            cache.conv_state.copy_(conv_state_from_inputs(seen, width))
+            cache.conv_state.copy_(ops.conv_state(seen, width))
         return ops.causal_conv1d(seen, self.conv_weight, self.conv1d.bias, activation="silu",
                                  seq_idx=seq_idx)[:, width - 1:]
 
@@ -102,9 +103,9 @@ class Mamba2Mixer(nn.Module):
                 B.reshape(*lead, self.cfg.ngroups, self.cfg.d_state),
                 C.reshape(*lead, self.cfg.ngroups, self.cfg.d_state))
 
-    def forward(self, u: torch.Tensor, cache: MambaCache | None = None,
+    def forward(self, u: torch.Tensor, position_ids: torch.Tensor | None = None, cache: MambaCache | None = None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """u (b, l, d_model). With a cache, u continues the cached tokens: l == 1 steps the recurrence,
+        """u (b, l, d_model); position_ids are not read (every mixer takes the same arguments). With a cache, u continues the cached tokens: l == 1 steps the recurrence,
         l > 1 runs the chunked scan from the cached conv inputs and SSM state (a prompt, or a piece
         of one: chunked prefill), and the cache is left holding the state after u. seq_idx (b, l):
         the document of each token of packed rows (model/hybrid.py: document_index); no conv input
@@ -142,7 +143,8 @@ class Mamba2Mixer(nn.Module):
         y = y.reshape(y.shape[0], 1, self.d_inner)
         return self.out_proj(self.norm(y, z[:, None]))
 
-    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
+    def allocate_cache(self, batch_size: int, max_len: int = 0, device=None, dtype=None) -> MambaCache:
+        """The conv inputs and SSM state: their size does not grow with max_len."""
         c = self.cfg
         return MambaCache(
             conv_state=torch.zeros(batch_size, self.conv_dim, c.d_conv, device=device, dtype=dtype),

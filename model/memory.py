@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from model.config import ModelConfig
+from model.config import ATTENTION_BLOCK, MAMBA_BLOCK, ModelConfig
 
 FP32, INT64 = 4, 8
 ALL, NONE_SEL, NONE, SEL = "nsf", "ns", "n", "s"
@@ -96,8 +96,8 @@ def norm_terms(d: int, s: Shape, what: str = "block") -> list[Saved]:
 
 def mamba_terms(cfg: ModelConfig, s: Shape) -> list[Saved]:
     m, d, a, t = cfg.mamba, cfg.d_model, s.act_bytes, s.tp
-    E, P, N = m.expand * d // t, m.headdim, m.d_state
-    h, g = E // P, m.ngroups // t
+    E, P, N = m.d_inner(d) // t, m.headdim, m.d_state
+    h, g = m.nheads(d) // t, m.ngroups // t
     C, proj = E + 2 * g * N, 2 * E + 2 * g * N + h
     b, l, n = s.batch, s.seq_len, s.tokens
     Q = m.chunk_size
@@ -162,9 +162,9 @@ def mlp_terms(cfg: ModelConfig, s: Shape, dense: bool) -> list[Saved]:
 
 def block_activations(cfg: ModelConfig, kind: str, s: Shape, dense_mlp: bool = False) -> list[Saved]:
     """What one block of `kind` keeps for one micro-batch on one rank, by tensor."""
-    if kind == "M":
+    if kind == MAMBA_BLOCK:
         return mamba_terms(cfg, s)
-    if kind == "*":
+    if kind == ATTENTION_BLOCK:
         return attention_terms(cfg, s)
     return mlp_terms(cfg, s, dense_mlp)
 
@@ -173,11 +173,10 @@ def core_input_bytes(cfg: ModelConfig, kind: str, s: Shape) -> float:
     """The tensors entering a mixer's core (Mamba2: in_proj's output; attention: q, k, v; MLP: up and
     gate): their gradient is made while a recomputed core's activations are back."""
     d, t, n, a = cfg.d_model, s.tp, s.tokens, s.act_bytes
-    if kind == "M":
+    if kind == MAMBA_BLOCK:
         m = cfg.mamba
-        E, g = m.expand * d // t, m.ngroups // t
-        return n * (2 * E + 2 * g * m.d_state + E // m.headdim) * a
-    if kind == "*":
+        return n * m.in_proj_dim(d) // t * a  # z, x, B, C and dt: each split over the TP ranks
+    if kind == ATTENTION_BLOCK:
         att = cfg.attention
         K = att.resolved_kv_heads()
         K = K // t if K % t == 0 else 1

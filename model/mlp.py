@@ -3,12 +3,14 @@
 Its linears are dense or structured (model/structured.py), chosen by `make_linear`."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import MLPConfig, ModelConfig, StructuredSizes
-from model.linear import Linear
+from model.config import MLP_BLOCK, MLPConfig, ModelConfig, StructuredSizes
+from model.linear import WHOLE, Linear, Projections
 from model.recompute import checkpoint_if
 from model.structured import BlockDense, BlockShuffle, LowRank
 
@@ -33,7 +35,7 @@ def make_linear(in_features: int, out_features: int, cfg: MLPConfig, layer_idx: 
 def describe_structure(cfg: ModelConfig) -> str | None:
     """The derived sizes as one log line; None for dense MLPs."""
     mlp = cfg.mlp
-    if mlp.structure == "dense" or "-" not in cfg.pattern:
+    if mlp.structure == "dense" or not cfg.has(MLP_BLOCK):
         return None
     sizes = mlp.structured_sizes(cfg.d_model)
     size = {"lowrank": f"rank={sizes.rank}", "blockdense": f"rank={sizes.rank} nblocks={sizes.nblocks}",
@@ -51,19 +53,22 @@ class MLP(nn.Module):
     recompute_core = False
     """Recompute `core` (the activation) in the backward (selective recompute; model/recompute.py)."""
 
-    def __init__(self, cfg: MLPConfig, d_model: int, layer_idx: int = 0, first_mlp: bool = False):
+    def __init__(self, cfg: MLPConfig, d_model: int, layer_idx: int = 0, dense: bool = False,
+                 projections: Projections = WHOLE):
+        """`dense`: this block's linears are dense whatever mlp.structure (BlockSpec.dense_mlp).
+        `projections.ranks` > 1 builds one rank's share: up and gate split by outputs, down by inputs."""
         super().__init__()
         self.activation = cfg.activation
         d_ff = cfg.resolved_d_ff(d_model)
-        sizes = None
-        if cfg.structure != "dense" and not (first_mlp and cfg.dense_first_layer):
-            sizes = cfg.structured_sizes(d_model)
+        sizes = None if dense or cfg.structure == "dense" else cfg.structured_sizes(d_model)
         if self.activation == "swiglu":
-            self.gate_proj = make_linear(d_model, d_ff, cfg, layer_idx, sizes)
-        self.up_proj = make_linear(d_model, d_ff, cfg, layer_idx, sizes)
-        self.down_proj = make_linear(d_ff, d_model, cfg, layer_idx, sizes)
+            self.gate_proj = projections.column_of(partial(make_linear, d_model, d_ff, cfg, layer_idx, sizes))
+        self.up_proj = projections.column_of(partial(make_linear, d_model, d_ff, cfg, layer_idx, sizes))
+        self.down_proj = projections.row_of(partial(make_linear, d_ff, d_model, cfg, layer_idx, sizes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids=None, cache=None, seq_idx=None) -> torch.Tensor:
+        """x (b, l, d_model); position_ids, cache and seq_idx are not read (every mixer takes the
+        same arguments: an MLP mixes no tokens)."""
         gate = self.gate_proj(x) if self.activation == "swiglu" else None
         return checkpoint_if(self.recompute_core, self.core, self.up_proj(x), gate, into=self.down_proj)
 
@@ -73,3 +78,7 @@ class MLP(nn.Module):
         if self.activation == "swiglu":
             return F.silu(gate) * up
         return torch.square(F.relu(up))
+
+    def allocate_cache(self, batch_size: int, max_len: int = 0, device=None, dtype=None) -> None:
+        """An MLP keeps no state between tokens."""
+        return None

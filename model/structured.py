@@ -88,6 +88,13 @@ class StructuredLinear(nn.Module):
     def drop_guide(self) -> None:
         self.guide = None
 
+    def follow_guidance_of(self, other: "StructuredLinear") -> None:
+        """`other`'s self-guided state, not its weights: whether a dense path is left, its a and
+        this step's draw. A linear rebuilt in another form (a TP shard) goes on where it was."""
+        if other.guide is None:
+            self.drop_guide()
+        self.guide_alpha, self.guide_active = other.guide_alpha, other.guide_active
+
     def guided(self) -> bool:
         """Whether this forward mixes in the dense path: while it exists, unless this step's
         draw skips it; evaluation always mixes it in, so that its result depends on no draw."""
@@ -273,3 +280,12 @@ def premerge_where_faster(model: nn.Module, tokens: int, repeats: int = 20) -> d
         else:
             m.unmerge()
     return report
+
+
+def carry_guidance(source: nn.Module, target: nn.Module) -> None:
+    """Each structured linear of `target` follows the self-guided state of the one of the same
+    name in `source` (target rebuilt from source in another form)."""
+    sources = dict(source.named_modules())
+    for name, module in target.named_modules():
+        if isinstance(module, StructuredLinear) and isinstance(sources.get(name), StructuredLinear):
+            module.follow_guidance_of(sources[name])

@@ -1,7 +1,27 @@
-"""The parallel layout and checkpoint sections of the config schema."""
+"""The parallel layout and checkpoint sections of the config schema, and what the engine reads of
+the training section (OptimizerConfig: launcher/config.py TrainConfig.optimizer() makes it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The batch, AdamW, clipping and LR schedule the engine is built with (parallel/engine.py);
+    the fields mean what train.<field> of the same name means."""
+
+    global_batch_size: int
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    grad_clip: float
+    warmup_steps: int
+    max_steps: int
+    schedule: str
+    decay_fraction: float
+    min_lr_ratio: float
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 """Activation recompute per block (train.recompute; parallel/parallelize.py applies it): 'none' keeps

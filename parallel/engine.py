@@ -7,7 +7,7 @@ import math
 import deepspeed
 import torch
 
-from parallel.config import ParallelConfig
+from parallel.config import OptimizerConfig, ParallelConfig
 from parallel.guard import GuardedAdamW
 from parallel.parallelize import deepspeed_pipeline_section
 
@@ -35,14 +35,15 @@ def autocast_section(dtype: torch.dtype | None) -> dict:
                                "lower_precision_safe_modules": []}}
 
 
-def deepspeed_config(train, par: ParallelConfig, dp: int, autocast: torch.dtype | None = None) -> dict:
-    gas = grad_accumulation_steps(train.global_batch_size, par, dp)
+def deepspeed_config(optim: OptimizerConfig, par: ParallelConfig, dp: int,
+                     autocast: torch.dtype | None = None) -> dict:
+    gas = grad_accumulation_steps(optim.global_batch_size, par, dp)
     pipeline = {"pipeline": deepspeed_pipeline_section(par.sequence_parallel)} if par.pp > 1 else {}
     return {
-        "train_batch_size": train.global_batch_size,
+        "train_batch_size": optim.global_batch_size,
         "train_micro_batch_size_per_gpu": par.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": par.zero_stage},
         # Our AdamW is torch's (it runs on CPU and GPU alike); ZeRO partitions its states.
         "zero_allow_untested_optimizer": True,
@@ -53,35 +54,36 @@ def deepspeed_config(train, par: ParallelConfig, dp: int, autocast: torch.dtype 
     }
 
 
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.dim() < 2 or name.endswith("embed.weight") or getattr(param, "_no_weight_decay", False)
+def no_decay(param: torch.Tensor) -> bool:
+    """What the model declared exempt (model/hybrid.py declare_no_weight_decay)."""
+    return getattr(param, "_no_weight_decay", False)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, other = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            (other if no_decay(name, p) else decay).append(p)
+            (other if no_decay(p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
-def lr_multiplier(step: int, train) -> float:
+def lr_multiplier(step: int, optim: OptimizerConfig) -> float:
     """The multiple of train.lr at optimizer step `step` (0-based)."""
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
-    floor = train.min_lr_ratio
-    if train.schedule == "wsd":
-        decay_steps = max(1, round(train.decay_fraction * train.max_steps))
-        decay_start = train.max_steps - decay_steps
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    floor = optim.min_lr_ratio
+    if optim.schedule == "wsd":
+        decay_steps = max(1, round(optim.decay_fraction * optim.max_steps))
+        decay_start = optim.max_steps - decay_steps
         if step < decay_start:
             return 1.0
         return 1.0 - (1.0 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
-    span = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps + 1) / span)
+    span = max(1, optim.max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps + 1) / span)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(model: torch.nn.Module, train, par: ParallelConfig, world_size: int, mpu=None,
+def build_engine(model: torch.nn.Module, optim: OptimizerConfig, par: ParallelConfig, world_size: int, mpu=None,
                  autocast: torch.dtype | None = None):
     """`autocast`: the dtype the engine's forward computes its matmuls in (None: the parameters')."""
     dp = data_parallel_size(world_size, par)
@@ -90,11 +92,11 @@ def build_engine(model: torch.nn.Module, train, par: ParallelConfig, world_size:
     # torch's fused AdamW does foreach's arithmetic in one kernel per parameter group (CUDA) or one
     # pass per tensor (CPU, where the default is a Python loop: 3x faster on the tiny model).
     fusable = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in model.parameters())
-    optimizer = adamw(param_groups(model, train.weight_decay), lr=train.lr,
-                      betas=(train.beta1, train.beta2), eps=train.eps, fused=fusable or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
+    optimizer = adamw(param_groups(model, optim.weight_decay), lr=optim.lr,
+                      betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fusable or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, optim))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(train, par, dp, autocast), mpu=mpu)
+                                           config=deepspeed_config(optim, par, dp, autocast), mpu=mpu)
     return engine
 
 

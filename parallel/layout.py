@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from model.config import ModelConfig
+from model.config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, ModelConfig
 
 
 class LayoutError(ValueError):
@@ -76,7 +76,7 @@ def attention_problems(model: ModelConfig, tp: int) -> list[str]:
 
 def mamba_problems(model: ModelConfig, tp: int) -> list[str]:
     m = model.mamba
-    nheads = m.expand * model.d_model // m.headdim
+    nheads = m.nheads(model.d_model)
     return _divides("mamba heads (expand*d_model/headdim)", nheads, tp) + _divides("mamba.ngroups", m.ngroups, tp)
 
 
@@ -99,19 +99,9 @@ def structured_problems(model: ModelConfig, tp: int) -> list[str]:
 
 def mlp_problems(model: ModelConfig, tp: int) -> list[str]:
     problems = _divides("mlp.d_ff", model.mlp.resolved_d_ff(model.d_model), tp)
-    structured_mlps = model.pattern.count("-") - (1 if model.mlp.dense_first_layer else 0)
-    if model.mlp.structure != "dense" and structured_mlps > 0:
+    if any(block.kind == MLP_BLOCK and not block.dense_mlp for block in model.blocks()):
         problems += structured_problems(model, tp)
     return problems
-
-
-def effective_vocab_size(model: ModelConfig, data=None) -> int:
-    """model.vocab_size, else the vocabulary the data config will train (0: not known yet)."""
-    if model.vocab_size:
-        return model.vocab_size
-    if data is not None and not getattr(data, "tokenizer", ""):
-        return data.vocab_size
-    return 0
 
 
 def layout_problems(model: ModelConfig, tp: int, pp: int, world_size: int, zero_stage: int = 0,
@@ -123,16 +113,15 @@ def layout_problems(model: ModelConfig, tp: int, pp: int, world_size: int, zero_
     if world_size % (tp * pp):
         problems.append(f"world size {world_size} is not divisible by tp*pp={tp * pp}")
     if tp > 1:
-        kinds = set(model.pattern)
-        problems += attention_problems(model, tp) if "*" in kinds else []
-        problems += mamba_problems(model, tp) if "M" in kinds else []
-        problems += mlp_problems(model, tp) if "-" in kinds else []
+        problems += attention_problems(model, tp) if model.has(ATTENTION_BLOCK) else []
+        problems += mamba_problems(model, tp) if model.has(MAMBA_BLOCK) else []
+        problems += mlp_problems(model, tp) if model.has(MLP_BLOCK) else []
         if vocab_size:
             problems += _divides("vocab size", vocab_size, tp)
         if sequence_parallel and seq_len:
             problems += _divides("train.seq_len (sequence parallel)", seq_len, tp)
-    if pp > len(model.pattern):
-        problems.append(f"pp={pp} is more stages than the {len(model.pattern)} blocks of the pattern")
+    if pp > model.n_blocks:
+        problems.append(f"pp={pp} is more stages than the {model.n_blocks} blocks of the pattern")
     if pp > 1 and zero_stage > 1:
         problems.append(f"zero_stage={zero_stage} with pp={pp}: DeepSpeed's pipeline engine supports "
                         "ZeRO stage 0 or 1 only")

@@ -3,7 +3,7 @@ imports (cheaply: megatron-core and DeepSpeed's pipeline load only when a layout
 
     topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
     module = parallel_model(HybridLM(cfg.model), topo, seq_len, sequence_parallel,
-                            recompute=cfg.train.block_recompute(cfg.model.pattern))
+                            recompute=cfg.train.block_recompute(cfg.model.blocks()))
     engine = build_engine(module, ..., mpu=topo.engine_mpu)
     pp > 1:  loss = engine.train_batch(pipeline_item(batch) for batch in micro_batches)
 """

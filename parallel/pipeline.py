@@ -71,8 +71,8 @@ class EmbeddingStage(nn.Module):
 
 class BlockStage(Block):
     """A block as a pipeline layer: takes and returns x or (x, position_ids); the last block
-    hands x alone to the final norm. Block.__init__ would build a new block, so this takes
-    over an existing one's parts (its parameter names stay the block's). The documents of
+    hands x alone to the final norm. Built by Block's own constructor from an existing block's
+    spec and parts (its parameter names stay the block's). The documents of
     packed rows (seq_idx) are derived from the position ids once per micro-batch and stage:
     every block of a stage receives the same position_ids tensor."""
 
@@ -80,10 +80,9 @@ class BlockStage(Block):
     """(position_ids, their version, their seq_idx): the last derivation, shared by the blocks
     of a stage (held by reference, so no other tensor can take that identity)."""
 
-    def __init__(self, block: Block, last: bool):
-        nn.Module.__init__(self)
-        self.kind, self.layer_idx, self.last = block.kind, block.layer_idx, last
-        self.residual_in_fp32, self.norm, self.mixer = block.residual_in_fp32, block.norm, block.mixer
+    def __init__(self, block: Block, cfg: ModelConfig, last: bool):
+        super().__init__(block.spec, cfg, norm=block.norm, mixer=block.mixer)
+        self.last = last
 
     def forward(self, inputs):
         x, position_ids = inputs if isinstance(inputs, tuple) else (inputs, None)
@@ -160,7 +159,7 @@ def pipeline_model(model: HybridLM, topo: Topology, seq_len: int, sequence_paral
     for i in local:
         if 1 <= i <= n:
             block = shard.block(model.blocks[i - 1], i - 1) if shard else model.blocks[i - 1]
-            layers[i] = BlockStage(block, last=i == n)
+            layers[i] = BlockStage(block, cfg, last=i == n)
         elif i == n + 1:
             layers[i] = shard.final_norm(model.final_norm) if shard else model.final_norm
         elif i == n + 2 and not tied:

@@ -41,8 +41,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model.config import ModelConfig
-from model.counting import (attention_block_flops, block_forward_flops, count_parameters,
-                            mamba_block_flops, training_flops_per_token)
+from model.counting import block_core_flops, block_forward_flops, count_parameters, training_flops_per_token
 from model.memory import (FP32, LossMemory, Shape, block_activations, core_input_bytes, kept_bytes,
                           loss_activations, recompute_working_set)
 from parallel.layout import Layout, layout_problems, valid_layouts
@@ -171,7 +170,7 @@ def _count_layer_parameters(model: ModelConfig, tp: int) -> tuple[tuple[int, int
 
     net = meta_model(model)
     splits = parameter_splits(net, tp)
-    n = len(model.pattern)
+    n = model.n_blocks
     layers = [[0, 0, 0, 0] for _ in range(n + 3)]
     for name, p in net.named_parameters():
         local = p.numel() if split_of(splits, name).dim is None else p.numel() // tp
@@ -189,7 +188,7 @@ def stage_bounds(model: ModelConfig, seq_len: int, pp: int) -> list[int]:
     """parallel/pipeline.py's stage_bounds without importing the pipeline (and megatron-core):
     DeepSpeed's partition_balanced over each layer's forward FLOPs (the tests check they agree)."""
     if pp == 1:
-        return [0, len(model.pattern) + 3]
+        return [0, model.n_blocks + 3]
     key = (repr(model), seq_len, pp)
     if key not in _BOUNDS:  # every TP degree of a world size asks again
         from deepspeed.runtime.utils import partition_balanced
@@ -208,7 +207,7 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, seq_len: int) -> list
     pp > 1 the last stage holds the embedding too (DeepSpeed's TiedLayerSpec)."""
     layers = _layer_parameters(model, tp)
     bounds = stage_bounds(model, seq_len, pp)
-    n = len(model.pattern)
+    n = model.n_blocks
     out = []
     for s in range(pp):
         idx = list(range(bounds[s], bounds[s + 1]))
@@ -296,8 +295,8 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
     in_flight = min(pp - stage, accumulation) if pp > 1 else 1
     shape = Shape(spec.micro_batch, spec.seq_len, tp, spec.sequence_parallel, spec.kernels, spec.act_bytes,
                   spec.documents)
-    n_blocks = len(model.pattern)
-    first_mlp = model.pattern.find("-")
+    n_blocks = model.n_blocks
+    blocks = model.blocks()
     by_kind: dict[str, float] = {}
     kept, dropped, made = [], [], []
     layers = _layer_parameters(model, tp)
@@ -306,11 +305,11 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
             continue
         i = layer - 1
         made.append(FP32 * layers[layer][0])
-        kind = model.pattern[i]
-        terms = block_activations(model, kind, shape, dense_mlp=model.mlp.dense_first_layer and i == first_mlp)
+        block = blocks[i]
+        terms = block_activations(model, block.kind, shape, dense_mlp=block.dense_mlp)
         kept.append(kept_bytes(terms, spec.mode(i)))
-        dropped.append(recompute_working_set(terms, spec.mode(i), core_input_bytes(model, kind, shape)))
-        by_kind[kind] = by_kind.get(kind, 0.0) + kept[-1]
+        dropped.append(recompute_working_set(terms, spec.mode(i), core_input_bytes(model, block.kind, shape)))
+        by_kind[block.kind] = by_kind.get(block.kind, 0.0) + kept[-1]
     gathered = max((p - small for i, (p, _, _, small) in enumerate(layers) if 1 <= i <= n_blocks), default=0)
     held, grads, step_extra = optimizer_terms(info, spec, layout, cuda, gathered, accumulation)
     loss = loss_activations(model, shape, spec.vocab) if n_blocks + 2 in info["layers"] else None
@@ -374,12 +373,10 @@ def recompute_flops_per_token(spec: RunSpec) -> float:
     """Forward FLOPs per token that recompute adds (the recomputed parts run twice)."""
     model, extra = spec.model, 0.0
     full = block_forward_flops(model, spec.seq_len)
-    core = {"M": sum(v for k, v in mamba_block_flops(model).items() if k != "projections"),
-            "*": sum(v for k, v in attention_block_flops(model, spec.seq_len).items() if k != "projections"),
-            "-": 0.0}
-    for i, kind in enumerate(model.pattern):
-        mode = spec.mode(i)
-        extra += full[i] if mode == "full" else core[kind] if mode == "selective" else 0.0
+    for block in model.blocks():
+        mode = spec.mode(block.index)
+        extra += full[block.index] if mode == "full" else \
+            block_core_flops(model, block, spec.seq_len) if mode == "selective" else 0.0
     return extra
 
 
@@ -399,8 +396,8 @@ def step_time(spec: RunSpec, layout: Layout, stages: list[dict], accumulation: i
     tp_bw = hw.intra_node_gbps if tp <= hw.gpus_per_node else hw.inter_node_gbps
     dp_bw = hw.intra_node_gbps if layout.world_size <= hw.gpus_per_node else hw.inter_node_gbps
     micro = spec.micro_batch * spec.seq_len * spec.model.d_model * spec.act_bytes
-    blocks = max(sum(1 for i in s["layers"] if 1 <= i <= len(spec.model.pattern)) for s in stages)
-    reruns = sum(1 for i in range(len(spec.model.pattern)) if spec.mode(i) == "full") / max(1, pp)
+    blocks = max(sum(1 for i in s["layers"] if 1 <= i <= spec.model.n_blocks) for s in stages)
+    reruns = sum(1 for i in range(spec.model.n_blocks) if spec.mode(i) == "full") / max(1, pp)
     tp_comm = accumulation * (2 * blocks + reruns) * _ring(micro, tp, tp_bw)
     params = max(s["params"] for s in stages)
     dp_comm = _ring(FP32 * params, dp, dp_bw) * (2.5 if spec.zero_stage == 3 else 1.0)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_optimizer_state, safe_set_full_optimizer_state,
                              safe_set_local_optimizer_state)
 
+from parallel.config import OptimizerConfig, ParallelConfig
 from parallel.engine import build_engine
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -23,7 +24,8 @@ def supports_rebuild(zero_stage: int) -> bool:
     return zero_stage in (0, 1, 2)
 
 
-def rebuild_engine(old, model: torch.nn.Module, train, par, world_size: int, mpu=None):
+def rebuild_engine(old, model: torch.nn.Module, optim: OptimizerConfig, par: ParallelConfig, world_size: int,
+                   mpu=None):
     """Collective (every rank calls it). `model` is old.module with parameters removed."""
     if not supports_rebuild(par.zero_stage):
         raise ValueError(f"parallel.zero_stage: dropping parameters mid-run supports ZeRO stages 0-2, "
@@ -34,7 +36,7 @@ def rebuild_engine(old, model: torch.nn.Module, train, par, world_size: int, mpu
     counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
     autocast = old.torch_autocast_dtype() if old.torch_autocast_enabled() else None
     old.destroy()  # removes its gradient hooks from the parameters we keep
-    new = build_engine(model, train, par, world_size, mpu, autocast)
+    new = build_engine(model, optim, par, world_size, mpu, autocast)
     write_optimizer_states(new, kept, states.get, step, par.zero_stage)
     restore_schedule(new, lr_state, counters)
     return new

@@ -77,7 +77,7 @@ def read_full_state(ckpt: Path, model_cfg, saved: Layout, optimizer: bool = True
     from parallel.tp_splits import parameter_splits
 
     tp, pp = saved.tp, saved.pp
-    naming = stage_naming(pp, len(model_cfg.pattern) if pp > 1 else 0)
+    naming = stage_naming(pp, model_cfg.n_blocks if pp > 1 else 0)
     pieces = []  # per TP rank, every pipeline stage's parameters
     for t in range(tp):
         piece = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": None}
@@ -89,7 +89,7 @@ def read_full_state(ckpt: Path, model_cfg, saved: Layout, optimizer: bool = True
             piece["step"] = piece["step"] if piece["step"] is not None else part["step"]
         pieces.append(piece)
     if saved.zero_stage == 0 and pp > 1:  # the pipeline keeps its modules in per-layer files
-        for piece, layers in zip(pieces, _read_pipeline_modules(ckpt, tp, len(model_cfg.pattern))):
+        for piece, layers in zip(pieces, _read_pipeline_modules(ckpt, tp, model_cfg.n_blocks)):
             piece["weights"] = {name: _ready(tensor) for name, tensor in layers.items()}
     splits = None
     if tp > 1:
@@ -328,7 +328,7 @@ def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: in
     if full.adam_step is not None:
         with torch.device("meta"):
             splits = parameter_splits(HybridLM(model_cfg), tp)
-        naming = stage_naming(pp, len(model_cfg.pattern))
+        naming = stage_naming(pp, model_cfg.n_blocks)
         named = [(naming(n), p) for n, p in engine.module.named_parameters() if p.requires_grad]
         absent = [n for n, _ in named if n not in full.optimizer]
         if absent:

@@ -22,89 +22,100 @@ Parameter names stay the HybridLM's.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
 from kernels import ops
 from model.attention import Attention
+from model.config import BlockSpec, ModelConfig
 from model.hybrid import HybridLM, document_index
+from model.linear import Projections
 from model.mamba2 import Mamba2Mixer
 from model.mlp import MLP
 from model.norm import RMSNorm
+from model.structured import carry_guidance
 from parallel.tp_linears import ColumnLinear, ReplicatedHead, RowLinear, _no_init, column_linear, row_linear
 from parallel.tp_mappings import TPContext
 from parallel.tp_splits import REPLICATED, kv_heads_split, parameter_splits, shard_state_dict, split_of
 
 
-class TPAttention(Attention):
-    """Attention over this rank's query heads (and their KV heads). Attention.__init__
-    builds full-size projections, so the TP form sets its local sizes itself."""
+class TPProjections(Projections):
+    """This rank's projections (model/linear.py Projections): megatron-core's column and row
+    parallel linears; k and v split with the KV heads, or one replicated head where the ranks
+    outnumber them; an MLP linear, dense or structured, as its TP shell (tp_linears.py). Weights
+    are copied in afterwards (Sharder), so the whole MLP linears the shells are made from are
+    built on the meta device."""
 
-    def __init__(self, full: Attention, ctx: TPContext):
-        nn.Module.__init__(self)
-        self.cfg, self.ctx, self.head_dim = full.cfg, ctx, full.head_dim
-        self.n_heads = full.n_heads // ctx.size
-        d_model = full.q_proj.in_features
-        self.q_proj = ColumnLinear(d_model, full.n_heads * full.head_dim, full.q_proj.bias is not None, ctx)
-        if kv_heads_split(full.n_kv_heads, ctx.size):
-            self.n_kv_heads = full.n_kv_heads // ctx.size
-            self.k_proj, self.v_proj = (ColumnLinear(d_model, full.n_kv_heads * full.head_dim, p.bias is not None, ctx)
-                                        for p in (full.k_proj, full.v_proj))
-        else:
-            self.n_kv_heads = 1
-            kv_index = ctx.rank * full.n_kv_heads // ctx.size
-            self.k_proj, self.v_proj = (ReplicatedHead(p, full.head_dim, kv_index, ctx)
-                                        for p in (full.k_proj, full.v_proj))
-        self.o_proj = RowLinear(full.n_heads * full.head_dim, d_model, False, ctx)
+    def __init__(self, ctx: TPContext):
+        self.ctx, self.ranks = ctx, ctx.size
+
+    def column(self, in_features, out_features, bias):
+        return ColumnLinear(in_features, out_features, bias, self.ctx)
+
+    def row(self, in_features, out_features, bias):
+        return RowLinear(in_features, out_features, bias, self.ctx)
+
+    def kv(self, in_features, n_kv_heads, head_dim, bias):
+        if kv_heads_split(n_kv_heads, self.ranks):
+            return ColumnLinear(in_features, n_kv_heads * head_dim, bias, self.ctx), n_kv_heads // self.ranks
+        head = self.ctx.rank * n_kv_heads // self.ranks  # the KV head this rank's query heads share
+        return ReplicatedHead(in_features, n_kv_heads * head_dim, bias, head_dim, head, self.ctx), 1
+
+    def column_of(self, build):
+        with torch.device("meta"):
+            whole = build()
+        return column_linear(whole, self.ctx)
+
+    def row_of(self, build):
+        with torch.device("meta"):
+            whole = build()
+        return row_linear(whole, self.ctx)
+
+
+class TPMixer:
+    """What the TP mixers add to the model's: the region entry before the mixer (its input
+    enters the tensor-parallel region once; under sequence parallelism it is gathered)."""
+
+    ctx: TPContext
 
     def forward(self, x, position_ids=None, cache=None, seq_idx=None):
         _no_cache_with_sequence_parallel(self.ctx, cache)
-        return super().forward(self.ctx.enter(x), position_ids=position_ids, cache=cache, seq_idx=seq_idx)
+        return super().forward(self.enter(x), position_ids=position_ids, cache=cache, seq_idx=seq_idx)
+
+    def enter(self, x):
+        return self.ctx.enter(x)
 
 
-class TPMamba2(Mamba2Mixer):
-    """The Mamba2 mixer over this rank's heads and groups. Mamba2Mixer.__init__ builds
-    full-size layers, so the TP form sets its local sizes itself."""
+class TPAttention(TPMixer, Attention):
+    """Attention over this rank's query heads (and their KV heads): the model's Attention built
+    with this rank's projections."""
 
-    def __init__(self, full: Mamba2Mixer, ctx: TPContext):
-        nn.Module.__init__(self)
-        tp, c = ctx.size, full.cfg
+    def __init__(self, cfg: ModelConfig, ctx: TPContext):
+        Attention.__init__(self, cfg.attention, cfg.d_model, TPProjections(ctx))
         self.ctx = ctx
-        self.cfg = dataclasses.replace(c, ngroups=c.ngroups // tp)
-        self.d_inner, self.nheads = full.d_inner // tp, full.nheads // tp
-        self.bc_dim = self.cfg.ngroups * c.d_state
-        self.conv_dim = self.d_inner + 2 * self.bc_dim
-        d_model = full.in_proj.in_features
-        self.in_proj = ColumnLinear(d_model, full.in_proj.out_features, full.in_proj.bias is not None, ctx)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, c.d_conv, groups=self.conv_dim,
-                                padding=c.d_conv - 1, bias=full.conv1d.bias is not None)
-        self.dt_bias, self.A_log, self.D = (nn.Parameter(torch.empty(self.nheads)) for _ in range(3))
-        self.norm = RMSNorm(self.d_inner, full.norm.eps, group_size=full.norm.group_size)
-        self.out_proj = RowLinear(full.d_inner, d_model, full.out_proj.bias is not None, ctx)
-
-    def forward(self, u, cache=None, seq_idx=None):
-        _no_cache_with_sequence_parallel(self.ctx, cache)
-        return super().forward(self.ctx.enter(u), cache=cache, seq_idx=seq_idx)
 
 
-class TPMLP(MLP):
-    """The MLP with split linears. Dense column linears share one region entry; structured
-    ones enter the region where their split puts it (e.g. after LowRank's first factor)."""
+class TPMamba2(TPMixer, Mamba2Mixer):
+    """The Mamba2 mixer over this rank's heads and groups: the model's Mamba2Mixer built with
+    this rank's projections."""
 
-    def __init__(self, full: MLP, ctx: TPContext):
-        nn.Module.__init__(self)
-        self.ctx, self.activation = ctx, full.activation
-        if self.activation == "swiglu":
-            self.gate_proj = column_linear(full.gate_proj, ctx)
-        self.up_proj = column_linear(full.up_proj, ctx)
-        self.down_proj = row_linear(full.down_proj, ctx)
-        self.dense_columns = isinstance(full.up_proj, nn.Linear)
+    def __init__(self, cfg: ModelConfig, ctx: TPContext):
+        Mamba2Mixer.__init__(self, cfg.mamba, cfg.d_model, cfg.norm_eps, TPProjections(ctx))
+        self.ctx = ctx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.ctx.enter(x) if self.dense_columns else x)
+
+class TPMLP(TPMixer, MLP):
+    """The MLP with split linears: the model's MLP built with this rank's projections. Dense
+    column linears share one region entry; structured ones enter the region where their split
+    puts it (e.g. after LowRank's first factor)."""
+
+    def __init__(self, cfg: ModelConfig, spec: BlockSpec, ctx: TPContext):
+        MLP.__init__(self, cfg.mlp, cfg.d_model, spec.index, spec.dense_mlp, TPProjections(ctx))
+        self.ctx = ctx
+
+    def enter(self, x):
+        return self.ctx.enter(x) if isinstance(self.up_proj, ColumnLinear) else x
 
 
 class TPEmbedding(VocabParallelEmbedding):
@@ -183,12 +194,13 @@ def _no_cache_with_sequence_parallel(ctx: TPContext, cache) -> None:
                          "build the TP model with sequence_parallel=False to generate")
 
 
-def _tp_mixer(block, ctx: TPContext) -> nn.Module:
-    if block.kind == "M":
-        return TPMamba2(block.mixer, ctx)
-    if block.kind == "*":
-        return TPAttention(block.mixer, ctx)
-    return TPMLP(block.mixer, ctx)
+def _tp_mixer(block, cfg: ModelConfig, ctx: TPContext) -> nn.Module:
+    """The TP form of a block's mixer, chosen by the mixer's type."""
+    if isinstance(block.mixer, Mamba2Mixer):
+        return TPMamba2(cfg, ctx)
+    if isinstance(block.mixer, Attention):
+        return TPAttention(cfg, ctx)
+    return TPMLP(cfg, block.spec, ctx)
 
 
 class Sharder:
@@ -206,7 +218,9 @@ class Sharder:
         """Converts the block in place (its full mixer is dropped) and returns it."""
         prefix = f"blocks.{index}."
         full = block.state_dict(prefix=prefix)
-        block.mixer = _tp_mixer(block, self.ctx)
+        whole = block.mixer
+        block.mixer = _tp_mixer(block, self.cfg, self.ctx)
+        carry_guidance(whole, block.mixer)
         if self.ctx.sequence_parallel:
             block.norm = SequenceParallelNorm(block.norm, self.ctx)
         return self._load(block, prefix, full)

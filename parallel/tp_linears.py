@@ -70,12 +70,13 @@ class ReplicatedHead(nn.Module):
     the weight's gradient over the TP ranks (a copy_to region on the weight), so every
     head gets the gradient of all query heads that read it."""
 
-    def __init__(self, full: nn.Linear, head_dim: int, head_index: int, ctx: TPContext):
+    def __init__(self, in_features: int, out_features: int, bias: bool, head_dim: int, head_index: int,
+                 ctx: TPContext):
         super().__init__()
         self.ctx = ctx
         self.rows = slice(head_index * head_dim, (head_index + 1) * head_dim)
-        self.weight = nn.Parameter(torch.empty_like(full.weight, device="cpu"))
-        self.bias = None if full.bias is None else nn.Parameter(torch.empty_like(full.bias, device="cpu"))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = reduce_gradient(self.weight, self.ctx.group)[self.rows]
@@ -89,8 +90,7 @@ class TPStructured(StructuredLinear):
 
     def __init__(self, full: StructuredLinear, ctx: TPContext, in_features: int, out_features: int):
         super().__init__(in_features, out_features, full.bias is not None, full.layer_idx)
-        self.ctx = ctx
-        self.guide_alpha, self.guide_active = full.guide_alpha, full.guide_active
+        self.ctx = ctx  # its self-guided state (a, draw) follows the original's: model.structured.carry_guidance
         if full.guide is not None:
             self.guide = nn.Parameter(torch.empty(out_features, in_features))
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.attention import Attention
+from model.mamba2 import Mamba2Mixer
 from model.structured import BlockDense, BlockShuffle, LowRank
 
 
@@ -143,9 +145,9 @@ def parameter_splits(model: nn.Module, tp: int) -> dict:
     splits = {"embed.weight": ROWS, "lm_head.weight": ROWS}
     for i, block in enumerate(model.blocks):
         mixer = block.mixer
-        if block.kind == "M":
+        if isinstance(mixer, Mamba2Mixer):
             rules = mamba_splits(mixer)
-        elif block.kind == "*":
+        elif isinstance(mixer, Attention):
             rules = attention_splits(mixer, tp)
         else:
             rules = mlp_splits(mixer)

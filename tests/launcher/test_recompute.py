@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from launcher.config import ConfigError, TrainConfig, dump_yaml, load_config
+from model.config import ModelConfig
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 STEPS = 4
@@ -40,7 +41,7 @@ def test_kinds_from_yaml_and_overrides_round_trip(tmp_path):
 
 
 def test_block_plan():
-    pattern = "M-M-M*-M*"
+    pattern = ModelConfig(pattern="M-M-M*-M*").blocks()
     assert TrainConfig().block_recompute(pattern) == ["none"] * 9
     assert TrainConfig(recompute="selective").block_recompute(pattern) == ["selective"] * 9
     # every 2nd block of each kind, counted per kind: the 2nd and 4th M, the 2nd MLP, the 2nd attention

@@ -10,7 +10,7 @@ from parallel.engine import deepspeed_config, lr_multiplier, no_decay, param_gro
 
 def test_deepspeed_config_is_derived_from_ours():
     train = TrainConfig(global_batch_size=64, grad_clip=0.5)
-    cfg = deepspeed_config(train, ParallelConfig(micro_batch_size=4, zero_stage=2), dp=8)
+    cfg = deepspeed_config(train.optimizer(), ParallelConfig(micro_batch_size=4, zero_stage=2), dp=8)
     assert cfg["train_batch_size"] == 64
     assert cfg["train_micro_batch_size_per_gpu"] == 4
     assert cfg["gradient_accumulation_steps"] == 2
@@ -20,11 +20,11 @@ def test_deepspeed_config_is_derived_from_ours():
 
 def test_batch_that_does_not_divide_names_the_fix():
     with pytest.raises(ValueError, match="train.global_batch_size: 60 is not a multiple of .* = 32; use 32"):
-        deepspeed_config(TrainConfig(global_batch_size=60), ParallelConfig(micro_batch_size=4), dp=8)
+        deepspeed_config(TrainConfig(global_batch_size=60).optimizer(), ParallelConfig(micro_batch_size=4), dp=8)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
-    t = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    t = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine").optimizer()
     lrs = [lr_multiplier(s, t) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
@@ -33,7 +33,7 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_wsd_schedule_is_flat_then_decays_linearly():
-    t = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    t = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2).optimizer()
     lrs = [lr_multiplier(s, t) for s in range(100)]
     assert lrs[10:80] == [1.0] * 70
     assert lrs[89] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.0)
@@ -49,4 +49,4 @@ def test_weight_decay_only_on_matrices():
     assert not any(n.endswith(("A_log", "D", "dt_bias", "norm.weight", "bias")) for n in decayed)
     assert "blocks.0.mixer.in_proj.weight" in decayed and "blocks.1.mixer.q_proj.weight" in decayed
     assert len(decay["params"]) + len(other["params"]) == len(named)
-    assert no_decay("blocks.0.mixer.A_log", named["blocks.0.mixer.A_log"])
+    assert no_decay(named["blocks.0.mixer.A_log"])

@@ -30,7 +30,7 @@ def run(rank: int, world: int, out_dir: str, stage: int, inject: bool) -> dict:
     cfg.validate()
     model = HybridLM(cfg)
     engine = build_engine(model, TrainConfig(max_steps=STEPS, warmup_steps=1, lr=1e-2, global_batch_size=2 * world,
-                                             seq_len=16),
+                                             seq_len=16).optimizer(),
                           ParallelConfig(zero_stage=stage, micro_batch_size=2), world)
     poisoned = [False]
     if rank == 1:

@@ -50,14 +50,14 @@ def train(stage: int, drop: bool, steps=8, guided_until=4):
     par = ParallelConfig(zero_stage=stage, micro_batch_size=2)
     torch.manual_seed(0)
     model = HybridLM(cfg)
-    engine = build_engine(model, tr, par, 1)
+    engine = build_engine(model, tr.optimizer(), par, 1)
     guidance = SelfGuidance(model, cfg.mlp, total_steps=2 * guided_until, seed=1)
     gen = torch.Generator().manual_seed(0)
     guides, losses = [m.guide for m in guidance.guided_linears()], []
     for step in range(steps):
         if guidance.should_drop(step) and drop:
             guidance.drop_dense_paths(model)
-            engine = rebuild_engine(engine, model, tr, par, 1)
+            engine = rebuild_engine(engine, model, tr.optimizer(), par, 1)
         elif guidance.should_drop(step):  # the reference: the old engine, dense paths unused
             for m in guidance.guided_linears():
                 m.guide_active = False
@@ -110,9 +110,9 @@ def test_the_engine_enters_bf16_autocast_itself_and_keeps_it_when_rebuilt(one_ra
     tr = TrainConfig(max_steps=2, warmup_steps=1, global_batch_size=2, seq_len=16)
     par = ParallelConfig(zero_stage=1, micro_batch_size=2)
     model = HybridLM(cfg)
-    assert matmul_dtypes_in_engine_forward(build_engine(model, tr, par, 1), model) == {torch.float32}
-    engine = build_engine(model, tr, par, 1, autocast=torch.bfloat16)
+    assert matmul_dtypes_in_engine_forward(build_engine(model, tr.optimizer(), par, 1), model) == {torch.float32}
+    engine = build_engine(model, tr.optimizer(), par, 1, autocast=torch.bfloat16)
     assert matmul_dtypes_in_engine_forward(engine, model) == {torch.bfloat16}
     SelfGuidance(model, cfg.mlp, total_steps=2, seed=1).drop_dense_paths(model)
-    engine = rebuild_engine(engine, model, tr, par, 1)
+    engine = rebuild_engine(engine, model, tr.optimizer(), par, 1)
     assert matmul_dtypes_in_engine_forward(engine, model) == {torch.bfloat16}

@@ -58,7 +58,7 @@ def recompute_worker(rank: int, world_size: int, out_dir: str) -> None:
         options = dict(sequence_parallel=sp, positions=positions, zero=ZERO3_PARTITION_ALL if zero == 3 else None)
         want = layout_training(cfg, tp, pp, zero, STEPS, **options)
         for mode, train in MODES.items():
-            plan = train.block_recompute(cfg.pattern)
+            plan = train.block_recompute(cfg.blocks())
             run = layout_training(cfg, tp, pp, zero, STEPS, recompute=plan, **options)
             results[f"{name}/{mode}"] = {
                 "recomputed": recomputed_blocks(run["module"]), "losses": run["losses"], "want": want["losses"],
