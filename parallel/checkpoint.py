@@ -266,7 +266,7 @@ def checkpoint_to_resume(root: Path, on_corrupt: str, is_main: bool) -> tuple[Pa
     (stale partial saves removed; with on_corrupt='previous', damaged ones set aside as
     step_XXXXXXXX.damaged). With on_corrupt='fail' a damaged newest checkpoint stops the run in
     one line naming the file and the newest earlier one that verifies."""
-    notes, set_aside_any = [], False
+    notes, set_aside_names = [], set()
     if is_main:
         stale = remove_stale_partials(root)
         if stale:
@@ -281,12 +281,15 @@ def checkpoint_to_resume(root: Path, on_corrupt: str, is_main: bool) -> tuple[Pa
         if on_corrupt == "fail":
             raise CheckpointError(damaged_message(ckpt, problems, newest_verified_before(ckpt, verify_collective),
                                                   "on_corrupt"))
+        if ckpt.name in set_aside_names:  # renamed by the main rank, yet this rank still sees it
+            raise CheckpointError(f"checkpoint {ckpt.name} was set aside by rank 0 but is still in {root} here; "
+                                  "put the run directory on a filesystem every node shares")
         notes.append(f"checkpoint {ckpt.name} is damaged ({problems[0]}): set aside as "
                      f"{ckpt.name}{DAMAGED_SUFFIX}; trying the one before it")
         set_aside(ckpt, is_main)
-        set_aside_any = True
+        set_aside_names.add(ckpt.name)
         ckpt = newest_checkpoint(root)
-    if set_aside_any:
+    if set_aside_names:
         raise CheckpointError(f"no checkpoint under {root} verifies ({notes[-1]}); restore the files from a "
                               "copy, or move the run directory away to start anew")
     return None, notes

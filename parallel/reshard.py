@@ -71,8 +71,10 @@ class FullState:
 
 def read_full_state(ckpt: Path, model_cfg, saved: Layout, optimizer: bool = True) -> FullState:
     """Every rank calls it on the same (verified) files; tensors are memory-mapped until used.
-    optimizer=False reads the weights alone (export, generate). model_cfg may be None when the
-    checkpoint is neither tensor- nor pipeline-parallel."""
+    optimizer=False (export, generate) skips the optimizer's files where they are apart from the
+    weights (ZeRO 0); at ZeRO 1-3 the fp32 weights are the optimizer's partitions, and the moments
+    beside them come back unread (lazy). model_cfg may be None when the checkpoint is neither
+    tensor- nor pipeline-parallel."""
     from model.hybrid import HybridLM
     from parallel.tp_splits import parameter_splits
 

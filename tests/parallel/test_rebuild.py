@@ -1,12 +1,8 @@
 """Dropping self-guided training's dense paths mid-run: the rebuilt DeepSpeed engine holds
 no state for them, leaves them out of its checkpoints, and trains every other parameter
 exactly as the old engine would have."""
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from launcher.config import TrainConfig
 from model.config import MLPConfig, ModelConfig
@@ -17,27 +13,6 @@ from parallel.engine import build_engine
 from parallel.rebuild import rebuild_engine
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    """A one-rank gloo group for DeepSpeed in this process; the environment it needs is
-    restored afterwards (end-to-end tests launch subprocesses that inherit it)."""
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def train(stage: int, drop: bool, steps=8, guided_until=4):
