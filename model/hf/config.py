@@ -1,45 +1,8 @@
-"""Conversion between Strata's model (config + state dict) and Hugging Face transformers'
-Mamba2, NemotronH and Bamba formats: config mapping, parameter names, and the files
-(config.json, safetensors). No CLI here (launcher/export.py, launcher/import_hf.py);
-transformers is imported lazily, only to build or read its config objects.
-
-The three targets and what each can express of a Strata model (--arch auto tries them in
-this order):
-
-| target      | blocks                                | attention             | MLP              |
-| ----------- | ------------------------------------- | --------------------- | ---------------- |
-| mamba2      | only M                                | -                     | -                |
-| nemotron_h  | any string of M, *, - (the same letters) | no RoPE, no qkv bias | relu2 (up, down) |
-| bamba       | pairs: (M or *) then -                | full-head RoPE        | SwiGLU           |
-
-Details checked against transformers' modeling files and matched exactly:
-- every block is pre-norm residual with its own RMSNorm; one eps for all norms, the gated
-  norm included (layer_norm_epsilon / rms_norm_eps); the gated norm is
-  rmsnorm(y * silu(z)) over groups of d_inner / ngroups channels (norm_before_gate=False);
-- in_proj's output layout is [z, xBC, dt], xBC = [x, B, C], conv over xBC with bias;
-- Mamba2 is token-for-token mamba_ssm: dt = clamp(softplus(dt + dt_bias), *dt_limit),
-  A = -exp(A_log), D skip. dt_limit is HF Mamba2's and Bamba's time_step_limit; HF NemotronH
-  clamps to [time_step_min, inf] and ignores its time_step_limit (imported with a note, exported
-  as (0, inf)); a model without a lower limit is written time_step_min = 1e-30, which clamps
-  nothing and keeps log(time_step_min), which HF's init of dt_bias takes, finite. transformers
-  and mamba_ssm clamp in their chunked (prompt) path but not in their one-token decoding step;
-  Strata clamps on every path, so that its decoding equals its own (and their) full forward;
-- RoPE is the rotate-half (GPT-NeoX / Llama) convention; Bamba hardcodes
-  partial_rotary_factor = 0.5 unless rope_parameters says otherwise: we write 1.0;
-- HF NemotronH never ties lm_head to the embedding (its _tied_weights_keys is empty):
-  a tied model is written with lm_head a copy and tie_word_embeddings = true as a note;
-- Bamba's attention_bias puts a bias on o_proj too: exported as zeros, imported only if zero;
-- residual_in_fp32 (Mamba2, NemotronH) is model.residual_in_fp32 (transformers' NemotronH reads
-  but ignores it; NVIDIA's NemotronH code and mamba_ssm keep the stream in fp32 as Strata does);
-  Bamba has none, so a model with it cannot be written as Bamba;
-- NemotronH weights are named "backbone.*" on disk (transformers renames them to "model.*"
-  in memory and back when saving); both are read.
-"""
+"""What each HF target can express of a Strata model, and the config mapping both ways
+(transformers' config objects are read by attribute; model/hf/files.py builds them)."""
 from __future__ import annotations
 
 import math
-
-import torch
 
 from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
 
@@ -113,7 +76,7 @@ def choose_arch(cfg: ModelConfig, arch: str = "auto") -> str:
 # ----------------------------------------------------------------------------------------
 
 def _mamba_nheads(cfg: ModelConfig) -> int:
-    return cfg.mamba.expand * cfg.d_model // cfg.mamba.headdim
+    return cfg.mamba.nheads(cfg.d_model)
 
 
 def hf_config_kwargs(cfg: ModelConfig, arch: str, special_ids: dict | None = None) -> dict:
@@ -189,13 +152,13 @@ def import_notes(hf) -> list[str]:
     return notes
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise UnsupportedModel(message)
 
 
 def _expand(hf, arch: str, d_inner: int) -> int:
-    _require(d_inner % hf.hidden_size == 0,
+    require(d_inner % hf.hidden_size == 0,
              f"{arch}: the Mamba2 width heads*head_dim = {d_inner} is not a multiple of hidden_size "
              f"{hf.hidden_size}; Strata's d_inner is expand*d_model with an integer expand")
     return d_inner // hf.hidden_size
@@ -217,7 +180,7 @@ def _dt_limit(hf, arch: str) -> list[float]:
         t_min = getattr(hf, "time_step_min", 0.0) or 0.0
         return [float(t_min) if t_min > NO_CLAMP_TIME_STEP_MIN else 0.0, math.inf]
     limit = [float(v) for v in (getattr(hf, "time_step_limit", None) or (0.0, math.inf))]
-    _require(len(limit) == 2 and 0 <= limit[0] < limit[1],
+    require(len(limit) == 2 and 0 <= limit[0] < limit[1],
              f"{arch}: time_step_limit={limit} is not [low, high] with 0 <= low < high")
     return limit
 
@@ -232,15 +195,15 @@ def _from_nemotron_h(hf) -> ModelConfig:
     letters = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-"}
     kinds = list(hf.layers_block_type)
     bad = sorted(set(kinds) - set(letters))
-    _require(not bad, f"nemotron_h: layer types {bad} (MoE) have no Strata block; Strata has M, * and -")
-    _require(getattr(hf, "mamba_hidden_act", "silu") in ("silu", "swish"),
+    require(not bad, f"nemotron_h: layer types {bad} (MoE) have no Strata block; Strata has M, * and -")
+    require(getattr(hf, "mamba_hidden_act", "silu") in ("silu", "swish"),
              f"nemotron_h: mamba_hidden_act={hf.mamba_hidden_act}; Strata's conv activation is SiLU")
     pattern = "".join(letters[k] for k in kinds)
     if "-" in pattern:
-        _require(hf.mlp_hidden_act == "relu2",
+        require(hf.mlp_hidden_act == "relu2",
                  f"nemotron_h: mlp_hidden_act={hf.mlp_hidden_act}; Strata's ungated MLP is relu2")
     if "*" in pattern:
-        _require(getattr(hf, "sliding_window", None) is None,
+        require(getattr(hf, "sliding_window", None) is None,
                  "nemotron_h: sliding_window attention; Strata's attention is full causal")
     mamba = _mamba_from(hf, "nemotron_h", hf.ssm_state_size, hf.mamba_head_dim, hf.mamba_num_heads, hf.n_groups,
                         hf.conv_kernel, hf.use_conv_bias, hf.use_bias, hf.chunk_size)
@@ -255,7 +218,7 @@ def _from_nemotron_h(hf) -> ModelConfig:
 
 
 def _from_mamba2(hf) -> ModelConfig:
-    _require(hf.hidden_act in ("silu", "swish"), f"mamba2: hidden_act={hf.hidden_act}; Strata's is SiLU")
+    require(hf.hidden_act in ("silu", "swish"), f"mamba2: hidden_act={hf.hidden_act}; Strata's is SiLU")
     mamba = _mamba_from(hf, "mamba2", hf.state_size, hf.head_dim, hf.num_heads, hf.n_groups, hf.conv_kernel,
                         hf.use_conv_bias, hf.use_bias, hf.chunk_size)
     return ModelConfig(pattern="M" * hf.num_hidden_layers, d_model=hf.hidden_size, vocab_size=hf.vocab_size,
@@ -265,11 +228,11 @@ def _from_mamba2(hf) -> ModelConfig:
 
 def _from_bamba(hf) -> ModelConfig:
     rope = dict(hf.rope_parameters or {})
-    _require(rope.get("rope_type", "default") == "default",
+    require(rope.get("rope_type", "default") == "default",
              f"bamba: rope_type={rope.get('rope_type')}; Strata's RoPE is the default (unscaled) one")
     factor = rope.get("partial_rotary_factor", 1.0)
-    _require(factor == 1.0, f"bamba: partial_rotary_factor={factor} rotates part of each head; Strata rotates all")
-    _require(hf.hidden_act in ("silu", "swish"), f"bamba: hidden_act={hf.hidden_act}; Strata's gated MLP is SwiGLU")
+    require(factor == 1.0, f"bamba: partial_rotary_factor={factor} rotates part of each head; Strata rotates all")
+    require(hf.hidden_act in ("silu", "swish"), f"bamba: hidden_act={hf.hidden_act}; Strata's gated MLP is SwiGLU")
     mamba = _mamba_from(hf, "bamba", hf.mamba_d_state, hf.mamba_d_head, hf.mamba_n_heads, hf.mamba_n_groups,
                         hf.mamba_d_conv, hf.mamba_conv_bias, hf.mamba_proj_bias, hf.mamba_chunk_size)
     pattern = "".join("*-" if t == "full_attention" else "M-" for t in hf.layers_block_type)
@@ -284,193 +247,3 @@ def _from_bamba(hf) -> ModelConfig:
                                   head_dim=head_dim, rope=True, rope_theta=rope.get("rope_theta", 10000.0),
                                   qkv_bias=bool(hf.attention_bias)),
         mlp=MLPConfig(d_ff=hf.intermediate_size, activation="swiglu", bias=hf.mlp_bias))
-
-
-# ----------------------------------------------------------------------------------------
-# Parameter names
-# ----------------------------------------------------------------------------------------
-
-def name_prefixes(cfg: ModelConfig, arch: str) -> list[tuple[str, str]]:
-    """(Strata prefix, HF prefix) pairs; a parameter's name is its prefix plus the same suffix on both sides."""
-    if arch == "bamba":
-        pairs = [("embed.", "model.embed_tokens."), ("final_norm.", "model.final_layernorm.")]
-        for i, kind in enumerate(cfg.pattern):
-            layer = f"model.layers.{i // 2}."
-            norm, mixer = {"-": ("pre_ff_layernorm.", "feed_forward."), "M": ("input_layernorm.", "mamba."),
-                           "*": ("input_layernorm.", "self_attn.")}[kind]
-            pairs += [(f"blocks.{i}.norm.", layer + norm), (f"blocks.{i}.mixer.", layer + mixer)]
-    else:
-        base = "backbone."  # NemotronH too: transformers keeps "model." in memory but reads and writes "backbone."
-        pairs = [("embed.", base + "embeddings."), ("final_norm.", base + "norm_f.")]
-        pairs += [(f"blocks.{i}.", f"{base}layers.{i}.") for i in range(len(cfg.pattern))]
-    return pairs + [("lm_head.", "lm_head.")]
-
-
-def _rename(name: str, pairs: list[tuple[str, str]]) -> str | None:
-    for src, dst in pairs:
-        if name.startswith(src):
-            return dst + name[len(src):]
-    return None
-
-
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    """Strata names -> HF names (no copies except where HF needs a tensor Strata shares)."""
-    pairs = name_prefixes(cfg, arch)
-    out = {}
-    for name, tensor in state_dict.items():
-        hf_name = _rename(name, pairs)
-        if hf_name is None:
-            raise UnsupportedModel(f"parameter {name!r} has no place in {arch}; is the checkpoint from this config?")
-        out[hf_name] = tensor
-    if cfg.tie_embeddings and arch == "nemotron_h":
-        out["lm_head.weight"] = state_dict["embed.weight"].clone()  # HF NemotronH never ties
-    if arch == "bamba" and cfg.attention.qkv_bias:
-        for i in range(1, len(cfg.pattern), 2):
-            if cfg.pattern[i - 1] == "*":
-                out[f"model.layers.{i // 2}.self_attn.o_proj.bias"] = torch.zeros(
-                    cfg.d_model, dtype=state_dict["embed.weight"].dtype)
-    return out
-
-
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    """HF names -> Strata names. Refuses what Strata cannot hold (non-zero Bamba o_proj bias)."""
-    pairs = [(dst, src) for src, dst in name_prefixes(cfg, arch)]
-    if arch == "nemotron_h":  # transformers' in-memory names, should a directory hold them
-        pairs += [("model." + dst[len("backbone."):], src) for dst, src in pairs if dst.startswith("backbone.")]
-    if arch == "mamba2":  # mamba_ssm's names, which HF's Mamba2 load hook also accepts
-        pairs += [("backbone.embedding.", "embed.")]
-    out = {}
-    for name, tensor in hf_state.items():
-        if arch == "bamba" and name.endswith("self_attn.o_proj.bias"):
-            _require(not tensor.any(), f"bamba: {name} is non-zero; Strata's attention has no output bias")
-            continue
-        if arch == "nemotron_h" and name.startswith("mtp."):
-            continue  # multi-token-prediction heads: HF ignores them too
-        strata_name = _rename(name, pairs)
-        _require(strata_name is not None, f"{arch}: weight {name!r} has no place in Strata's model")
-        out[strata_name] = tensor
-    if cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# Files: config.json and safetensors weights (transformers is imported only here, lazily)
-# ----------------------------------------------------------------------------------------
-
-INSTALL_HINT = "pip install 'strata[hf]' (or: pip install 'transformers>=5' safetensors)"
-MAX_SHARD_BYTES = 5 * 2**30
-
-
-def require_transformers(action: str):
-    """The transformers module, or an ImportError whose message is one line saying how to install it."""
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError(f"{action} needs Hugging Face transformers, which is not installed: {INSTALL_HINT}") from None
-    if int(transformers.__version__.split(".")[0]) < 5:
-        raise ImportError(f"{action} needs transformers >= 5 (found {transformers.__version__}): {INSTALL_HINT}")
-    return transformers
-
-
-def build_hf_config(cfg: ModelConfig, arch: str, special_ids: dict | None = None, dtype: str = "float32"):
-    """The transformers config object of `arch` for `cfg`, ready for save_pretrained."""
-    transformers = require_transformers("export")
-    kwargs = hf_config_kwargs(cfg, arch, special_ids)
-    config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    config.architectures = [ARCHITECTURES[arch]]
-    config.dtype = dtype
-    return config
-
-
-def save_weights(out_dir, tensors: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Write `tensors` as model.safetensors, or as numbered shards plus model.safetensors.index.json
-    when they exceed max_shard_bytes (transformers' layout). Returns the file names."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    _readable = _umask_mode()
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = t, size + nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file({k: v.contiguous() for k, v in shards[0].items()}, out_dir / "model.safetensors",
-                  metadata={"format": "pt"})
-        (out_dir / "model.safetensors").chmod(_readable)  # safetensors writes 0600; a model is for sharing
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        names.append(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-        save_file({k: v.contiguous() for k, v in shard.items()}, out_dir / names[-1], metadata={"format": "pt"})
-        (out_dir / names[-1]).chmod(_readable)
-        weight_map.update({k: names[-1] for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return names + ["model.safetensors.index.json"]
-
-
-def _umask_mode() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def load_weights(hf_dir) -> dict[str, torch.Tensor]:
-    """Every tensor of a transformers checkpoint directory (safetensors, sharded or not; or
-    pytorch_model.bin read with weights_only, never unpickling code)."""
-    import json
-    from pathlib import Path
-
-    hf_dir = Path(hf_dir)
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        from safetensors.torch import load_file
-
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [f for f in files if not (hf_dir / f).is_file()]
-        _require(not missing, f"{hf_dir} is missing weight shards {missing[:3]} named by its index; download them")
-        return {k: v for f in files for k, v in load_file(hf_dir / f).items()}
-    if (hf_dir / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(hf_dir / "model.safetensors")
-    if (hf_dir / "pytorch_model.bin").is_file():
-        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-    raise UnsupportedModel(f"{hf_dir} has no weights (model.safetensors, its sharded index, or pytorch_model.bin)")
-
-
-def read_hf_config(hf_dir):
-    """The transformers config of a checkpoint directory, after checking it is one Strata imports."""
-    import json
-    from pathlib import Path
-
-    hf_dir = Path(hf_dir)
-    path = hf_dir / "config.json"
-    if not path.is_file():
-        raise UnsupportedModel(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise UnsupportedModel(f"{path} is not a readable JSON config ({e.__class__.__name__})") from None
-    if model_type is None:
-        raise UnsupportedModel(f"{path} has no model_type: not a transformers model directory "
-                               f"(strata import takes {', '.join(ARCHS)})")
-    if model_type not in ARCHS:
-        raise UnsupportedModel(f"{hf_dir} holds a {model_type!r} model; strata import takes {', '.join(ARCHS)}")
-    transformers = require_transformers("strata import")
-    try:
-        return transformers.AutoConfig.from_pretrained(hf_dir)
-    except (ValueError, TypeError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise UnsupportedModel(f"{path} is not a valid {model_type} config: {first[:200]}") from None
