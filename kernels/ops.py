@@ -79,20 +79,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_sof
     """Chunked SSD scan; see kernels/ssd/reference.py for shapes. dt_limit = (low, high) clamps
     softplus(dt + dt_bias), as mamba_ssm's dt_limit (the default clamps nothing). seq_idx (b, l):
     the document of each token of a packed row (None: one document); no state crosses documents.
-    Packed rows take the reference on every device until the Triton kernels read seq_idx."""
-    if seq_idx is not None:
-        return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
-                               initial_states, return_final_states, dt_limit, seq_idx)
+    (The CPU path has no seq_idx: packed rows take the reference there.)"""
     backend = backend_for(x)
     if backend == "triton":
         from kernels.ssd.function import ssd_chunked_triton
         return ssd_chunked_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
-                                  initial_states, return_final_states, dt_limit)
-    if backend == "cpu":
+                                  initial_states, return_final_states, dt_limit, seq_idx)
+    if backend == "cpu" and seq_idx is None:
         return ssd_chunked_cpu(x, prepare_dt(dt, dt_bias, dt_softplus, dt_limit), A, B, C, chunk_size, D, z,
                                initial_states, return_final_states)
     return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
-                           initial_states, return_final_states, dt_limit)
+                           initial_states, return_final_states, dt_limit, seq_idx)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT):

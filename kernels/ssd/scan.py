@@ -5,7 +5,9 @@
     out = y * silu(z)   (when z is given; y itself is then also stored for the backward)
 
 The decay exp(a_l - a_s) is taken only where l >= s (the difference is masked to
--inf first), so every exponent is of a non-positive number.
+-inf first), so every exponent is of a non-positive number. Packed documents (seq_idx): the sum
+runs over s of l's document, and the entering state's term only where l is of its document
+(documents.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.ssd.config import blocks
+from kernels.ssd.documents import chunk_documents, documents_of
 from kernels.triton_utils import dot_precision, silu
 
 
@@ -61,13 +64,13 @@ def _bmm_tile(C_ptr, B_ptr, CB_ptr, pid_m, pid_n, pid_bcg, seqlen, ngroups, dsta
 
 @triton.jit
 def _scan_fwd_kernel(
-    x_ptr, z_ptr, D_ptr, C_ptr, CB_ptr, dt_ptr, dA_cs_ptr, states_ptr, out_ptr, outx_ptr,
+    x_ptr, z_ptr, D_ptr, C_ptr, CB_ptr, dt_ptr, dA_cs_ptr, states_ptr, out_ptr, outx_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, nchunks, chunk_size, heads_per_group,
     s_x_b, s_x_l, s_x_h, s_x_p,
     s_z_b, s_z_l, s_z_h, s_z_p,
     s_C_b, s_C_l, s_C_g, s_C_n,
     s_o_b, s_o_l, s_o_h, s_o_p,
-    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_mn, pid_bch = tl.program_id(0), tl.program_id(1)
@@ -98,7 +101,12 @@ def _scan_fwd_kernel(
         c = tl.load(C_base + (k + offs_k)[None, :] * s_C_n, mask=mask_m[:, None] & mk[None, :], other=0.0)
         h = tl.load(H_base + (k + offs_k)[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(c, h.to(c.dtype), input_precision=PREC)
-    acc *= tl.exp(a_m)[:, None]
+    from_state = tl.exp(a_m)
+    if HAS_SEQ:
+        enter, _ = chunk_documents(seq_ptr, pid_b, pid_c, seqlen, chunk_size)
+        doc_m = documents_of(seq_ptr, pid_b, pos_m, mask_m, seqlen)
+        from_state = tl.where(doc_m == enter, from_state, 0.0)
+    acc *= from_state[:, None]
 
     # Within the chunk, s <= l.
     CB_base = CB_ptr + ((pid_b * nchunks + pid_c) * (nheads // heads_per_group) + pid_g) * chunk_size * chunk_size
@@ -107,12 +115,15 @@ def _scan_fwd_kernel(
         s = s0 + offs_s
         in_s = s < chunk_size
         causal = (offs_m[:, None] >= s[None, :]) & in_s[None, :]
+        pos_s = pid_c * chunk_size + s
+        if HAS_SEQ:
+            doc_s = documents_of(seq_ptr, pid_b, pos_s, in_s & (pos_s < seqlen), seqlen)
+            causal = causal & (doc_m[:, None] == doc_s[None, :])
         cb = tl.load(CB_base + offs_m[:, None] * chunk_size + s[None, :], mask=in_m[:, None] & causal, other=0.0)
         a_s = tl.load(dA_cs_ptr + cs_base + s, mask=in_s, other=0.0)
         dt_s = tl.load(dt_ptr + cs_base + s, mask=in_s, other=0.0)
         decay = tl.exp(tl.where(causal, a_m[:, None] - a_s[None, :], float("-inf")))
         w = tl.where(causal, cb * decay * dt_s[None, :], 0.0)
-        pos_s = pid_c * chunk_size + s
         xs = tl.load(x_base + pos_s[:, None] * s_x_l + offs_n[None, :] * s_x_p,
                      mask=(in_s & (pos_s < seqlen))[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(w.to(xs.dtype), xs, input_precision=PREC)
@@ -148,8 +159,8 @@ def bmm_fwd(C, B, chunk_size):
     return CB
 
 
-def scan_fwd(x, C, CB, dt_proc, dA_cs, states, D, z, out_dtype):
-    """Returns (out, y before the gate or None)."""
+def scan_fwd(x, C, CB, dt_proc, dA_cs, states, D, z, out_dtype, seq_idx=None):
+    """Returns (out, y before the gate or None). seq_idx: (b, l) int32, contiguous, or None."""
     bsz, seqlen, nheads, headdim = x.shape
     ngroups, dstate = C.shape[2], C.shape[3]
     nchunks, chunk_size = dA_cs.shape[2], dA_cs.shape[3]
@@ -160,10 +171,10 @@ def scan_fwd(x, C, CB, dt_proc, dA_cs, states, D, z, out_dtype):
     zz = z if z is not None else x
     _scan_fwd_kernel[grid](
         x, zz, D if D is not None else x, C, CB, dt_proc, dA_cs, states, out,
-        out_x if out_x is not None else out,
+        out_x if out_x is not None else out, seq_idx if seq_idx is not None else dA_cs,
         seqlen, nheads, headdim, dstate, nchunks, chunk_size, nheads // ngroups,
         *x.stride(), *zz.stride(), *C.stride(), *out.stride(),
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        PREC=dot_precision(x.dtype), **cfg,
+        HAS_SEQ=seq_idx is not None, PREC=dot_precision(x.dtype), **cfg,
     )
     return out, out_x

@@ -13,7 +13,9 @@ The gradient w.r.t. the cumsum values a of head h is, per position,
 <dC_h, C> - <dB_h, B> (the head's own share of dC and dB), plus at the chunk's last
 position the sum of the state terms and the state-passing term: the intra-chunk
 share comes from dCB's kernel as row and column sums of CB * M'_h, the state
-share from the dB/dC kernel.
+share from the dB/dC kernel. Packed documents (seq_idx) mask the same terms as the forward
+(documents.py): M' and the CB products to pairs of one document, the chunk state's terms to
+its last token's document, the entering state's to its own.
 """
 from __future__ import annotations
 
@@ -22,18 +24,19 @@ import triton
 import triton.language as tl
 
 from kernels.ssd.config import blocks
+from kernels.ssd.documents import chunk_documents, documents_of
 from kernels.triton_utils import dot_precision
 
 
 @triton.jit
 def _dx_kernel(
-    x_ptr, dy_ptr, D_ptr, B_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dS_ptr, dx_ptr, ddt_part_ptr, dD_part_ptr,
+    x_ptr, dy_ptr, D_ptr, B_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dS_ptr, dx_ptr, ddt_part_ptr, dD_part_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, nchunks, chunk_size, heads_per_group,
     s_x_b, s_x_l, s_x_h, s_x_p,
     s_y_b, s_y_l, s_y_h, s_y_p,
     s_B_b, s_B_l, s_B_g, s_B_n,
     s_dx_b, s_dx_l, s_dx_h, s_dx_p,
-    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_mn, pid_bch = tl.program_id(0), tl.program_id(1)
@@ -64,7 +67,12 @@ def _dx_kernel(
         b = tl.load(B_base + (k + offs_k)[None, :] * s_B_n, mask=mask_m[:, None] & mk[None, :], other=0.0)
         ds = tl.load(dS_base + (k + offs_k)[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(b, ds.to(b.dtype), input_precision=PREC)
-    acc *= tl.exp(tl.where(in_m, a_last - a_m, float("-inf")))[:, None]
+    into_state = in_m
+    if HAS_SEQ:
+        _, last = chunk_documents(seq_ptr, pid_b, pid_c, seqlen, chunk_size)
+        doc_m = documents_of(seq_ptr, pid_b, pos_m, mask_m, seqlen)
+        into_state = into_state & (doc_m == last)
+    acc *= tl.exp(tl.where(into_state, a_last - a_m, float("-inf")))[:, None]
 
     # Within the chunk, l >= s.
     CB_base = CB_ptr + ((pid_b * nchunks + pid_c) * (nheads // heads_per_group) + pid_g) * chunk_size * chunk_size
@@ -74,11 +82,14 @@ def _dx_kernel(
         l = l0 + offs_l
         in_l = l < chunk_size
         causal = (l[None, :] >= offs_m[:, None]) & in_l[None, :] & in_m[:, None]
+        pos_l = pid_c * chunk_size + l
+        if HAS_SEQ:
+            doc_l = documents_of(seq_ptr, pid_b, pos_l, in_l & (pos_l < seqlen), seqlen)
+            causal = causal & (doc_l[None, :] == doc_m[:, None])
         cbt = tl.load(CB_base + l[None, :] * chunk_size + offs_m[:, None], mask=causal, other=0.0)
         a_l = tl.load(dA_cs_ptr + cs_base + l, mask=in_l, other=0.0)
         decay = tl.exp(tl.where(causal, a_l[None, :] - a_m[:, None], float("-inf")))
         w = tl.where(causal, cbt * decay, 0.0)
-        pos_l = pid_c * chunk_size + l
         dyl = tl.load(y_base + pos_l[:, None] * s_y_l + offs_n[None, :] * s_y_p,
                       mask=(in_l & (pos_l < seqlen))[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(w.to(dyl.dtype), dyl, input_precision=PREC)
@@ -108,11 +119,11 @@ def _dx_kernel(
 
 @triton.jit
 def _dcb_kernel(
-    x_ptr, dy_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dCB_ptr, da_row_ptr, da_col_ptr,
+    x_ptr, dy_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dCB_ptr, da_row_ptr, da_col_ptr, seq_ptr,
     seqlen, nheads, headdim, ngroups, nchunks, chunk_size, heads_per_group,
     s_x_b, s_x_l, s_x_h, s_x_p,
     s_y_b, s_y_l, s_y_h, s_y_p,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SEQ: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (l, s) tile of dCB for one (b, c, g), looping over the group's heads.
     da_row[s-block, b, h, c, l] += rowsum(CB * M'_h); da_col[l-block, b, h, c, s] += colsum."""
@@ -120,16 +131,16 @@ def _dcb_kernel(
     nblocks = tl.cdiv(chunk_size, BLOCK_M)
     pid_m, pid_n = pid_mn // nblocks, pid_mn % nblocks
     if pid_n <= pid_m:  # tiles above the diagonal: nothing to do
-        _dcb_tile(x_ptr, dy_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dCB_ptr, da_row_ptr, da_col_ptr, pid_m, pid_n, pid_bcg,
-                  seqlen, nheads, headdim, ngroups, nchunks, chunk_size, heads_per_group,
-                  s_x_b, s_x_l, s_x_h, s_x_p, s_y_b, s_y_l, s_y_h, s_y_p, PREC, BLOCK_M, BLOCK_K)
+        _dcb_tile(x_ptr, dy_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dCB_ptr, da_row_ptr, da_col_ptr, seq_ptr,
+                  pid_m, pid_n, pid_bcg, seqlen, nheads, headdim, ngroups, nchunks, chunk_size, heads_per_group,
+                  s_x_b, s_x_l, s_x_h, s_x_p, s_y_b, s_y_l, s_y_h, s_y_p, HAS_SEQ, PREC, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
-def _dcb_tile(x_ptr, dy_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dCB_ptr, da_row_ptr, da_col_ptr, pid_m, pid_n, pid_bcg,
-              seqlen, nheads, headdim, ngroups, nchunks, chunk_size, heads_per_group,
+def _dcb_tile(x_ptr, dy_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dCB_ptr, da_row_ptr, da_col_ptr, seq_ptr,
+              pid_m, pid_n, pid_bcg, seqlen, nheads, headdim, ngroups, nchunks, chunk_size, heads_per_group,
               s_x_b, s_x_l, s_x_h, s_x_p, s_y_b, s_y_l, s_y_h, s_y_p,
-              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+              HAS_SEQ: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = pid_bcg // (nchunks * ngroups)
     pid_c = (pid_bcg // ngroups) % nchunks
     pid_g = pid_bcg % ngroups
@@ -140,6 +151,10 @@ def _dcb_tile(x_ptr, dy_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dCB_ptr, da_row_ptr, da_
     pos_m, pos_n = pid_c * chunk_size + offs_m, pid_c * chunk_size + offs_n
     mask_m, mask_n = in_m & (pos_m < seqlen), in_n & (pos_n < seqlen)
     causal = (offs_m[:, None] >= offs_n[None, :]) & in_m[:, None] & in_n[None, :]
+    if HAS_SEQ:
+        doc_m = documents_of(seq_ptr, pid_b, pos_m, mask_m, seqlen)
+        doc_n = documents_of(seq_ptr, pid_b, pos_n, mask_n, seqlen)
+        causal = causal & (doc_m[:, None] == doc_n[None, :])
     tile = offs_m[:, None] * chunk_size + offs_n[None, :]
     CB_off = pid_bcg * chunk_size * chunk_size
     cb = tl.load(CB_ptr + CB_off + tile, mask=causal, other=0.0)
@@ -172,14 +187,14 @@ def _dcb_tile(x_ptr, dy_ptr, CB_ptr, dt_ptr, dA_cs_ptr, dCB_ptr, da_row_ptr, da_
 @triton.jit
 def _dbc_kernel(
     x_ptr, dy_ptr, B_ptr, C_ptr, dCB_ptr, dt_ptr, dA_cs_ptr, states_ptr, dS_ptr,
-    dB_ptr, dC_ptr, da_part_ptr, daL_part_ptr,
+    dB_ptr, dC_ptr, da_part_ptr, daL_part_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, ngroups, nchunks, chunk_size, heads_per_group,
     s_x_b, s_x_l, s_x_h, s_x_p,
     s_y_b, s_y_l, s_y_h, s_y_p,
     s_B_b, s_B_l, s_B_g, s_B_n,
     s_C_b, s_C_l, s_C_g, s_C_n,
     s_dB_b, s_dB_l, s_dB_g, s_dB_n,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SEQ: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Rows r of one chunk, a tile of dstate, for one (b, c, g): dB and dC complete
@@ -206,6 +221,11 @@ def _dbc_kernel(
                  mask=mask, other=0.0).to(tl.float32)
     dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    from_state, into_state = in_m, in_m  # rows that read the entering state, rows in the leaving one
+    if HAS_SEQ:
+        enter, last = chunk_documents(seq_ptr, pid_b, pid_c, seqlen, chunk_size)
+        doc_m = documents_of(seq_ptr, pid_b, pos_m, mask_m, seqlen)
+        from_state, into_state = from_state & (doc_m == enter), into_state & (doc_m == last)
     for hh in range(heads_per_group):
         h = pid_g * heads_per_group + hh
         cs_base = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size
@@ -227,8 +247,8 @@ def _dbc_kernel(
             ds = tl.load(dS_ptr + st_base + (k + offs_p)[:, None] * dstate, mask=pn, other=0.0)
             t += tl.dot(dy, hs.to(dy.dtype), input_precision=PREC)
             u += tl.dot(xx, ds.to(xx.dtype), input_precision=PREC)
-        t *= tl.exp(a_m)[:, None]
-        u *= (tl.exp(tl.where(in_m, a_last - a_m, float("-inf"))) * dt_m)[:, None]
+        t *= tl.where(from_state, tl.exp(a_m), 0.0)[:, None]
+        u *= (tl.exp(tl.where(into_state, a_last - a_m, float("-inf"))) * dt_m)[:, None]
         dC += t
         dB += u
         ub = tl.sum(u * Bm, axis=1)
@@ -263,7 +283,7 @@ def _dbc_kernel(
     tl.store(dC_ptr + off, dC, mask=mask)
 
 
-def dx_bwd(x, dy, D, B, CB, dt_proc, dA_cs, dS):
+def dx_bwd(x, dy, D, B, CB, dt_proc, dA_cs, dS, seq_idx=None):
     """Returns (dx, ddt through dt's direct uses (b, h, c, L), dD or None)."""
     bsz, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
@@ -280,9 +300,11 @@ def dx_bwd(x, dy, D, B, CB, dt_proc, dA_cs, dS):
         dD_part = torch.empty(bsz, nchunks, nm * nn, nheads, device=x.device, dtype=torch.float32)
     _dx_kernel[(nm * nn, bsz * nchunks * nheads)](
         x, dy, D if D is not None else x, B, CB, dt_proc, dA_cs, dS, dx, ddt_part, dD_part,
+        seq_idx if seq_idx is not None else dA_cs,
         seqlen, nheads, headdim, dstate, nchunks, chunk_size, nheads // ngroups,
         *x.stride(), *dy.stride(), *B.stride(), *dx.stride(),
-        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, PREC=dot_precision(x.dtype), **cfg,
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
+        PREC=dot_precision(x.dtype), **cfg,
     )
     ddt = ddt_part.sum(0) if nn > 1 else ddt_part[0]
     ddt = ddt.permute(0, 2, 1, 3).contiguous()  # (b, h, c, L)
@@ -290,7 +312,7 @@ def dx_bwd(x, dy, D, B, CB, dt_proc, dA_cs, dS):
     return dx, ddt, dD
 
 
-def dcb_bwd(x, dy, CB, dt_proc, dA_cs, ngroups):
+def dcb_bwd(x, dy, CB, dt_proc, dA_cs, ngroups, seq_idx=None):
     """Returns (dCB (b, c, g, L, L) fp32, intra-chunk cumsum gradient (b, h, c, L))."""
     bsz, seqlen, nheads, headdim = x.shape
     nchunks, chunk_size = dA_cs.shape[2], dA_cs.shape[3]
@@ -300,15 +322,15 @@ def dcb_bwd(x, dy, CB, dt_proc, dA_cs, ngroups):
     da_row = torch.zeros(nm, bsz, nheads, nchunks, chunk_size, device=x.device, dtype=torch.float32)
     da_col = torch.zeros_like(da_row)
     _dcb_kernel[(nm * nm, bsz * nchunks * ngroups)](
-        x, dy, CB, dt_proc, dA_cs, dCB, da_row, da_col,
+        x, dy, CB, dt_proc, dA_cs, dCB, da_row, da_col, seq_idx if seq_idx is not None else dA_cs,
         seqlen, nheads, headdim, ngroups, nchunks, chunk_size, nheads // ngroups,
         *x.stride(), *dy.stride(),
-        PREC=dot_precision(x.dtype), **cfg,
+        HAS_SEQ=seq_idx is not None, PREC=dot_precision(x.dtype), **cfg,
     )
     return dCB, da_row.sum(0) - da_col.sum(0)
 
 
-def dbc_bwd(x, dy, B, C, dCB, dt_proc, dA_cs, states, dS):
+def dbc_bwd(x, dy, B, C, dCB, dt_proc, dA_cs, states, dS, seq_idx=None):
     """Returns (dB, dC, state share of the cumsum gradient (b, h, c, L), its last-position part (b, h, c))."""
     bsz, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
@@ -321,8 +343,9 @@ def dbc_bwd(x, dy, B, C, dCB, dt_proc, dA_cs, states, dS):
     daL_part = torch.empty(nn, bsz, nheads, nchunks, nm, device=x.device, dtype=torch.float32)
     _dbc_kernel[(nm * nn, bsz * nchunks * ngroups)](
         x, dy, B, C, dCB, dt_proc, dA_cs, states, dS, dB, dC, da_part, daL_part,
+        seq_idx if seq_idx is not None else dA_cs,
         seqlen, nheads, headdim, dstate, ngroups, nchunks, chunk_size, nheads // ngroups,
         *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *dB.stride(),
-        PREC=dot_precision(x.dtype), **cfg,
+        HAS_SEQ=seq_idx is not None, PREC=dot_precision(x.dtype), **cfg,
     )
     return dB, dC, da_part.sum(0), daL_part.sum((0, -1))

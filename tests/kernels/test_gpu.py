@@ -50,6 +50,21 @@ def test_ssd_gpu(dtype, tol, l, h, p, g, n, chunk):
              ref_dtype=torch.float64 if dtype == torch.float32 else torch.float32)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_ssd_gpu_packed_documents(dtype, tol):
+    """seq_idx at the 1.3B model's chunk (256): documents of 1 token, inside a chunk, across chunk
+    edges and starting on one, against the reference, forward, final state and gradients."""
+    raw = [t.to(DEV) for t in _ssd_raw(2, 1100, 4, 64, 2, 128)]
+    lengths = ([1, 255, 1, 300, 256, 287], [700, 1, 1, 398])
+    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]).to(DEV)
+
+    def run(fn):
+        return lambda x, dt, A, B, C, D, z, bias, s0: fn(x, dt, A, B, C, 256, D, z, bias, True, s0, True,
+                                                          seq_idx=seq_idx)
+    _compare(run(ops.ssd_chunked), run(ssd_chunked_ref), raw, dtype, tol, 3 * tol,
+             ref_dtype=torch.float64 if dtype == torch.float32 else torch.float32)
+
+
 def test_ssd_gpu_dt_limit():
     """dt clamped at both ends (softplus(dt + bias) spans ~0.1 to ~0.7 here), forward and gradients."""
     raw = [t.to(DEV) for t in _ssd_raw(2, 129, 4, 64, 2, 64)]

@@ -136,3 +136,13 @@ def test_one_document_is_todays_path(monkeypatch):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_conv_triton_isolates_documents(layout, monkeypatch):
     check_conv(LAYOUTS[layout], torch.float32, 1e-5, "triton", monkeypatch)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ssd_triton_isolates_documents(layout, monkeypatch):
+    check_ssd(LAYOUTS[layout], torch.float32, 1e-5, "triton", monkeypatch)
+
+
+@pytest.mark.parametrize("layout", ["length_one", "crossing_chunks"])
+def test_ssd_triton_states_of_first_and_last_document(layout, monkeypatch):
+    check_ssd_states(LAYOUTS[layout], torch.float32, 1e-5, "triton", monkeypatch)
