@@ -25,7 +25,9 @@ part in its own process, logs under --work:
            without the final checkpoint) for --steps (--ref-steps) at its seq 4096 in bf16, for each
            train.recompute in --recompute and each kernel path in --backends: tokens/s, TFLOP/s, MFU
            against the measured peak, peak memory against the plan's prediction (planned_peak_gib), and
-           the largest relative difference of the reference and Triton loss curves.
+           the largest relative difference of the reference and Triton loss curves; the Triton run
+           without recompute once more on packed documents (data.doc_boundaries=true, the seq_idx
+           kernels; --no-packed leaves it out): what keeping documents apart costs in tokens/s.
 
 Every part runs under one deadline (--budget): a part that would start too late is a row that says so,
 and a training run stopped by the deadline reports the steps it made. The table is printed last and
@@ -87,15 +89,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run (default: all)")
     p.add_argument("--budget", type=float, default=440, help="seconds for the whole suite (default 440)")
     p.add_argument("--config", default="configs/hybrid-1b3.yaml", help="the training part's config")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps of each Triton training run (default 50)")
-    p.add_argument("--ref-steps", type=int, default=30,
-                   help="optimizer steps of each reference-path run (default 30; the loss curves are "
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each Triton training run (default 40)")
+    p.add_argument("--ref-steps", type=int, default=20,
+                   help="optimizer steps of each reference-path run (default 20; the loss curves are "
                         "compared over the steps both made)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step (default 2)")
     p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the speed medians")
     p.add_argument("--recompute", default="none,selective", help="train.recompute modes (default none,selective)")
     p.add_argument("--backends", default="triton,reference", help="kernel paths (default triton,reference)")
+    p.add_argument("--no-packed", action="store_true",
+                   help="leave out the run with data.doc_boundaries=true (the cost of keeping documents apart)")
     p.add_argument("--kernel-ops", default="ssd,norm,ce", help="bench/kernels.py --ops (default ssd,norm,ce)")
     p.add_argument("--kernel-batch", type=int, default=8, help="bench/kernels.py --batch (default 8, x 4096)")
     p.add_argument("--wheels", default=".whl", help="the wheel folder ../shared/gpu/wheels.sh filled (default .whl)")
@@ -127,10 +131,16 @@ class TrainRun:
     plan_note: str = ""
     flops_per_token: float = 0.0
     result: dict = field(default_factory=dict)
+    packed: bool = False
+    """data.doc_boundaries=true: rows of several documents, none seeing another (seq_idx kernels)."""
 
     @property
     def name(self) -> str:
-        return f"recompute={self.recompute} {self.backend}"
+        return f"recompute={self.recompute} {self.backend}" + (" packed" if self.packed else "")
+
+    def twin_of(self, other: "TrainRun") -> bool:
+        """Runs whose loss curves compare: the same data semantics."""
+        return self is not other and self.packed == other.packed
 
 
 def train_runs(args, corpus: str | None) -> list[TrainRun]:
@@ -147,6 +157,8 @@ def train_runs(args, corpus: str | None) -> list[TrainRun]:
                          "logging.sample_prompt=", "logging.tensorboard=false", "logging.log_every=10",
                          *([f"data.prepared_dir={corpus}"] if corpus else []), *args.overrides]
             runs.append(TrainRun(recompute, backend, steps, overrides))
+            if not args.no_packed and recompute == "none" and backend == "triton":  # right after its twin
+                runs.append(TrainRun(recompute, backend, steps, [*overrides, "data.doc_boundaries=true"], packed=True))
     return runs
 
 
@@ -408,7 +420,7 @@ def check_tree(args, checks: Checks) -> None:
     import importlib.util
     found = importlib.util.find_spec("bench.gpu_suite") is not None if str(REPO) in sys.path else True
     checks.line("ok" if found else "FAIL", "pytest loads this file as the plugin bench.gpu_suite (counts per dtype)")
-    import launcher.metrics  # what the peak part imports; it reaches the kernels package
+    import launcher.metrics  # noqa: F401  (what the peak part imports; it reaches the kernels package)
     kernels_pkg = sys.modules["kernels"].__file__ or ""
     checks.line("ok" if Path(kernels_pkg).parent == REPO / "kernels" else "FAIL",
                 f"the suite's own processes import the kernels package, not bench/kernels.py ({kernels_pkg})")
@@ -782,7 +794,7 @@ class Suite:
 
     def train_row(self, run: TrainRun, runs: list[TrainRun], peak_tflops: float, max_rel) -> None:
         s = run.result.get("summary")
-        case = f"{Path(self.args.config).stem} recompute={run.recompute}"
+        case = f"{Path(self.args.config).stem} recompute={run.recompute}" + (" packed documents" if run.packed else "")
         impl = {"triton": "Strata (Triton)", "reference": "PyTorch reference"}.get(run.backend, run.backend)
         plan = "" if run.planned_gib is None else f"plan {run.planned_gib:.1f}"
         if not s:
@@ -793,7 +805,7 @@ class Suite:
                                                if run.planned_gib else "; plan n/a (planned_peak_gib)")
         vs = ""
         other = next((r for r in runs if r.recompute == run.recompute and r.backend != run.backend and
-                      r.result.get("records")), None)
+                      r.twin_of(run) and r.result.get("records")), None)
         if run.backend == "triton" and other is not None:
             vs = (f"loss curves: max rel. diff {max_rel(other.result['records'], run.result['records']):.1e} "
                   f"vs {other.backend} ({min(len(other.result['records']), s['steps'])} steps)")
@@ -804,8 +816,14 @@ class Suite:
             off = 100 * (s["peak GiB"] / run.planned_gib - 1)
             goals.append("memory within 10% of plan: " + ("met" if abs(off) <= 10 else f"missed ({off:+.0f}%)"))
         sheet = f"{s['MFU %']:.1f}% of the data sheet" if s["MFU %"] == s["MFU %"] else ""
-        base = next((r for r in runs if r.recompute == "none" and r.backend == run.backend and r is not run and
+        base = next((r for r in runs if r.recompute == "none" and r.backend == run.backend and r.twin_of(run) and
                      r.result.get("records")), None)
+        unpacked = next((r for r in runs if r.packed != run.packed and not r.packed and r.recompute == run.recompute
+                         and r.backend == run.backend and r.result.get("summary")), None)
+        if run.packed and unpacked is not None:
+            cost = 100 * (1 - s["tokens/s"] / unpacked.result["summary"]["tokens/s"])
+            vs = f"isolation costs {cost:.1f}% of the tokens/s of unpacked rows"
+            goals.append("isolation under 5%: " + ("met" if cost < 5 else f"missed by {cost - 5:.1f} pts"))
         exact = "" if base is None else \
             f"loss vs recompute=none: max rel. diff {max_rel(base.result['records'], run.result['records']):.1e}"
         status = run.result["status"]

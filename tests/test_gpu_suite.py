@@ -105,7 +105,11 @@ def test_table_from_results(tmp_path):
                   "summary": load_train_gpu().summary(ref_records, 5)}
     skipped = gs.TrainRun("selective", "reference", 10, [], planned_gib=90.0)
     skipped.result = {"status": "not run: the plan predicts 90.0 GiB > the GPU's 79.6 GiB"}
-    runs = [tri, ref, skipped]
+    packed_records = [{**r, "loss": r["loss"] + 0.5, "tokens_per_s": 29100.0} for r in records]
+    packed = gs.TrainRun("none", "triton", 20, ["data.doc_boundaries=true"], planned_gib=40.0, packed=True)
+    packed.result = {"status": "ok", "records": packed_records, "wall_s": 40.0,
+                     "summary": load_train_gpu().summary(packed_records, 5)}
+    runs = [tri, packed, ref, skipped]
     for run in runs:
         suite.train_row(run, runs, 790.0, load_train_gpu().max_relative_difference)
     table = (tmp_path / "out" / "gpu_suite.md").read_text()
@@ -122,6 +126,9 @@ def test_table_from_results(tmp_path):
     assert "loss curves: max rel. diff 1.0e-03 vs reference (10 steps)" in text
     assert "not run: the plan predicts 90.0 GiB" in text
     assert "stopped after 50 s" in text
+    packed_row = next(line for line in lines if "packed documents" in line)
+    assert "isolation costs 3.0% of the tokens/s of unpacked rows" in packed_row
+    assert "isolation under 5%: met" in packed_row and "loss vs recompute=none" not in packed_row
 
 
 def load_train_gpu():
