@@ -11,7 +11,7 @@ Strata's HybridLM on the DeepSpeed engine as `strata train` builds it (parallel/
 ZeRO 0), and NemotronHForCausalLM with torch's AdamW and clip_grad_norm_. NemotronH has no RoPE
 and relu2 MLPs, so the shared shape is configs/tiny.yaml with attention.rope=false and
 mlp.activation=relu2, the rest as configured (d_model 256, M-*-M-, micro-batch 8 x 256 tokens,
-vocab 4096); the HF model is built from Strata's config through model/hf.py (the mapping `strata
+vocab 4096); the HF model is built from Strata's config through model/hf (the mapping `strata
 export` uses) and given Strata's initial weights and tied head, so both compute the same first
 loss (printed). More rows: Strata on tiny.yaml itself (SwiGLU, RoPE: what `strata train` runs),
 and both Strata models with STRATA_KERNELS=reference (the PyTorch references instead of the CPU
@@ -86,7 +86,7 @@ def strata_side(cfg, seed: int, backend: str | None = None):
 
 
 def hf_side(cfg, strata_state: dict):
-    """The same step for transformers' NemotronH built from Strata's config (model/hf.py), with
+    """The same step for transformers' NemotronH built from Strata's config (model/hf), with
     Strata's initial weights (lm_head tied to the embedding, as Strata's), torch's AdamW (the same
     groups and hyper-parameters, fused on CPU as Strata's) and clip_grad_norm_."""
     import torch

@@ -5,7 +5,7 @@
 
 The directory loads with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained:
 config.json (NemotronH, Mamba2 or Bamba: --arch auto picks the first that expresses the
-model, see model/hf.py), safetensors weights, generation_config.json, and the tokenizer as
+model, see model/hf/), safetensors weights, generation_config.json, and the tokenizer as
 tokenizer.json (a fast tokenizer built from the sentencepiece model) with tokenizer.model
 beside it. The checkpoint is read shard by shard (parallel/consolidate.py), whatever its
 parallel layout; structured MLPs are pre-merged into dense weights. A checkpoint of the
