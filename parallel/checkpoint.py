@@ -441,7 +441,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
 
 def _every_file(tmp: Path, hashed_while_written: list[dict]) -> dict[str, dict]:
     """Every file of the checkpoint with its digest: those the ranks hashed as they wrote them,
-    and any other (DeepSpeed copies its zero_to_fp32.py script in) read back here."""
+    and any other found in it, read back here (DeepSpeed 0.19 copies its zero_to_fp32.py and
+    zero_to_torch.py beside the step directories, not into them: those are not listed)."""
     files = {name: digest for part in hashed_while_written for name, digest in part.items()}
     others = sorted(p.name for p in tmp.iterdir() if p.name not in files)
     return {**files, **digest_files(tmp, others)}
