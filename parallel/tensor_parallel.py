@@ -16,9 +16,10 @@ What is split (megatron-core's layers and mappings; see tp_linears.py for the ML
              embedding's shard); the loss is kernels.ops' fused head + cross-entropy, vocab-
              parallel (megatron's vocab_parallel_cross_entropy runs on CPU too, but holds the
              fp32 logits and their exponentials for every token: the fused op never does).
-The TP mixers reuse the model's own forward code (rope, SSD, caches, the activation, the
-recompute seams) with local sizes; only their projections and the region entry differ.
-Parameter names stay the HybridLM's.
+The TP mixers are the model's own classes, built by their own constructors with this rank's
+projections (TPProjections; model/linear.py Projections), so they run the model's forward code
+(rope, SSD, caches, the activation, the recompute seams) with local sizes; they add only the
+region entry. Parameter names stay the HybridLM's.
 """
 from __future__ import annotations
 
