@@ -28,6 +28,8 @@ part in its own process, logs under --work:
            the largest relative difference of the reference and Triton loss curves; the Triton run
            without recompute once more on packed documents (data.doc_boundaries=true, the seq_idx
            kernels; --no-packed leaves it out): what keeping documents apart costs in tokens/s.
+           Three steps near the end of each Triton run are profiled (bench/profile_steps.py) into
+           $OUT/profile-<run>.md: how busy the device was, by group and op (--no-profile: none).
 
 Every part runs under one deadline (--budget): a part that would start too late is a row that says so,
 and a training run stopped by the deadline reports the steps it made. The table is printed last and
@@ -98,6 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the speed medians")
     p.add_argument("--recompute", default="none,selective", help="train.recompute modes (default none,selective)")
     p.add_argument("--backends", default="triton,reference", help="kernel paths (default triton,reference)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="do not profile three steps of each Triton run (bench/profile_steps.py, $OUT/profile-*.md)")
     p.add_argument("--no-packed", action="store_true",
                    help="leave out the run with data.doc_boundaries=true (the cost of keeping documents apart)")
     p.add_argument("--kernel-ops", default="ssd,norm,ce", help="bench/kernels.py --ops (default ssd,norm,ce)")
@@ -395,7 +399,8 @@ def check_peers(args, checks: Checks) -> None:
 
 
 def check_tree(args, checks: Checks) -> None:
-    for path in ("tests/kernels/test_gpu.py", "tests/kernels/conftest.py", "bench/kernels.py", "bench/train_gpu.py"):
+    for path in ("tests/kernels/test_gpu.py", "tests/kernels/conftest.py", "bench/kernels.py", "bench/train_gpu.py",
+                 "bench/profile_steps.py"):
         found = (REPO / path).is_file()
         checks.line("ok" if found else "FAIL", f"{path} {'found' if found else 'missing'}")
     conftest_path = REPO / "tests/kernels/conftest.py"
@@ -412,6 +417,10 @@ def check_tree(args, checks: Checks) -> None:
     calls = any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "save" for n in ast.walk(train))
     checks.line("ok" if saves and calls else "FAIL",
                 "launcher/train.py calls its module-level save(run): bench/train_gpu.py's --no-save entry replaces it")
+    steps = any(isinstance(n, ast.FunctionDef) and n.name == "train_step" for n in train.body)
+    profiled = "profile_steps" in load_bench("train_gpu").NO_SAVE_ENTRY
+    checks.line("ok" if steps and profiled else "FAIL",
+                "bench/train_gpu.py's entry profiles launcher/train.py's module-level train_step(run) when asked")
     sources = (REPO / "launcher/train.py").read_text() + (REPO / "launcher/metrics.py").read_text()
     keys = ["tokens_per_s", "tflops_per_gpu", "peak_memory_gib", "step_time_s", "mfu_percent"]
     lacking = [k for k in keys if f'"{k}"' not in sources]
@@ -467,7 +476,10 @@ def dry_run(args) -> int:
             print(f"  [setup] then mamba_ssm/ of {sdist} into {args.site}")
     for run in runs:
         cmd = train_command_for(args, run, Path(args.work) / "runs" / run_dir_name(run))
-        print(f"  [train {run.name}] {shown(cmd, {'STRATA_KERNELS': run.backend, **env})}")
+        profile = profile_of(args, run, Path("$OUT"))
+        profiled = {} if profile is None else {"STRATA_PROFILE_STEPS": f"{profile[0]}:{profile[1]}",
+                                               "STRATA_PROFILE_OUT": str(profile[2])}
+        print(f"  [train {run.name}] {shown(cmd, {'STRATA_KERNELS': run.backend, **profiled, **env})}")
     print("time budget (estimates for one H100; the suite re-estimates with what it measures):")
     total = print_budget(args, runs)
     if total > args.budget:
@@ -507,6 +519,14 @@ def print_budget(args, runs: list[TrainRun]) -> float:
     print(f"  {total:5.0f} s  total, of a {args.budget:.0f} s budget (the device call: timeout_s "
           f"{int(args.budget) + 40}; the machine's start comes on top)")
     return total
+
+
+def profile_of(args, run: TrainRun, out: Path) -> tuple[int, int, Path] | None:
+    """Three steps near the end of each Triton run, profiled into <out>/profile-<run>.md
+    (bench/profile_steps.py); the medians of the run's other steps are not touched."""
+    if run.backend != "triton" or args.no_profile or run.steps < args.skip_steps + 4:
+        return None
+    return run.steps - 4, run.steps - 1, out / f"profile-{run_dir_name(run)}.md"
 
 
 def run_dir_name(run: TrainRun) -> str:
@@ -770,14 +790,17 @@ class Suite:
                 run_dir = self.work / "runs" / run_dir_name(run)
                 shutil.rmtree(run_dir, ignore_errors=True)
                 log = log_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".log")
+                profile = self.profile_of(run)
                 with open(log, "w") as f:
                     records, status = run_with_status(args.config, run.steps, run.backend, run_dir, run.overrides,
-                                                      save=False, timeout=self.left(), log=f)
+                                                      save=False, timeout=self.left(), log=f, profile=profile)
                 shutil.rmtree(run_dir, ignore_errors=True)
                 self.times[name] = time.time() - started
                 self.status[name] = status
                 self.keep_log(name, log)
                 run.result = {"status": status, "records": records, "wall_s": self.times[name]}
+                if profile is not None and profile[2].is_file():
+                    run.result["profile"] = profile_summary(profile[2].read_text())
                 if records:
                     s = summary(records, min(args.skip_steps, max(0, len(records) - 1)))
                     run.result["summary"] = s
@@ -791,6 +814,9 @@ class Suite:
             self.train_row(run, runs, peak_tflops, max_relative_difference)
         self.results["train"] = [{"name": r.name, "overrides": r.overrides, "planned_gib": r.planned_gib,
                                   "plan_note": r.plan_note, **r.result} for r in runs]
+
+    def profile_of(self, run: TrainRun) -> tuple[int, int, Path] | None:
+        return profile_of(self.args, run, self.out)
 
     def train_row(self, run: TrainRun, runs: list[TrainRun], peak_tflops: float, max_rel) -> None:
         s = run.result.get("summary")
@@ -829,7 +855,7 @@ class Suite:
         status = run.result["status"]
         note = "; ".join(x for x in (f"{s['steps']} steps, run {run.result['wall_s']:.0f} s",
                                      "" if status == "ok" else status, sheet, exact,
-                                     f"final loss {s['final loss']:.3f}") if x)
+                                     f"final loss {s['final loss']:.3f}", run.result.get("profile", "")) if x)
         self.row("train", case, impl, f"{s['step s']:.3f} s/step",
                  f"{s['tokens/s']:,.0f} tok/s, {s['TFLOP/s']:.0f} TFLOP/s", f"MFU {mfu:.1f}%", memory, vs,
                  "; ".join(goals), note)
@@ -865,6 +891,15 @@ class Suite:
         payload = {**self.results, "times": self.times, "status": self.status, "argv": sys.argv,
                    "args": {k: v for k, v in vars(self.args).items()}}
         (self.out / "gpu_suite.json").write_text(json.dumps(payload, indent=1, default=str))
+
+
+def profile_summary(table: str) -> str:
+    """The first lines of a bench/profile_steps.py table, for the suite's note column: how busy the
+    device was, and the three largest groups."""
+    lines = table.splitlines()
+    busy = lines[0].split(": ", 1)[-1] if lines else ""
+    groups = [row.strip("| ").split(" | ") for row in lines[4:7] if row.startswith("| ")]
+    return f"profile: {busy}; " + ", ".join(f"{g[0]} {g[2]}" for g in groups if len(g) == 3)
 
 
 def faster_than(ms: float, other: float | None, who: str, at_least: bool = False) -> str:

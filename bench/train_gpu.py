@@ -25,8 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# `strata train` with the checkpoint writes turned off (launcher.train.train calls the module's `save`).
+# `strata train` with the checkpoint writes turned off (launcher.train.train calls the module's `save`),
+# and a few steps profiled when STRATA_PROFILE_STEPS / STRATA_PROFILE_OUT ask (bench/profile_steps.py).
 NO_SAVE_ENTRY = ("import sys; import launcher.train as t; t.save = lambda run: None; "
+                 "import bench.profile_steps as p; p.install_from_env(t); "
                  "from launcher.cli import main; raise SystemExit(main(sys.argv[1:]))")
 
 
@@ -51,10 +53,16 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 def run_with_status(config: str, steps: int, backend: str, run_dir: Path, overrides: list[str], save: bool = True,
-                    timeout: float | None = None, log=None) -> tuple[list[dict], str]:
+                    timeout: float | None = None, log=None, profile: tuple[int, int, Path] | None = None
+                    ) -> tuple[list[dict], str]:
     """The train records of one run (metrics.jsonl, kind 'train') and how it ended: 'ok', 'exit
-    code N' or 'stopped after T s'. A failed or stopped run returns the steps it recorded."""
+    code N' or 'stopped after T s'. A failed or stopped run returns the steps it recorded.
+    profile: (first, end, path): steps [first, end) profiled into path (bench/profile_steps.py;
+    only without saving, through NO_SAVE_ENTRY)."""
     env = {**os.environ, "STRATA_KERNELS": backend, "PYTHONUNBUFFERED": "1"}
+    if profile is not None:
+        first, end, path = profile
+        env.update(STRATA_PROFILE_STEPS=f"{first}:{end}", STRATA_PROFILE_OUT=str(path))
     cmd = train_command(config, steps, run_dir, overrides, save)
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,

@@ -140,3 +140,29 @@ def test_wheel_list_matches_the_script():
     if not gs.WHEELS_SH.is_file():
         return  # a checkout without ../shared: the dry run says so
     assert dict(gs.wheels_in_script()) == {n: v for n, v in gs.WHEELS} | {gs.MAMBA_SDIST[0]: gs.MAMBA_SDIST[1]}
+
+
+def test_profiled_steps_write_a_table(tmp_path):
+    """bench/profile_steps.py wraps a train_step: the steps asked for, on rank 0, into one table."""
+    import types
+
+    import torch
+
+    profile_steps = load_suite().load_bench("profile_steps")
+    seen = []
+
+    def train_step(run):
+        a = torch.randn(64, 64)
+        seen.append(run.step)
+        return {"loss": float((a @ a).sum())}, False
+
+    module = types.SimpleNamespace(train_step=train_step)
+    profile_steps.install(module, 2, 4, tmp_path / "profile.md")
+    run = types.SimpleNamespace(step=0, dist=types.SimpleNamespace(is_main=True))
+    for step in range(6):
+        run.step = step
+        assert module.train_step(run)[1] is False
+    assert seen == list(range(6))
+    table = (tmp_path / "profile.md").read_text()
+    assert table.startswith("2 profiled steps: wall ") and "| matmul |" in table and "`aten::mm` | 1 |" in table
+    assert load_suite().profile_summary(table).startswith("profile: wall ")
