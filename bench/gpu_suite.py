@@ -897,9 +897,10 @@ def profile_summary(table: str) -> str:
     """The first lines of a bench/profile_steps.py table, for the suite's note column: how busy the
     device was, and the three largest groups."""
     lines = table.splitlines()
-    busy = lines[0].split(": ", 1)[-1] if lines else ""
+    if not lines or not lines[0].endswith(" ms"):  # the profiler did not start: its one line
+        return "profile: " + (lines[0] if lines else "empty")
     groups = [row.strip("| ").split(" | ") for row in lines[4:7] if row.startswith("| ")]
-    return f"profile: {busy}; " + ", ".join(f"{g[0]} {g[2]}" for g in groups if len(g) == 3)
+    return f"profile: {lines[0].split(': ', 1)[-1]}; " + ", ".join(f"{g[0]} {g[2]}" for g in groups if len(g) == 3)
 
 
 def faster_than(ms: float, other: float | None, who: str, at_least: bool = False) -> str:

@@ -50,9 +50,15 @@ def install(train_module, first: int, end: int, out: Path) -> None:
     step_fn, state = train_module.train_step, {"walls": []}
 
     def profiled(run):
-        profiling = run.dist.is_main and first <= run.step < end
+        profiling = run.dist.is_main and first <= run.step < end and state.get("failed") is None
         if profiling and run.step == first:
-            state["prof"] = _profiler().__enter__()
+            try:  # a profiler that cannot start (no CUPTI) costs the table, not the training run
+                state["prof"] = _profiler().__enter__()
+            except Exception as e:  # noqa: BLE001
+                state["failed"] = f"the profiler did not start: {type(e).__name__}: {e}"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(state["failed"] + "\n")
+                profiling = False
         start = time.perf_counter()
         result = step_fn(run)
         if profiling:
