@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import math
 import os
@@ -87,6 +88,9 @@ class Run:
     skipped_in_a_row: int = 0
     last_saved: Path | None = None
     tokenizer: object = None
+    resolved_config: str = ""
+    """The config as resolve_config left it (config.yaml): nothing may change it afterwards
+    (check_config_unchanged, before every save)."""
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -151,6 +155,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     dp, dp_rank = topo.dp, topo.dp_rank
     corpus = open_data(cfg, info)
     asked_steps = resolve_config(cfg, corpus.tokenizer.vocab_size)
+    resolved = dump_yaml(cfg)  # from here on the config is read only: check_config_unchanged
     data.install_run_tokenizer(corpus.tokenizer, run_dir, write=info.is_main)  # what generate/export read
     check_layout(cfg, info.world_size)  # again, now that the vocabulary is known
     torch.manual_seed(cfg.train.seed)
@@ -177,9 +182,9 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                               cfg.train.eval_batches, dp_rank, dp)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / "config.yaml").write_text(resolved)
     reporter = Reporter(run_dir, cfg.logging, info.is_main, cfg.train.max_steps, step)
-    reporter.text("config", dump_yaml(cfg))
+    reporter.text("config", resolved)
     for note in notes:
         reporter.log(f"strata: {note}")
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
@@ -192,7 +197,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
                peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, guide_flops,
-               last_saved=newest, tokenizer=corpus.tokenizer, spikes=SpikeGuard(cfg.train.spike_zscore, cfg.train.spike_window,
+               last_saved=newest, tokenizer=corpus.tokenizer, resolved_config=resolved, spikes=SpikeGuard(cfg.train.spike_zscore, cfg.train.spike_window,
                                                     cfg.train.spike_skip))
 
 
@@ -315,9 +320,22 @@ def layout_of(cfg: Config, info: DistInfo) -> Layout:
     return Layout(par.tp, par.pp, data_parallel_size(info.world_size, par), par.zero_stage)
 
 
+def check_config_unchanged(run: Run) -> None:
+    """The config was resolved once, before anything was built; a checkpoint must not record a
+    run that changed it since (that would be a bug here, not a user's mistake)."""
+    now = dump_yaml(run.cfg)
+    if run.resolved_config and now != run.resolved_config:
+        changed = [line[1:].strip() for line in difflib.unified_diff(run.resolved_config.splitlines(),
+                                                                     now.splitlines(), lineterm="", n=0)
+                   if line[:1] == "+" and not line.startswith("+++")]
+        raise RuntimeError(f"the config changed after it was resolved ({'; '.join(changed)[:300]}); "
+                           "only launcher.train.resolve_config may write it")
+
+
 def save(run: Run) -> None:
     """Collective. Only weights that are finite are ever written: a checkpoint is what a
     diverged run falls back to."""
+    check_config_unchanged(run)
     if not parameters_finite(run.engine):
         raise Diverged(f"the weights became non-finite at step {run.step} after a step whose loss was finite "
                        f"(damaged optimizer state?); not saved. {last_good(run)}")
