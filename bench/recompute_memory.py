@@ -25,33 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 MODES = ("none", "selective", "full")
 
 
-def saved_bytes(module: torch.nn.Module, *args) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of module(*args),
-    parameters excluded: the activation memory the forward leaves behind."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(*args)
-    del out
-    return sum(kept.values())
-
-
 def block_bytes_per_token(block, d_model: int, seq_len: int, batch: int = 1) -> dict[str, float]:
     """{mode: bytes per token} of one block (a model.hybrid.Block) under each recompute mode."""
+    from model.memory import saved_bytes
     from parallel.parallelize import apply_recompute
 
     x = torch.randn(batch, seq_len, d_model, requires_grad=True)
     result = {}
     for mode in MODES:
         apply_recompute(block, [mode] * (block.layer_idx + 1))
-        result[mode] = saved_bytes(block, x) / (batch * seq_len)
+        result[mode] = saved_bytes(block, x, exclude=block.parameters()) / (batch * seq_len)
     return result
 
 

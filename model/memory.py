@@ -228,3 +228,24 @@ def _cross_entropy_chunk(n: int, vocab: int, dim: int) -> int:
     def next_pow2(x: int) -> int:
         return 1 << max(0, math.ceil(math.log2(max(1, x))))
     return max(16, min(next_pow2(n), next_pow2(4 * math.ceil(n / math.ceil(vocab / dim)))))
+
+
+def saved_bytes(fn, *args, exclude=()) -> int:
+    """What the lists above are checked against: bytes of the distinct storages autograd keeps
+    for the backward of fn(*args) (torch.autograd.graph.saved_tensors_hooks), those of the
+    tensors in `exclude` (the parameters) left out."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    del out
+    return sum(kept.values())

@@ -6,28 +6,14 @@ import torch
 from kernel_helpers import leaves
 
 from kernels import ops
+from tests.model.test_packed import CHUNK, LAYOUTS, documents
 
-CHUNK = 8
-# Two rows each, the documents' lengths (the rows of one case have the same total).
-LAYOUTS = {
-    "length_one": ([1, 5, 1, 1, 9, 1], [3, 1, 14]),
-    "chunk_edges": ([8, 8, 2], [16, 1, 1]),
-    "several_per_chunk": ([2, 3, 2, 6, 5], [1, 2, 1, 2, 12]),
-    "crossing_chunks": ([19, 4], [7, 10, 6]),
-}
+# (backend, dtype, tolerance): the references in fp64, the Triton kernels (interpreter) in fp32
+BACKENDS = [("reference", torch.float64, 1e-10), ("triton", torch.float32, 1e-5)]
 
 
 def seq_idx_of(rows) -> torch.Tensor:
     return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
-
-
-def pieces(rows):
-    """(row, start, stop) of every document."""
-    for b, lengths in enumerate(rows):
-        start = 0
-        for n in lengths:
-            yield b, start, start + n
-            start += n
 
 
 def compare(packed, alone, leaves_, rows, tol):
@@ -37,7 +23,7 @@ def compare(packed, alone, leaves_, rows, tol):
     y = packed(seq_idx)
     r = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
     want_parts, loss_alone = [], 0
-    for b, start, stop in pieces(rows):
+    for b, start, stop in documents(rows):
         ya = alone(b, start, stop)
         want_parts.append((b, start, stop, ya))
         loss_alone = loss_alone + (ya * r[b:b + 1, start:stop]).sum()
@@ -108,19 +94,26 @@ def check_conv(rows, dtype, tol, backend, monkeypatch):
             [x, weight, bias], rows, tol)
 
 
+@pytest.mark.parametrize("backend,dtype,tol", BACKENDS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_ssd_reference_isolates_documents(layout, monkeypatch):
-    check_ssd(LAYOUTS[layout], torch.float64, 1e-10, "reference", monkeypatch)
+def test_ssd_isolates_documents(layout, backend, dtype, tol, monkeypatch):
+    check_ssd(LAYOUTS[layout], dtype, tol, backend, monkeypatch)
 
 
+# every layout on the reference; two under the interpreter, which is slow
+STATE_CASES = [(layout, *BACKENDS[0]) for layout in LAYOUTS] + \
+              [(layout, *BACKENDS[1]) for layout in ("length_one", "crossing_chunks")]
+
+
+@pytest.mark.parametrize("layout,backend,dtype,tol", STATE_CASES)
+def test_ssd_states_of_first_and_last_document(layout, backend, dtype, tol, monkeypatch):
+    check_ssd_states(LAYOUTS[layout], dtype, tol, backend, monkeypatch)
+
+
+@pytest.mark.parametrize("backend,dtype,tol", BACKENDS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_ssd_reference_states_of_first_and_last_document(layout, monkeypatch):
-    check_ssd_states(LAYOUTS[layout], torch.float64, 1e-10, "reference", monkeypatch)
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_conv_reference_isolates_documents(layout, monkeypatch):
-    check_conv(LAYOUTS[layout], torch.float64, 1e-10, "reference", monkeypatch)
+def test_conv_isolates_documents(layout, backend, dtype, tol, monkeypatch):
+    check_conv(LAYOUTS[layout], dtype, tol, backend, monkeypatch)
 
 
 def test_one_document_is_todays_path(monkeypatch):
@@ -131,18 +124,3 @@ def test_one_document_is_todays_path(monkeypatch):
     y0 = ops.ssd_chunked(x, dt, A, B, C, CHUNK, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
     y1 = ops.ssd_chunked(x, dt, A, B, C, CHUNK, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, seq_idx=zeros)
     assert (y0 - y1).abs().max() < 1e-12
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_conv_triton_isolates_documents(layout, monkeypatch):
-    check_conv(LAYOUTS[layout], torch.float32, 1e-5, "triton", monkeypatch)
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_ssd_triton_isolates_documents(layout, monkeypatch):
-    check_ssd(LAYOUTS[layout], torch.float32, 1e-5, "triton", monkeypatch)
-
-
-@pytest.mark.parametrize("layout", ["length_one", "crossing_chunks"])
-def test_ssd_triton_states_of_first_and_last_document(layout, monkeypatch):
-    check_ssd_states(LAYOUTS[layout], torch.float32, 1e-5, "triton", monkeypatch)

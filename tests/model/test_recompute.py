@@ -14,9 +14,10 @@ import functools
 import pytest
 import torch
 
-from bench.recompute_memory import block_bytes_per_token, saved_bytes
+from bench.recompute_memory import block_bytes_per_token
 from model.config import ModelConfig
 from model.hybrid import HybridLM
+from model.memory import saved_bytes
 from model.structured import structured_linears
 from parallel.parallelize import apply_recompute
 
@@ -110,7 +111,7 @@ def block_memory(cfg: ModelConfig, index: int) -> dict[str, float]:
     block = build(cfg, []).blocks[index]
     per_token = block_bytes_per_token(block, D, SEQ, BATCH)
     x = torch.randn(BATCH, SEQ, D, requires_grad=True)
-    return {"norm": saved_bytes(block.norm, x) / (BATCH * SEQ), **per_token}
+    return {"norm": saved_bytes(block.norm, x, exclude=block.norm.parameters()) / (BATCH * SEQ), **per_token}
 
 
 def kept_by_selective(cfg: ModelConfig, kind: str) -> int:

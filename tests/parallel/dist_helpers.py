@@ -66,6 +66,14 @@ def read_results(out_dir, world_size: int) -> list:
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
+def spawned_results(tmp_path_factory, name: str, worker, world_size: int) -> list:
+    """worker(rank, world_size, out_dir) on world_size gloo ranks; what each wrote, by rank
+    (the body of a module-scoped fixture)."""
+    out = tmp_path_factory.mktemp(name)
+    spawn(worker, world_size, str(out))
+    return read_results(out, world_size)
+
+
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|: one number per tensor, scale-free."""
     scale = want.abs().max().item()

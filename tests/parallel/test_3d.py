@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from parallel.layout import LayoutError, check_layout
-from tests.parallel.dist_helpers import read_results, rel_error, spawn, write_result
+from tests.parallel.dist_helpers import rel_error, spawned_results, write_result
 from tests.parallel.train_helpers import (build_model, compare_to_reference, layout_training, reference_training,
                                          train_config)
 
@@ -34,9 +34,7 @@ def composed_worker(rank: int, world_size: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def composed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("3d")
-    spawn(composed_worker, WORLD, str(out))
-    return read_results(out, WORLD)
+    return spawned_results(tmp_path_factory, "3d", composed_worker, WORLD)
 
 
 @pytest.mark.parametrize("name", list(RUNS))

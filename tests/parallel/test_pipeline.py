@@ -9,12 +9,11 @@ import pytest
 
 from model.config import ModelConfig
 from parallel.pipeline import layer_costs, layer_prefix, model_parameter_name, stage_bounds
-from tests.parallel.dist_helpers import read_results, rel_error, spawn, write_result
-from tests.parallel.train_helpers import (build_model, compare_to_reference, layout_training, reference_training,
-                                         train_config)
+from tests.parallel.dist_helpers import rel_error, spawned_results, write_result
+from tests.parallel.train_helpers import (assert_trains_like_reference, build_model, compare_to_reference,
+                                         layout_training, reference_training, train_config)
 
 STEPS, WORLD = 5, 4
-LOSS_TOL, TENSOR_TOL = 1e-5, 1e-4
 RUNS = {  # name: (pp, zero stage, model changes, position ids restarting mid-sequence)
     "pp2_dp2": (2, 0, {}, False),
     "pp4": (4, 0, {}, False),
@@ -39,18 +38,12 @@ def pipeline_worker(rank: int, world_size: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp")
-    spawn(pipeline_worker, WORLD, str(out))
-    return read_results(out, WORLD)
+    return spawned_results(tmp_path_factory, "pp", pipeline_worker, WORLD)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_pipeline_matches_one_process(pipeline_results, name):
-    for rank, results in enumerate(pipeline_results):
-        r = results[name]
-        assert r["losses"] == pytest.approx(r["want"], rel=LOSS_TOL), f"rank {rank}: losses {r['losses']} != {r['want']}"
-        assert r["grads"] < TENSOR_TOL, f"rank {rank}: first-step gradients off by {r['grads']:.2e}"
-        assert r["params"] < TENSOR_TOL, f"rank {rank}: parameters after {STEPS} steps off by {r['params']:.2e}"
+    assert_trains_like_reference(pipeline_results, name, STEPS)
 
 
 def brute_force_bounds(costs: list[float], pp: int) -> float:

@@ -12,7 +12,7 @@ import torch
 from launcher.config import TrainConfig
 from model.config import ModelConfig
 from model.hybrid import Block
-from tests.parallel.dist_helpers import read_results, spawn, write_result
+from tests.parallel.dist_helpers import spawned_results, write_result
 from tests.parallel.train_helpers import layout_training, train_config
 
 STEPS, WORLD = 2, 2
@@ -70,9 +70,7 @@ def recompute_worker(rank: int, world_size: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def recompute_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("recompute")
-    spawn(recompute_worker, WORLD, str(out))
-    return read_results(out, WORLD)
+    return spawned_results(tmp_path_factory, "recompute", recompute_worker, WORLD)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -12,7 +12,7 @@ from model.config import ModelConfig
 from model.hybrid import HybridLM
 from model.structured import structured_linears
 from parallel.tp_splits import gather_state_dicts, parameter_splits, shard_state_dict
-from tests.parallel.dist_helpers import read_results, rel_error, spawn, write_result
+from tests.parallel.dist_helpers import rel_error, spawned_results, write_result
 
 TOL = 1e-5
 WORLD = 4
@@ -121,9 +121,7 @@ def equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp")
-    spawn(equivalence_worker, WORLD, str(out))
-    return read_results(out, WORLD)
+    return spawned_results(tmp_path_factory, "tp", equivalence_worker, WORLD)
 
 
 KEYS = [f"{name}/tp{tp}" for name in CASES for tp in (2, 4)]

@@ -10,12 +10,17 @@ near-zero gradients into differences of order lr).
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.config import ModelConfig
 from model.hybrid import HybridLM
 from model.structured import structured_linears
 from parallel.parallelize import deepspeed_pipeline_section
+
+LOSS_TOL, TENSOR_TOL = 1e-5, 1e-4
+"""What a layout's run must meet against one process's (compare_to_reference): losses relative,
+gradients and parameters as rel_error."""
 
 SEQ, MICRO, GLOBAL_MICRO_BATCHES, VOCAB = 16, 2, 4, 128
 LR, CLIP = 0.5, 0.5
@@ -154,3 +159,13 @@ def compare_to_reference(run: dict, ref: dict, full: HybridLM, rel_error) -> dic
         "grads": shard_errors(run["grads"], ref["grads"], full, run["topo"], rel_error) if run["grads"] else 0.0,
         "params": shard_errors(run["params"], ref["params"], full, run["topo"], rel_error),
     }
+
+
+def assert_trains_like_reference(results: list[dict], name: str, steps: int) -> None:
+    """compare_to_reference's numbers of run `name` on every rank: the one-process losses, first-step
+    gradients and the parameters after `steps` steps, within LOSS_TOL and TENSOR_TOL."""
+    for rank, rank_results in enumerate(results):
+        r = rank_results[name]
+        assert r["losses"] == pytest.approx(r["want"], rel=LOSS_TOL), f"rank {rank}: losses {r['losses']} != {r['want']}"
+        assert r["grads"] < TENSOR_TOL, f"rank {rank}: first-step gradients off by {r['grads']:.2e}"
+        assert r["params"] < TENSOR_TOL, f"rank {rank}: parameters after {steps} steps off by {r['params']:.2e}"
