@@ -197,8 +197,8 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
                peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, guide_flops,
-               last_saved=newest, tokenizer=corpus.tokenizer, resolved_config=resolved, spikes=SpikeGuard(cfg.train.spike_zscore, cfg.train.spike_window,
-                                                    cfg.train.spike_skip))
+               last_saved=newest, tokenizer=corpus.tokenizer, resolved_config=resolved,
+               spikes=SpikeGuard(cfg.train.spike_zscore, cfg.train.spike_window, cfg.train.spike_skip))
 
 
 def start_guidance(cfg: Config, model, newest: Path | None, asked_steps: int) -> SelfGuidance | None:
@@ -262,9 +262,8 @@ def train_step(run: Run) -> tuple[dict, bool]:
 
 
 def micro_batches(run: Run, waits: list):
-    """The step's micro-batches, on the device, as the engine draws them (a pipeline's middle
-    stages draw them too: the loader stays in step on every rank); each one's wait for data is
-    appended to `waits`."""
+    """The step's micro-batches, on the device, as the engine draws them (the pipeline engine
+    only on its first and last stages); each one's wait for data is appended to `waits`."""
     for _ in range(run.engine.gradient_accumulation_steps()):
         batch = to_device(next(run.loader), run.dist.device)
         waits.append(run.loader.last_wait_s)

@@ -52,11 +52,17 @@ class Block(nn.Module):
         (built with the mixers' own constructors, split) instead of the whole ones."""
         super().__init__()
         self.spec = spec
-        self.kind = spec.kind
-        self.layer_idx = spec.index
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = norm if norm is not None else RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = mixer if mixer is not None else build_mixer(spec, cfg)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def layer_idx(self) -> int:
+        return self.spec.index
 
     def forward(self, x, position_ids=None, cache=None, seq_idx=None):
         return checkpoint_if(self.recompute and cache is None, self.body, x, position_ids, cache, seq_idx)

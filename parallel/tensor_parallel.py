@@ -64,14 +64,16 @@ class TPProjections(Projections):
         return ReplicatedHead(in_features, n_kv_heads * head_dim, bias, head_dim, head, self.ctx), 1
 
     def column_of(self, build):
-        with torch.device("meta"):
-            whole = build()
-        return column_linear(whole, self.ctx)
+        return column_linear(_on_meta(build), self.ctx)
 
     def row_of(self, build):
-        with torch.device("meta"):
-            whole = build()
-        return row_linear(whole, self.ctx)
+        return row_linear(_on_meta(build), self.ctx)
+
+
+def _on_meta(build):
+    """The whole linear a TP shell is shaped after: no memory, no init (its shard is copied in)."""
+    with torch.device("meta"):
+        return build()
 
 
 class TPMixer:
