@@ -26,6 +26,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kernels.attention.reference import document_attention_ref
 from kernels.blockdiag.reference import blockdiag_matmul_ref
 from kernels.conv.cpu import causal_conv1d_cpu
 from kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref, conv_state_from_inputs
@@ -125,6 +126,19 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
         from kernels.conv.kernel import causal_conv1d_step_triton
         return causal_conv1d_step_triton(x, conv_state, weight, bias, activation)
     return causal_conv1d_step_ref(x, conv_state, weight, bias, activation)
+
+
+def document_attention(q, k, v, seq_idx, start=0):
+    """Causal attention within the documents of packed rows: q (b, h, l, d), k and v (b, h,
+    start + l, d) of as many heads (GQA repeated), seq_idx (b, l) each query's document (the
+    `start` cached keys belong to document 0). On CUDA in fp16/bf16 without a cache: PyTorch's
+    FlashAttention variable-length kernel (kernels/attention/varlen.py); else SDPA with a
+    block-causal mask."""
+    if backend_for(q) == "triton" and start == 0:
+        from kernels.attention.varlen import document_attention_varlen, varlen_supported
+        if varlen_supported(q):
+            return document_attention_varlen(q, k, v, seq_idx)
+    return document_attention_ref(q, k, v, seq_idx, start)
 
 
 def rmsnorm(x, weight, eps=1e-5, z=None, group_size=None):

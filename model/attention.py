@@ -1,4 +1,5 @@
-"""Causal self-attention with GQA and optional RoPE, on PyTorch SDPA (FlashAttention on GPU)."""
+"""Causal self-attention with GQA and optional RoPE, on PyTorch SDPA (FlashAttention on GPU);
+packed documents through kernels.ops.document_attention."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import ops
 from model.config import AttentionConfig
 from model.linear import WHOLE, Projections
 from model.recompute import checkpoint_if
@@ -36,14 +38,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if cos.dim() == 3:  # per-sample positions (b, l, d)
         cos, sin = cos[:, None], sin[:, None]
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-def document_mask(seq_idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """The block-causal mask (b, 1, l, start + l) of packed rows: a query sees the keys at or
-    before it of its own document (the `start` cached keys belong to document 0)."""
-    keys = F.pad(seq_idx, (start, 0))
-    causal = torch.ones(seq_idx.shape[1], keys.shape[1], dtype=torch.bool, device=seq_idx.device).tril(start)
-    return ((seq_idx[:, :, None] == keys[:, None, :]) & causal)[:, None]
 
 
 class Attention(nn.Module):
@@ -99,7 +93,7 @@ class Attention(nn.Module):
         # A single new token attends to everything cached; a block of new tokens is causal
         # among itself, which SDPA's is_causal expresses only when nothing precedes it.
         if seq_idx is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_idx, start))
+            out = ops.document_attention(q, k, v, seq_idx, start)
         elif start == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif l == 1:

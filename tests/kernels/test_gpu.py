@@ -6,6 +6,8 @@ import torch
 from kernel_helpers import assert_close, grads, leaves
 
 from kernels import ops  # noqa: E402
+from kernels.attention.reference import document_attention_ref  # noqa: E402
+from kernels.attention.varlen import varlen_supported  # noqa: E402
 from kernels.blockdiag.reference import blockdiag_matmul_ref  # noqa: E402
 from kernels.conv.reference import causal_conv1d_ref  # noqa: E402
 from kernels.cross_entropy.reference import linear_cross_entropy_ref  # noqa: E402
@@ -63,6 +65,24 @@ def test_ssd_gpu_packed_documents(dtype, tol):
                                                           seq_idx=seq_idx)
     _compare(run(ops.ssd_chunked), run(ssd_chunked_ref), raw, dtype, tol, 3 * tol,
              ref_dtype=torch.float64 if dtype == torch.float32 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_document_attention_gpu_varlen(dtype, tol):
+    """Packed attention on CUDA takes FlashAttention's variable-length kernel, and it equals the
+    block-causal SDPA reference in fp32 (documents of 1 token, of a few, longer than a flash block),
+    forward and the gradients of q, k and v; a second packing of the same shape reuses nothing."""
+    gen = torch.Generator().manual_seed(4)
+    lengths = ([1, 127, 1, 300, 171], [7, 1, 592])
+    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]).to(DEV)
+    raw = [torch.randn(2, 8, 600, 128, generator=gen).to(DEV) for _ in range(3)]
+    assert varlen_supported(raw[0].to(dtype)), "no FlashAttention varlen kernel for this PyTorch or GPU"
+    _compare(lambda q, k, v: ops.document_attention(q, k, v, seq_idx),
+             lambda q, k, v: document_attention_ref(q, k, v, seq_idx), raw, dtype, tol, 2 * tol, torch.float32)
+    other = torch.stack([torch.repeat_interleave(torch.arange(2), torch.tensor([300, 300]))] * 2).to(DEV)
+    q, k, v = (t.to(dtype) for t in raw)
+    assert_close("second packing", ops.document_attention(q, k, v, other),
+                 document_attention_ref(*(t.float() for t in raw), other), tol)
 
 
 def test_ssd_gpu_dt_limit():
