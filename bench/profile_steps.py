@@ -6,9 +6,10 @@ bench/train_gpu.py's entry installs it when the environment asks:
     STRATA_PROFILE_STEPS=30:33 STRATA_PROFILE_OUT=/tmp/profile.md python -c "<train_gpu.NO_SAVE_ENTRY>" train ...
 
 profiles optimizer steps 30, 31 and 32 (0-based, end excluded) on rank 0 and writes, per step: the
-wall time, the time the device was busy, the host time the profiled ops took, and the ops
-with the most device time (CPU time on a CPU run), grouped into matmuls, the Triton kernels,
-attention, communication and the rest. A device busy for much less than the step's wall time
+wall time, the time the device was busy (the union of its kernels' intervals), the host time
+the profiled ops took, the kernels with the most device time (ops and CPU time on a CPU run),
+grouped into matmuls, the Triton kernels, attention, communication and the rest, and the ops
+with the most host time. A device busy for much less than the step's wall time
 is a host-bound step (launch overhead, Python, synchronisation); bench/gpu_suite.py profiles
 its Triton training runs this way.
 """
@@ -68,7 +69,7 @@ def install(train_module, first: int, end: int, out: Path) -> None:
             prof = state.pop("prof")
             prof.__exit__(None, None, None)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(profile_table(prof.key_averages(), state["walls"]))
+            out.write_text(profile_table(prof.events(), state["walls"]))
         return result
 
     train_module.train_step = profiled
@@ -87,26 +88,69 @@ def _synchronize() -> None:
 
 
 def profile_table(events, walls: list[float], rows: int = 25) -> str:
-    """Markdown: per-step totals, the groups, then the top ops by device (or CPU) self time."""
-    on_device = any(e.self_device_time_total > 0 for e in events)
-    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    """Markdown from the profiler's events (prof.events()): per-step totals, the groups, the top
+    kernels by device time, then the top ops by host time. Device time is the kernels' own
+    (an op's device time is its kernels': counting both would count them twice), and busy is the
+    union of the kernels' intervals. On a CPU run, the ops' self CPU time stands for both."""
     steps = max(1, len(walls))
-    per_step_ms = {e.key: getattr(e, key) / 1e3 / steps for e in events}
-    busy = sum(per_step_ms.values())
-    host = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     wall = 1e3 * sum(walls) / steps
-    where = "device" if on_device else "CPU"
+    kernels = [e for e in events if _on_device(e)]
+    ops = [e for e in events if not _on_device(e)]
+    host = sum(e.self_cpu_time_total for e in ops) / 1e3 / steps
+    if kernels:
+        where, busy = "device", _union_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3 / steps
+        timed = {name: (n, us / 1e3 / steps) for name, (n, us) in _totals(kernels, _kernel_us).items()}
+    else:
+        where = "CPU"
+        timed = {name: (n, us / 1e3 / steps) for name, (n, us) in _totals(ops, _self_cpu_us).items()}
+        busy = sum(ms for _, ms in timed.values())
+    total = max(sum(ms for _, ms in timed.values()), 1e-9)
     lines = [f"{steps} profiled steps: wall {wall:.1f} ms per step, {where} busy {busy:.1f} ms "
              f"({100 * busy / wall:.0f}% of the wall), host time in profiled ops {host:.1f} ms", "",
              f"| group | {where} ms per step | share |", "| --- | ---: | ---: |"]
     groups: dict[str, float] = {}
-    for name, ms in per_step_ms.items():
+    for name, (_, ms) in timed.items():
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + ms
     for name, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {name} | {ms:.2f} | {100 * ms / max(busy, 1e-9):.1f}% |")
-    lines += ["", f"| op | calls per step | {where} ms per step | share | group |", "| --- | ---: | ---: | ---: | --- |"]
-    for e in sorted(events, key=lambda e: -getattr(e, key))[:rows]:
-        ms = per_step_ms[e.key]
-        lines.append(f"| `{e.key[:80]}` | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / max(busy, 1e-9):.1f}% | "
-                     f"{group_of(e.key)} |")
+        lines.append(f"| {name} | {ms:.2f} | {100 * ms / total:.1f}% |")
+    what = "kernel" if kernels else "op"
+    lines += ["", f"| {what} | calls per step | {where} ms per step | share | group |",
+              "| --- | ---: | ---: | ---: | --- |"]
+    for name, (n, ms) in sorted(timed.items(), key=lambda kv: -kv[1][1])[:rows]:
+        lines.append(f"| `{name[:80]}` | {n / steps:.0f} | {ms:.2f} | {100 * ms / total:.1f}% | {group_of(name)} |")
+    if kernels:  # where a host-bound step's time goes
+        lines += ["", "| op (host) | calls per step | host ms per step |", "| --- | ---: | ---: |"]
+        for name, (n, us) in sorted(_totals(ops, _self_cpu_us).items(), key=lambda kv: -kv[1][1])[:rows]:
+            lines.append(f"| `{name[:80]}` | {n / steps:.0f} | {us / 1e3 / steps:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _on_device(event) -> bool:
+    return str(event.device_type).rsplit(".", 1)[-1] in ("CUDA", "PrivateUse1")
+
+
+def _kernel_us(event) -> float:
+    return event.time_range.end - event.time_range.start
+
+
+def _self_cpu_us(event) -> float:
+    return event.self_cpu_time_total
+
+
+def _totals(events, us) -> dict[str, tuple[int, float]]:
+    """name -> (calls, microseconds)."""
+    out: dict[str, tuple[int, float]] = {}
+    for e in events:
+        n, t = out.get(e.name, (0, 0.0))
+        out[e.name] = (n + 1, t + us(e))
+    return out
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end) intervals: kernels of several streams overlap."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered

@@ -166,3 +166,23 @@ def test_profiled_steps_write_a_table(tmp_path):
     table = (tmp_path / "profile.md").read_text()
     assert table.startswith("2 profiled steps: wall ") and "| matmul |" in table and "`aten::mm` | 1 |" in table
     assert load_suite().profile_summary(table).startswith("profile: wall ")
+
+
+def test_profile_counts_device_time_once():
+    """On a GPU run the device time is the kernels' (not also the ops that launched them), and busy
+    is the union of their intervals: two overlapping kernels of 4 and 2 ms over 5 ms count 5."""
+    import types
+
+    profile_steps = load_suite().load_bench("profile_steps")
+
+    def event(name, device, start_ms, end_ms, self_cpu_ms=0.0):
+        return types.SimpleNamespace(name=name, device_type=f"DeviceType.{device}", self_cpu_time_total=1e3 * self_cpu_ms,
+                                     time_range=types.SimpleNamespace(start=1e3 * start_ms, end=1e3 * end_ms))
+
+    events = [event("aten::mm", "CPU", 0, 1, self_cpu_ms=1.0), event("nvjet_sm90_gemm", "CUDA", 0, 4),
+              event("_scan_fwd_kernel", "CUDA", 3, 5), event("SSDChunkedBackward", "CPU", 1, 3, self_cpu_ms=2.0)]
+    table = profile_steps.profile_table(events, walls=[0.010])
+    assert table.startswith("1 profiled steps: wall 10.0 ms per step, device busy 5.0 ms (50% of the wall), "
+                            "host time in profiled ops 3.0 ms")
+    assert "| matmul | 4.00 | 66.7% |" in table and "| Triton kernels | 2.00 | 33.3% |" in table
+    assert "`aten::mm` | 1 | 1.00 |" in table and "`SSDChunkedBackward` | 1 | 2.00 |" in table  # the host table
