@@ -101,6 +101,11 @@ class TrainConfig:
     """Held-out batches (of micro_batch_size sequences per rank) per evaluation."""
     precision: str = "auto"
     """'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    param_dtype: str = "fp32"
+    """'fp32': fp32 parameters, matmuls in bf16 under autocast (precision). 'bf16': DeepSpeed's bf16
+    mode: the model's parameters, gradients and ZeRO's gathers in bf16, the fp32 master weights and
+    AdamW's state in ZeRO's partitions (half the weight memory, no per-matmul weight casts);
+    gradients are still reduced in fp32. Needs parallel.zero_stage 1 or 2 and pp = 1."""
     max_skipped_steps: int = 5
     """Consecutive steps with a non-finite loss or gradient (each skipped, never applied) after
     which the run stops with exit code 3, its last good checkpoint intact."""
@@ -134,6 +139,11 @@ class TrainConfig:
             raise ValueError(f"schedule: {self.schedule!r} is not one of 'cosine', 'wsd'")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision: {self.precision!r} is not one of 'auto', 'bf16', 'fp32'")
+        if self.param_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"param_dtype: {self.param_dtype!r} is not one of 'fp32', 'bf16'")
+        if self.param_dtype == "bf16" and self.precision == "fp32":
+            raise ValueError("param_dtype: bf16 parameters compute in bf16, but precision is fp32; "
+                             "set precision to bf16 (or auto), or param_dtype to fp32")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
@@ -239,6 +249,11 @@ class Config:
                 getattr(self, f.name).validate()
             except ValueError as e:
                 raise ConfigError(f"{f.name}.{e}") from None
+        if self.train.param_dtype == "bf16" and (self.parallel.zero_stage not in (1, 2) or self.parallel.pp > 1):
+            raise ConfigError(f"train.param_dtype: bf16 parameters keep their fp32 master weights in ZeRO 1 or 2 "
+                              f"partitions without a pipeline (got parallel.zero_stage={self.parallel.zero_stage}, "
+                              f"pp={self.parallel.pp}); set parallel.zero_stage=1 (or 2) and pp=1, or "
+                              "train.param_dtype=fp32")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")

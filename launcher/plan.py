@@ -51,11 +51,11 @@ def run_spec(cfg: Config, device_type: str = "cuda") -> RunSpec:
     choice = os.environ.get("STRATA_KERNELS", "auto")
     cuda = device_type == "cuda"
     kernels = "triton" if (choice == "auto" and cuda) or choice == "triton" else "reference"
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda) or cfg.train.param_dtype == "bf16"
     recompute = tuple(cfg.train.block_recompute(cfg.model.blocks()))  # train.recompute, recompute_kinds, _every
     return RunSpec(cfg.model, cfg.train.seq_len, cfg.train.global_batch_size, cfg.parallel.micro_batch_size,
                    cfg.parallel.zero_stage, cfg.parallel.sequence_parallel, recompute, kernels, 2 if bf16 else 4,
-                   vocab, cfg.data.doc_boundaries)
+                   vocab, cfg.data.doc_boundaries, 2 if cfg.train.param_dtype == "bf16" else 4)
 
 
 def predicted_peak(cfg: Config, world_size: int, device_type: str, stage: int = 0) -> Plan:
@@ -159,7 +159,8 @@ def header(cfg: Config, spec: RunSpec, plan: Plan, args) -> list[str]:
     recompute = modes[0] if len(modes) == 1 else f"per block kind {cfg.train.recompute_kinds}"
     if "full" in modes and cfg.train.recompute_every > 1:
         recompute += f", full every {cfg.train.recompute_every} blocks of a kind"
-    dtype = "bf16 autocast" if spec.act_bytes == 2 else "fp32"
+    dtype = ("bf16 parameters, fp32 masters" if spec.param_bytes == 2 else
+             "bf16 autocast" if spec.act_bytes == 2 else "fp32")
     return [f"{cfg.model.pattern} d_model={cfg.model.d_model} vocab={spec.vocab}: "
             f"{human(total_parameters(spec)).replace('G', 'B')} parameters, {cfg.model.n_blocks} blocks",
             f"seq_len {spec.seq_len}, global batch {spec.global_batch} sequences, micro-batch {spec.micro_batch}; "

@@ -94,6 +94,9 @@ class Run:
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 where the run computes in bf16 (bf16 parameters compute in their own dtype: no autocast)."""
+    if cfg.train.param_dtype == "bf16":
+        return None
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     return torch.bfloat16 if bf16 else None
 
@@ -316,7 +319,7 @@ def report_sample(run: Run) -> None:
 
 def layout_of(cfg: Config, info: DistInfo) -> Layout:
     par = cfg.parallel
-    return Layout(par.tp, par.pp, data_parallel_size(info.world_size, par), par.zero_stage)
+    return Layout(par.tp, par.pp, data_parallel_size(info.world_size, par), par.zero_stage, cfg.train.param_dtype)
 
 
 def check_config_unchanged(run: Run) -> None:

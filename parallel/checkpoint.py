@@ -18,6 +18,7 @@ DeepSpeed's file names, per model-parallel index mp (stage x tp + tp_rank) and d
 (deepspeed/runtime/engine.py: _get_ckpt_name, _get_zero_ckpt_name; pipe/module.py: ckpt_layer_path):
     mp_rank_<mp>_model_states.pt                  module (ZeRO 0-2, pp = 1), schedule, counters
     zero_pp_rank_<dp>_mp_rank_<mp>_optim_states.pt ZeRO 1-3 partitions of the fp32 weights and AdamW
+                                                  (bf16_zero_pp_rank_... with train.param_dtype=bf16)
     zero_pp_rank_<dp>_mp_rank_<mp>_model_states.pt ZeRO-3's per-rank module record
     layer_<i>-model_<tp_rank>-model_states.pt     pp > 1: one file per pipeline layer and TP rank
 A weights-only checkpoint (`strata import`) holds model.safetensors and its manifest.
@@ -54,6 +55,7 @@ MANIFEST = "trainer.json"
 FORMAT_VERSION = 2
 MODEL_STATES = "mp_rank_{mp:02d}_model_states.pt"
 ZERO_OPTIM = "zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+BF16_PREFIX = "bf16_"  # DeepSpeed's prefix of ZeRO optimizer files in its bf16 mode (engine._get_zero_ckpt_prefix)
 ZERO3_MODEL = "zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt"
 ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 PIPELINE_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -171,6 +173,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------
 # The manifest and integrity
 # ----------------------------------------------------------------------------------------
+
+def zero_optim_file(layout: Layout, dp: int, mp: int) -> str:
+    """The ZeRO optimizer shard of data-parallel rank dp and model-parallel index mp, as the
+    layout (its parameter dtype) named it."""
+    return (BF16_PREFIX if layout.param_dtype == "bf16" else "") + ZERO_OPTIM.format(dp=dp, mp=mp)
+
 
 def read_manifest(ckpt: Path) -> dict:
     try:

@@ -22,6 +22,7 @@ class OptimizerConfig:
     schedule: str
     decay_fraction: float
     min_lr_ratio: float
+    param_dtype: str = "fp32"
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 """Activation recompute per block (train.recompute; parallel/parallelize.py applies it): 'none' keeps

@@ -35,6 +35,13 @@ def autocast_section(dtype: torch.dtype | None) -> dict:
                                "lower_precision_safe_modules": []}}
 
 
+def bf16_params_section() -> dict:
+    """DeepSpeed's bf16 mode (train.param_dtype=bf16): the module in bf16, fp32 master weights and
+    AdamW state in ZeRO's partitions. A step with a non-finite gradient is skipped (check_grad_overflow,
+    ZeRO 1-2), and gradients are reduced in fp32 as in the fp32-parameter mode."""
+    return {"bf16": {"enabled": True, "check_grad_overflow": True}, "communication_data_type": "fp32"}
+
+
 def deepspeed_config(optim: OptimizerConfig, par: ParallelConfig, dp: int,
                      autocast: torch.dtype | None = None) -> dict:
     gas = grad_accumulation_steps(optim.global_batch_size, par, dp)
@@ -50,7 +57,7 @@ def deepspeed_config(optim: OptimizerConfig, par: ParallelConfig, dp: int,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
         **pipeline,
-        **autocast_section(autocast),
+        **(bf16_params_section() if optim.param_dtype == "bf16" else autocast_section(autocast)),
     }
 
 
@@ -85,7 +92,8 @@ def lr_multiplier(step: int, optim: OptimizerConfig) -> float:
 
 def build_engine(model: torch.nn.Module, optim: OptimizerConfig, par: ParallelConfig, world_size: int, mpu=None,
                  autocast: torch.dtype | None = None):
-    """`autocast`: the dtype the engine's forward computes its matmuls in (None: the parameters')."""
+    """`autocast`: the dtype the engine's forward computes its matmuls in (None: the parameters';
+    with optim.param_dtype bf16 the engine casts the module to bf16 itself)."""
     dp = data_parallel_size(world_size, par)
     # ZeRO 1-3 skip a non-finite step themselves; at stage 0 the engine calls AdamW directly.
     adamw = GuardedAdamW if par.zero_stage == 0 else torch.optim.AdamW

@@ -31,6 +31,9 @@ class Layout:
     pp: int
     dp: int
     zero_stage: int = 0
+    param_dtype: str = "fp32"
+    """'bf16': bf16 module parameters, fp32 master weights in ZeRO's partitions (train.param_dtype);
+    DeepSpeed names its optimizer files for it."""
 
     @property
     def world_size(self) -> int:
@@ -40,21 +43,25 @@ class Layout:
         return f"tp={self.tp} pp={self.pp} dp={self.dp}"
 
     def describe(self) -> str:
-        return f"world={self.world_size} tp={self.tp} pp={self.pp} zero={self.zero_stage}"
+        params = "" if self.param_dtype == "fp32" else f" params={self.param_dtype}"
+        return f"world={self.world_size} tp={self.tp} pp={self.pp} zero={self.zero_stage}{params}"
 
     def record(self) -> dict:
         """As a checkpoint's manifest stores it."""
-        return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "zero_stage": self.zero_stage}
+        record = {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "zero_stage": self.zero_stage}
+        return record | ({} if self.param_dtype == "fp32" else {"param_dtype": self.param_dtype})
 
     @classmethod
     def from_record(cls, record: dict) -> "Layout":
         tp, pp = record.get("tp", 1), record.get("pp", 1)
-        return cls(tp, pp, record["world_size"] // (tp * pp), record.get("zero_stage", 0))
+        return cls(tp, pp, record["world_size"] // (tp * pp), record.get("zero_stage", 0),
+                   record.get("param_dtype", "fp32"))
 
     def reloads_as_written(self, saved: "Layout") -> bool:
-        """DeepSpeed reloads its own files: same TP, PP and ZeRO stage, and the same world size
-        unless nothing is partitioned over data-parallel ranks (ZeRO 0)."""
-        if (saved.tp, saved.pp, saved.zero_stage) != (self.tp, self.pp, self.zero_stage):
+        """DeepSpeed reloads its own files: same TP, PP, ZeRO stage and parameter dtype, and the
+        same world size unless nothing is partitioned over data-parallel ranks (ZeRO 0)."""
+        if (saved.tp, saved.pp, saved.zero_stage, saved.param_dtype) != (self.tp, self.pp, self.zero_stage,
+                                                                         self.param_dtype):
             return False
         return self.zero_stage == 0 or saved.world_size == self.world_size
 

@@ -10,9 +10,12 @@ parallel/tp_splits.py (the TP model's own rules), pipeline stages from the same 
 partition as parallel/pipeline.py, FLOPs from model/counting.py and activations from
 model/memory.py. What a rank holds (fp32 weights, torch AdamW, DeepSpeed 0.19's ZeRO):
 
-- weights: 4 bytes per local parameter (ZeRO-3: 1/dp of them, except the small ones it keeps whole).
+- weights: 4 bytes per local parameter (ZeRO-3: 1/dp of them, except the small ones it keeps whole);
+  2 with bf16 parameters (train.param_dtype=bf16), whose gradients are bf16 too (reduced in fp32) and
+  whose optimizer step makes the fp32 gradient of the rank's master partition.
 - bf16 weight copies: under autocast each matmul keeps the bf16 copy of its weight for the
-  backward, 2 bytes per matmul parameter, ZeRO-3 included (it gathers, autocast copies).
+  backward, 2 bytes per matmul parameter, ZeRO-3 included (it gathers, autocast copies); none with
+  bf16 parameters.
 - gradients: 4 bytes per local parameter (ZeRO 2: 1/dp of them; ZeRO-3 holds its partition and the
   optimizer's copy of it throughout). With one micro-batch a step they come into being during the
   backward: the peak holds only those made by then.
@@ -87,6 +90,9 @@ class RunSpec:
     """The vocabulary the model trains (model.vocab_size, or the tokenizer's); 0: model.vocab_size."""
     documents: bool = False
     """data.doc_boundaries: packed rows keep documents apart (model/memory.py Shape.documents)."""
+    param_bytes: int = 4
+    """4: fp32 parameters (under autocast with act_bytes 2); 2: bf16 parameters with fp32 masters in
+    ZeRO's partitions (train.param_dtype=bf16, DeepSpeed's bf16 mode)."""
 
     @property
     def vocab(self) -> int:
@@ -234,26 +240,30 @@ def optimizer_terms(info: dict, spec: RunSpec, layout: Layout, cuda: bool, gathe
         weights = info["persistent"] + (params - info["persistent"]) / dp
     else:
         weights = params
-    held = {"weights (fp32)": FP32 * weights}
-    if spec.act_bytes == 2:
+    bf16_params = spec.param_bytes == 2
+    held = {f"weights ({'bf16' if bf16_params else 'fp32'})": spec.param_bytes * weights}
+    if spec.act_bytes == 2 and not bf16_params:
         held["bf16 weight copies kept by the matmuls (autocast)"] = 2 * info["matmul"]
     held["optimizer: AdamW moments (fp32)"] = 2 * FP32 * (part if z >= 1 else params)
     if z >= 1:
         held["optimizer: fp32 master partition (DeepSpeed ZeRO)"] = FP32 * part
-        held[BUCKET] = FP32 * REDUCE_BUCKET_ELEMENTS
+        held[BUCKET] = FP32 * REDUCE_BUCKET_ELEMENTS  # communication_data_type fp32, bf16 parameters too
     if z == 3:  # its partitioned gradients and the optimizer's gradient buffer: flat, held throughout
         held["ZeRO-3 gradient partition and the optimizer's copy (fp32)"] = 2 * FP32 * part
         held["ZeRO-3 gathered parameters (the running layers)"] = FP32 * 2 * gathered
     if z == 0 and (dp > 1 or layout.pp > 1):  # DeepSpeed flattens the gradients to all-reduce them (<= 5e8 at a time)
         held["gradient all-reduce buffer (DeepSpeed ZeRO-0)"] = FP32 * min(params, REDUCE_BUCKET_ELEMENTS)
-    full_grads = FP32 * (part if z >= 2 else params)
+    full_grads = spec.param_bytes * (part if z >= 2 else params)
     # Gradients exist at the backward's peak once a micro-batch has finished its backward
     # (accumulation); a step's only backward peaks before most of them are made (backward_moments).
-    grads = {"gradients (fp32)": full_grads if accumulation > 1 and z < 3 else 0.0}
+    grad_term = f"gradients ({'bf16' if bf16_params else 'fp32'})"
+    grads = {grad_term: full_grads if accumulation > 1 and z < 3 else 0.0}
     # AdamW's temporaries: foreach (CUDA) makes a tensor-list the size of its parameters; the
     # single-tensor loop (CPU) one of the largest parameter.
     step_extra = FP32 * ((part if z >= 1 else params) if cuda else info["largest"])
-    return held, grads, step_extra + (full_grads - grads["gradients (fp32)"])
+    if bf16_params:  # the step's fp32 gradient of the rank's master partition
+        step_extra += FP32 * part
+    return held, grads, step_extra + (full_grads - grads[grad_term])
 
 
 def backward_moments(kept: list[float], dropped: list[float], in_flight: int, residual_grads: float,

@@ -5,14 +5,16 @@ parameters had never been there, and they hold no optimizer state afterwards.
 
 ZeRO stage 0 keeps torch's per-parameter state; stages 1 and 2 keep flat fp32 partitions,
 read and written per parameter through deepspeed.utils' safe_get/safe_set helpers (stage 3,
-written only by parallel/reshard.py, through safe_set_local_optimizer_state).
+written only by parallel/reshard.py, through safe_set_local_optimizer_state). With bf16
+parameters (DeepSpeed's bf16 mode, ZeRO 1-2) the fp32 master weights in those partitions are
+carried the same way: a fresh engine builds them from the bf16 module, rounded.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (safe_get_full_optimizer_state, safe_set_full_optimizer_state,
-                             safe_set_local_optimizer_state)
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state, safe_set_local_optimizer_state)
 
 from parallel.config import OptimizerConfig, ParallelConfig
 from parallel.engine import build_engine
@@ -32,14 +34,30 @@ def rebuild_engine(old, model: torch.nn.Module, optim: OptimizerConfig, par: Par
                          f"not {par.zero_stage}")
     kept = [p for p in model.parameters() if p.requires_grad]
     states, step = _read_states(old, kept, par.zero_stage)
+    masters = {p: safe_get_full_fp32_param(p) for p in kept} if has_bf16_masters(old) else {}
     lr_state = old.lr_scheduler.state_dict()
     counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
     autocast = old.torch_autocast_dtype() if old.torch_autocast_enabled() else None
     old.destroy()  # removes its gradient hooks from the parameters we keep
     new = build_engine(model, optim, par, world_size, mpu, autocast)
+    if masters:
+        write_master_weights(new, kept, masters.__getitem__)
     write_optimizer_states(new, kept, states.get, step, par.zero_stage)
     restore_schedule(new, lr_state, counters)
     return new
+
+
+def has_bf16_masters(engine) -> bool:
+    """DeepSpeed's bf16 mode: bf16 module parameters, fp32 masters in the ZeRO 1-2 partitions."""
+    return engine.bfloat16_enabled()
+
+
+def write_master_weights(engine, params, weight_of) -> None:
+    """Each parameter's fp32 master weight (weight_of(p), unpartitioned) into a bf16-mode engine,
+    whose masters were rounded from the bf16 module when it was built. The module already holds
+    them rounded to bf16: nothing else changes."""
+    for p in params:
+        safe_set_full_fp32_param(p, weight_of(p).to(p.device, torch.float32))
 
 
 def restore_schedule(engine, lr_scheduler_state: dict | None, counters: dict) -> None:
@@ -96,7 +114,7 @@ def write_optimizer_states(engine, params, state_of, step, stage):
     for p in params:
         state = state_of(p)
         for k in ADAM_STATES:
-            safe_set_full_optimizer_state(p, state[k].to(p.device), k)
+            safe_set_full_optimizer_state(p, state[k].to(p.device, torch.float32), k)
 
 
 def _write_zero3_states(zero, params, state_of, step) -> None:

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import (MODEL_STATES, PIPELINE_LAYER, RANK_FILE, ZERO3_MODEL, ZERO3_MODEL_FILE, ZERO_OPTIM,
-                                 CheckpointError, need, safe_load)
+from parallel.checkpoint import (MODEL_STATES, PIPELINE_LAYER, RANK_FILE, ZERO3_MODEL, ZERO3_MODEL_FILE,
+                                 CheckpointError, need, safe_load, zero_optim_file)
 from parallel.layout import Layout
-from parallel.rebuild import ADAM_STATES, restore_schedule, write_optimizer_states
+from parallel.rebuild import ADAM_STATES, has_bf16_masters, restore_schedule, write_master_weights, write_optimizer_states
 
 COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
@@ -111,13 +111,13 @@ def _read_stage(ckpt: Path, saved: Layout, t: int, stage: int, naming, optimizer
     """TP rank t of pipeline stage `stage`, gathered over its data-parallel ranks."""
     tp, dp, zero = saved.tp, saved.dp, saved.zero_stage
     if zero == 3:  # pp = 1: ZeRO-3 runs on the plain engine only
-        return _read_zero3(ckpt, t)
+        return _read_zero3(ckpt, saved, t)
     mp = stage * tp + t  # DeepSpeed's model-parallel file index (pipeline grid order)
     states = safe_load(need(ckpt / MODEL_STATES.format(mp=mp)))
     if zero == 0:
         writer = t + tp * dp * stage  # the rank of data-parallel index 0, which wrote file mp
         return _read_zero0(ckpt, states, writer, naming, optimizer)
-    optim = [safe_load(need(ckpt / ZERO_OPTIM.format(dp=d, mp=mp)), zero_optimizer=True)["optimizer_state_dict"]
+    optim = [safe_load(need(ckpt / zero_optim_file(saved, d, mp)), zero_optimizer=True)["optimizer_state_dict"]
              for d in range(dp)]
     return _read_zero12(ckpt, states, optim, naming)
 
@@ -171,9 +171,9 @@ def _read_zero0(ckpt: Path, states: dict, writer: int, naming, optimizer: bool) 
     return out
 
 
-def _read_zero3(ckpt: Path, t: int) -> dict:
+def _read_zero3(ckpt: Path, saved: Layout, t: int) -> dict:
     """Weights and AdamW states of TP rank t, each gathered from the ZeRO-3 partitions."""
-    files = open_zero3(ckpt, t)
+    files = open_zero3(ckpt, saved, t)
 
     def lazy(state: str | None) -> dict[str, Lazy]:
         return {name: _ready(gathered) for name, gathered in files.gather(state, materialize=False).items()}
@@ -221,12 +221,12 @@ class Zero3Files:
         return out
 
 
-def open_zero3(ckpt: Path, mp: int = 0) -> Zero3Files:
+def open_zero3(ckpt: Path, saved: Layout, mp: int = 0) -> Zero3Files:
     from deepspeed.utils import zero_to_fp32
 
     ranks = sorted(int(m.group(1)) for p in ckpt.iterdir() if (m := ZERO3_MODEL_FILE.match(p.name)) and int(m.group(2)) == mp)
     world = len(ranks)
-    missing = [ZERO_OPTIM.format(dp=r, mp=mp) for r in range(world) if not (ckpt / ZERO_OPTIM.format(dp=r, mp=mp)).is_file()]
+    missing = [zero_optim_file(saved, r, mp) for r in range(world) if not (ckpt / zero_optim_file(saved, r, mp)).is_file()]
     if not world or ranks != list(range(world)) or missing:
         raise CheckpointError(f"ZeRO-3 checkpoint {ckpt} lacks shards ({', '.join(missing) or 'model states'}); "
                               "a rank did not finish saving: use an earlier complete checkpoint")
@@ -240,7 +240,7 @@ def open_zero3(ckpt: Path, mp: int = 0) -> Zero3Files:
             frozen_param_fragments=sd.get("frozen_param_fragments")))
     optimizers = []
     for r in ranks:
-        optim = safe_load(ckpt / ZERO_OPTIM.format(dp=r, mp=mp), zero_optimizer=True)["optimizer_state_dict"]
+        optim = safe_load(ckpt / zero_optim_file(saved, r, mp), zero_optimizer=True)["optimizer_state_dict"]
         if optim.get("partition_count") not in (world, [world]):
             raise CheckpointError(f"ZeRO-3 checkpoint {ckpt}: rank {r} was partitioned over "
                                   f"{optim.get('partition_count')} ranks but {world} shards are present")
@@ -323,26 +323,32 @@ def load_full_weights(model: torch.nn.Module, full: FullState) -> None:
 
 def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: int, model_cfg) -> None:
     """Collective (ZeRO 1-3 set up their flat state on every rank). This rank's slices of each
-    parameter's AdamW state, the LR schedule and DeepSpeed's counters."""
+    parameter's AdamW state (and, with bf16 parameters, of its fp32 master weight), the LR
+    schedule and DeepSpeed's counters."""
     from model.hybrid import HybridLM
     from parallel.tp_splits import parameter_splits, split_of
 
+    with torch.device("meta"):
+        splits = parameter_splits(HybridLM(model_cfg), tp)
+    naming = stage_naming(pp, model_cfg.n_blocks)
+    named = [(naming(n), p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    name_of = {p: n for n, p in named}
+    bf16_masters = has_bf16_masters(engine)
+
+    def shard(p, tensor: torch.Tensor) -> torch.Tensor:  # this rank's slice, in the optimizer's dtype
+        dtype = torch.float32 if bf16_masters else p.dtype
+        return split_of(splits, name_of[p]).shard(tensor, tp_rank, tp).to(p.device, dtype, copy=True)
+
+    if bf16_masters:
+        write_master_weights(engine, [p for _, p in named], lambda p: shard(p, full.weights[name_of[p]]()))
     if full.adam_step is not None:
-        with torch.device("meta"):
-            splits = parameter_splits(HybridLM(model_cfg), tp)
-        naming = stage_naming(pp, model_cfg.n_blocks)
-        named = [(naming(n), p) for n, p in engine.module.named_parameters() if p.requires_grad]
         absent = [n for n, _ in named if n not in full.optimizer]
         if absent:
             raise CheckpointError(f"checkpoint holds no optimizer state for {absent[:3]}; "
                                   "resume with the run's own config.yaml")
-        name_of = {p: n for n, p in named}
 
-        def state_of(p) -> dict:  # this rank's slice, read when the engine takes it
-            n = name_of[p]
-            return {"step": full.adam_step.clone(),
-                    **{k: split_of(splits, n).shard(full.optimizer[n][k](), tp_rank, tp).to(p.device, p.dtype, copy=True)
-                       for k in ADAM_STATES}}
+        def state_of(p) -> dict:  # read when the engine takes it
+            return {"step": full.adam_step.clone(), **{k: shard(p, full.optimizer[name_of[p]][k]()) for k in ADAM_STATES}}
 
         write_optimizer_states(engine, [p for _, p in named], state_of, full.adam_step,
                                engine.zero_optimization_stage())

@@ -3,6 +3,7 @@ skipped by every rank, and the run then equals one that never took that step: sa
 same AdamW state, same LR schedule."""
 import pytest
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 
 from launcher.config import TrainConfig
 from model.config import ModelConfig
@@ -23,14 +24,14 @@ def batches(rank: int):
         yield i, ids[:, :-1], ids[:, 1:]
 
 
-def run(rank: int, world: int, out_dir: str, stage: int, inject: bool) -> dict:
+def run(rank: int, world: int, out_dir: str, stage: int, inject: bool, param_dtype: str) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(pattern="M*-", d_model=32, vocab_size=64, max_seq_len=16)
     cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.chunk_size, cfg.attention.n_heads = 8, 8, 8, 4
     cfg.validate()
     model = HybridLM(cfg)
     engine = build_engine(model, TrainConfig(max_steps=STEPS, warmup_steps=1, lr=1e-2, global_batch_size=2 * world,
-                                             seq_len=16).optimizer(),
+                                             seq_len=16, param_dtype=param_dtype).optimizer(),
                           ParallelConfig(zero_stage=stage, micro_batch_size=2), world)
     poisoned = [False]
     if rank == 1:
@@ -45,18 +46,22 @@ def run(rank: int, world: int, out_dir: str, stage: int, inject: bool) -> dict:
         engine.step()
         skipped.append(engine.skipped_steps)
     weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    if param_dtype == "bf16":  # and the fp32 master weights in ZeRO's partitions
+        weights |= {f"{n} (master)": safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
     torch.save(weights, f"{out_dir}/weights_{inject}_{rank}.pt")
     return {"lrs": lrs, "skipped": skipped, "finite": parameters_finite(engine)}
 
 
-def worker(rank, world, out_dir, stage):
-    write_result(out_dir, rank, {"skip": run(rank, world, out_dir, stage, True),
-                                 "never": run(rank, world, out_dir, stage, False)})
+def worker(rank, world, out_dir, stage, param_dtype):
+    write_result(out_dir, rank, {"skip": run(rank, world, out_dir, stage, True, param_dtype),
+                                 "never": run(rank, world, out_dir, stage, False, param_dtype)})
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_non_finite_gradient_on_one_rank_is_skipped_by_all(tmp_path, stage):
-    spawn(worker, 2, str(tmp_path), stage)
+@pytest.mark.parametrize("stage,param_dtype", [(0, "fp32"), (2, "fp32"), (1, "bf16")])
+def test_a_non_finite_gradient_on_one_rank_is_skipped_by_all(tmp_path, stage, param_dtype):
+    """At ZeRO 0 through GuardedAdamW, at ZeRO 1-2 through ZeRO's own overflow check (with bf16
+    parameters too: DeepSpeed's bf16 check_grad_overflow, parallel/engine.py bf16_params_section)."""
+    spawn(worker, 2, str(tmp_path), stage, param_dtype)
     for rank, result in enumerate(read_results(tmp_path, 2)):
         skip, never = result["skip"], result["never"]
         assert skip["skipped"] == [0, 0, 1, 1, 1], "the poisoned step, and only it, is counted"

@@ -3,6 +3,7 @@ no state for them, leaves them out of its checkpoints, and trains every other pa
 exactly as the old engine would have."""
 import pytest
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 
 from launcher.config import TrainConfig
 from model.config import MLPConfig, ModelConfig
@@ -15,13 +16,14 @@ from parallel.rebuild import rebuild_engine
 
 
 
-def train(stage: int, drop: bool, steps=8, guided_until=4):
+def train(stage: int, drop: bool, steps=8, guided_until=4, param_dtype="fp32"):
     cfg = ModelConfig(pattern="-*-", d_model=32, vocab_size=50, max_seq_len=32,
                       mlp=MLPConfig(activation="relu2", structure="lowrank", rank=4, self_guided=True,
                                     dense_first_layer=False, guide_stochastic=False))
     cfg.attention.n_heads = 4
     cfg.validate()
-    tr = TrainConfig(max_steps=steps, warmup_steps=2, lr=1e-2, global_batch_size=4, seq_len=16)
+    tr = TrainConfig(max_steps=steps, warmup_steps=2, lr=1e-2, global_batch_size=4, seq_len=16,
+                     param_dtype=param_dtype)
     par = ParallelConfig(zero_stage=stage, micro_batch_size=2)
     torch.manual_seed(0)
     model = HybridLM(cfg)
@@ -47,15 +49,22 @@ def train(stage: int, drop: bool, steps=8, guided_until=4):
     return engine, model, guides, losses
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_rebuilt_engine_continues_exactly_without_the_dense_paths(one_rank, stage, tmp_path):
-    _, reference, _, ref_losses = train(stage, drop=False)
-    engine, model, guides, losses = train(stage, drop=True)
+@pytest.mark.parametrize("stage,param_dtype", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16")])
+def test_rebuilt_engine_continues_exactly_without_the_dense_paths(one_rank, stage, param_dtype, tmp_path):
+    """With bf16 parameters the fp32 master weights are carried over too (a new engine would
+    build them from the bf16 module, rounded)."""
+    ref_engine, reference, _, ref_losses = train(stage, drop=False, param_dtype=param_dtype)
+    engine, model, guides, losses = train(stage, drop=True, param_dtype=param_dtype)
     assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
     kept = {k: v for k, v in reference.state_dict().items() if "guide" not in k}
     assert kept.keys() == model.state_dict().keys()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, kept[name], rtol=1e-6, atol=1e-7)
+    if param_dtype == "bf16":
+        ref_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(safe_get_full_fp32_param(p), safe_get_full_fp32_param(ref_params[name]),
+                                       rtol=1e-6, atol=1e-7, msg=name)
     optimized = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
     assert not optimized & {id(p) for p in guides}
     assert engine.global_steps == 8 and engine.get_lr() == pytest.approx([1e-3, 1e-3])
