@@ -22,14 +22,16 @@ part in its own process, logs under --work:
            cross-entropy beside the PyTorch reference, mamba_ssm (SSD, gated norm), fla
            (chunk_simple_gla) and Liger (fused linear CE, RMSNorm), at the 1.3B hybrid's shapes;
   train    --config (configs/hybrid-1b3.yaml) end to end through `strata train` (bench/train_gpu.py,
-           without the final checkpoint) for --steps (--ref-steps) at its seq 4096 in bf16, for each
+           without the final checkpoint) for --steps (--ref-steps) at its seq 4096 in bf16, micro-batches
+           of --micro-batch sequences (--ref-micro-batch, accumulated to the same global batch), for each
            train.recompute in --recompute and each kernel path in --backends: tokens/s, TFLOP/s, MFU
            against the measured peak, peak memory against the plan's prediction (planned_peak_gib), and
            the largest relative difference of the reference and Triton loss curves; the Triton run
            without recompute once more on packed documents (data.doc_boundaries=true, the seq_idx
            kernels; --no-packed leaves it out): what keeping documents apart costs in tokens/s.
            Three steps near the end of each Triton run are profiled (bench/profile_steps.py) into
-           $OUT/profile-<run>.md: how busy the device was, by group and op (--no-profile: none).
+           $OUT/profile-<run>.md: how busy the device was, by group and kernel, and the host's ops
+           (--no-profile: none).
 
 Every part runs under one deadline (--budget): a part that would start too late is a row that says so,
 and a training run stopped by the deadline reports the steps it made. The table is printed last and
@@ -79,7 +81,7 @@ ESTIMATE = {
 }
 ASSUMED_PEAK_TFLOPS = 740.0  # an H100's measured bf16 8192^3 matmul (2026-11-26); replaced by the measured one
 # Measured on that H100 (hybrid-1b3, recompute none / selective): Triton 32% / 20%, reference (selective) 9%.
-ASSUMED_MFU = {"triton": 0.26, "reference": 0.09}  # for the estimate only
+ASSUMED_MFU = {"triton": 0.45, "reference": 0.09}  # for the estimate only (H100, 2026-11-26: Triton at micro-batch 4)
 RESERVE_S = 8  # kept at the end of the budget for the table
 H100_GIB = 79.6  # an H100 80GB's memory as torch sees it: the dry run's budget leaves out runs the plan says do not fit
 
@@ -91,12 +93,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run (default: all)")
     p.add_argument("--budget", type=float, default=440, help="seconds for the whole suite (default 440)")
     p.add_argument("--config", default="configs/hybrid-1b3.yaml", help="the training part's config")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each Triton training run (default 40)")
-    p.add_argument("--ref-steps", type=int, default=20,
-                   help="optimizer steps of each reference-path run (default 20; the loss curves are "
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps of each Triton training run (default 30)")
+    p.add_argument("--ref-steps", type=int, default=12,
+                   help="optimizer steps of each reference-path run (default 12; the loss curves are "
                         "compared over the steps both made)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
-    p.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step (default 2)")
+    p.add_argument("--micro-batch", type=int, default=4,
+                   help="sequences per micro-batch of the Triton runs (default 4: hybrid-1b3 at 45%% MFU on an "
+                        "H100, 2026-11-26; the plan puts it at 64 GiB)")
+    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--ref-micro-batch", type=int, default=1,
+                   help="sequences per micro-batch of the reference-path runs, accumulated to the same global "
+                        "batch (default 1: the reference's activations are larger)")
     p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the speed medians")
     p.add_argument("--recompute", default="none,selective", help="train.recompute modes (default none,selective)")
     p.add_argument("--backends", default="triton,reference", help="kernel paths (default triton,reference)")
@@ -115,6 +122,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="config overrides for every training run")
     args = p.parse_args(argv)
     args.parts = [x for x in args.parts.split(",") if x]
+    if (args.micro_batch * args.accumulation) % args.ref_micro_batch:
+        p.error(f"--ref-micro-batch {args.ref_micro_batch} does not divide the global batch "
+                f"{args.micro_batch * args.accumulation} (--micro-batch x --accumulation)")
     for name in args.parts:
         if name not in PARTS:
             p.error(f"--parts: {name!r} is not one of {', '.join(PARTS)}")
@@ -152,8 +162,9 @@ def train_runs(args, corpus: str | None) -> list[TrainRun]:
     for recompute in args.recompute.split(","):
         for backend in args.backends.split(","):
             steps = args.steps if backend == "triton" else args.ref_steps
-            overrides = [f"train.recompute={recompute}", f"parallel.micro_batch_size={args.micro_batch}",
-                         f"train.global_batch_size={args.micro_batch * args.accumulation}",
+            micro_batch = args.micro_batch if backend == "triton" else args.ref_micro_batch
+            overrides = [f"train.recompute={recompute}", f"parallel.micro_batch_size={micro_batch}",
+                         f"train.global_batch_size={global_batch(args)}",
                          # the same LR at every step in runs of any length: 10 warm-up steps, then constant
                          # (WSD decays only the last step, whose update no recorded loss sees)
                          "train.warmup_steps=10", "train.schedule=wsd", "train.decay_fraction=1e-6",
@@ -164,6 +175,11 @@ def train_runs(args, corpus: str | None) -> list[TrainRun]:
             if not args.no_packed and recompute == "none" and backend == "triton":  # right after its twin
                 runs.append(TrainRun(recompute, backend, steps, [*overrides, "data.doc_boundaries=true"], packed=True))
     return runs
+
+
+def global_batch(args) -> int:
+    """Sequences per optimizer step, the same in every run (the loss curves are compared step by step)."""
+    return args.micro_batch * args.accumulation
 
 
 def corpus_dir(args, cfg) -> str | None:
@@ -217,7 +233,7 @@ def step_seconds(args, run: TrainRun, peak_tflops: float, measured: dict[str, fl
     else its FLOPs at an assumed share of the peak."""
     if run.backend in measured:
         return measured[run.backend]
-    tokens = args.micro_batch * args.accumulation * args.seq_len
+    tokens = global_batch(args) * args.seq_len
     return tokens * run.flops_per_token / (ASSUMED_MFU.get(run.backend, 0.1) * peak_tflops * 1e12)
 
 
@@ -462,7 +478,7 @@ def dry_run(args) -> int:
         over = "" if run.planned_gib is None or run.planned_gib <= H100_GIB else \
             f" (over the {H100_GIB} GiB of an H100: left out there, runs on an H200)"
         note = f"; {run.plan_note}" if run.plan_note else ""
-        checks.line(status, f"{run.name}: {run.steps} steps x {args.micro_batch * args.accumulation} x "
+        checks.line(status, f"{run.name}: {run.steps} steps x {global_batch(args)} x "
                             f"{cfg.train.seq_len} tokens, {run.flops_per_token / 1e9:.2f} GFLOP/token, "
                             f"{plan}{note}{over}")
     print("commands:")

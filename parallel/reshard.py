@@ -321,10 +321,9 @@ def load_full_weights(model: torch.nn.Module, full: FullState) -> None:
             own[name].copy_(value)
 
 
-def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: int, model_cfg) -> None:
-    """Collective (ZeRO 1-3 set up their flat state on every rank). This rank's slices of each
-    parameter's AdamW state (and, with bf16 parameters, of its fp32 master weight), the LR
-    schedule and DeepSpeed's counters."""
+def _this_rank(engine, model_cfg, tp_rank: int, tp: int, pp: int):
+    """The engine's trained parameters under their HybridLM names, and shard(p, full) -> this rank's
+    TP slice of a full tensor of p, in the optimizer's dtype (fp32 for bf16 parameters' masters)."""
     from model.hybrid import HybridLM
     from parallel.tp_splits import parameter_splits, split_of
 
@@ -333,19 +332,36 @@ def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: in
     naming = stage_naming(pp, model_cfg.n_blocks)
     named = [(naming(n), p) for n, p in engine.module.named_parameters() if p.requires_grad]
     name_of = {p: n for n, p in named}
-    bf16_masters = has_bf16_masters(engine)
+    dtype = torch.float32 if has_bf16_masters(engine) else None
 
-    def shard(p, tensor: torch.Tensor) -> torch.Tensor:  # this rank's slice, in the optimizer's dtype
-        dtype = torch.float32 if bf16_masters else p.dtype
-        return split_of(splits, name_of[p]).shard(tensor, tp_rank, tp).to(p.device, dtype, copy=True)
+    def shard(p, tensor: torch.Tensor) -> torch.Tensor:
+        return split_of(splits, name_of[p]).shard(tensor, tp_rank, tp).to(p.device, dtype or p.dtype, copy=True)
 
-    if bf16_masters:
-        write_master_weights(engine, [p for _, p in named], lambda p: shard(p, full.weights[name_of[p]]()))
+    return named, shard
+
+
+def apply_master_weights(engine, weights: dict[str, Lazy], tp_rank: int, tp: int, pp: int, model_cfg) -> None:
+    """Full fp32 weights as a bf16-parameter engine's masters, this rank's slices (the engine built
+    them from its bf16 module, rounded); nothing for an engine of fp32 parameters."""
+    if not has_bf16_masters(engine):
+        return
+    named, shard = _this_rank(engine, model_cfg, tp_rank, tp, pp)
+    name_of = {p: n for n, p in named}
+    write_master_weights(engine, [p for _, p in named], lambda p: shard(p, weights[name_of[p]]()))
+
+
+def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: int, model_cfg) -> None:
+    """Collective (ZeRO 1-3 set up their flat state on every rank). This rank's slices of each
+    parameter's AdamW state (and, with bf16 parameters, of its fp32 master weight), the LR
+    schedule and DeepSpeed's counters."""
+    apply_master_weights(engine, full.weights, tp_rank, tp, pp, model_cfg)
     if full.adam_step is not None:
+        named, shard = _this_rank(engine, model_cfg, tp_rank, tp, pp)
         absent = [n for n, _ in named if n not in full.optimizer]
         if absent:
             raise CheckpointError(f"checkpoint holds no optimizer state for {absent[:3]}; "
                                   "resume with the run's own config.yaml")
+        name_of = {p: n for n, p in named}
 
         def state_of(p) -> dict:  # read when the engine takes it
             return {"step": full.adam_step.clone(), **{k: shard(p, full.optimizer[name_of[p]][k]()) for k in ADAM_STATES}}

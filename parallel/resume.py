@@ -27,7 +27,7 @@ from parallel import checkpoint as ckpt
 from parallel import consolidate, reshard
 from parallel.engine import apply_schedule_now
 from parallel.layout import Layout
-from parallel.rebuild import has_bf16_masters, write_master_weights
+from parallel.rebuild import has_bf16_masters
 from parallel.topology import Topology
 
 FRESH, WEIGHTS, AS_WRITTEN, RESHARDED = "fresh", "weights", "as_written", "resharded"
@@ -72,8 +72,10 @@ class ResumePlan:
         """Collective. The optimizer, LR schedule and counters into a built engine, the schedule
         moved to this run's (peak `lr`, train.max_steps...), and the trainer state returned (step,
         data position, the manifest's records); None when the run starts at step 0."""
-        if self.kind == WEIGHTS and has_bf16_masters(engine):  # its masters were rounded from the bf16 module
-            self.write_imported_masters(engine, topo)
+        if self.kind == WEIGHTS and has_bf16_masters(engine):  # which it rounded from its bf16 module
+            weights = consolidate.consolidate(self.checkpoint, self.model_cfg)
+            reshard.apply_master_weights(engine, {n: (lambda t=t: t) for n, t in weights.items()}, topo.tp_rank,
+                                         topo.tp, topo.pp, self.model_cfg)
         if self.kind == AS_WRITTEN:
             state = ckpt.load_checkpoint(engine, self.checkpoint, rank)
         elif self.kind == RESHARDED:
@@ -83,18 +85,6 @@ class ResumePlan:
             return None
         apply_schedule_now(engine, lr)
         return state
-
-    def write_imported_masters(self, engine, topo: Topology) -> None:
-        """The imported fp32 weights as a bf16-parameter engine's master weights (this rank's TP slice)."""
-        from model.hybrid import HybridLM
-        from parallel.tp_splits import parameter_splits, split_of
-
-        weights = consolidate.consolidate(self.checkpoint, self.model_cfg)
-        with torch.device("meta"):
-            splits = parameter_splits(HybridLM(self.model_cfg), topo.tp)
-        named = {p: n for n, p in engine.module.named_parameters() if p.requires_grad}
-        write_master_weights(engine, list(named), lambda p: split_of(splits, named[p]).shard(weights[named[p]],
-                                                                                          topo.tp_rank, topo.tp))
 
     def describe(self, step: int) -> str:
         """For the run's first log line."""

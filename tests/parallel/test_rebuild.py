@@ -100,3 +100,31 @@ def test_the_engine_enters_bf16_autocast_itself_and_keeps_it_when_rebuilt(one_ra
     SelfGuidance(model, cfg.mlp, total_steps=2, seed=1).drop_dense_paths(model)
     engine = rebuild_engine(engine, model, tr.optimizer(), par, 1)
     assert matmul_dtypes_in_engine_forward(engine, model) == {torch.bfloat16}
+
+
+def test_imported_weights_are_the_masters_of_a_bf16_parameter_engine(one_rank, tmp_path):
+    """A run that starts from `strata import`'s weights with bf16 parameters keeps them exactly as
+    its fp32 master weights (the engine would round them from its bf16 module)."""
+    from parallel.checkpoint import write_weights_only
+    from parallel.layout import Layout
+    from parallel.resume import WEIGHTS, ResumePlan
+    from parallel.topology import init_topology
+
+    cfg = ModelConfig(pattern="M*-", d_model=32, vocab_size=50, max_seq_len=32)
+    cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.chunk_size, cfg.attention.n_heads = 8, 8, 8, 4
+    cfg.validate()
+    torch.manual_seed(3)
+    weights = HybridLM(cfg).state_dict()
+    assert any(not torch.equal(w.bfloat16().float(), w) for w in weights.values())
+    ckpt = write_weights_only(tmp_path, weights)
+    plan = ResumePlan.decide(ckpt, cfg, Layout(1, 1, 1, 1, "bf16"))
+    assert plan.kind == WEIGHTS
+    torch.manual_seed(4)
+    model = HybridLM(cfg)
+    plan.prepare(model)
+    tr = TrainConfig(max_steps=4, warmup_steps=1, lr=1e-2, global_batch_size=2, seq_len=16, param_dtype="bf16")
+    engine = build_engine(model, tr.optimizer(), ParallelConfig(zero_stage=1, micro_batch_size=2), 1)
+    assert plan.restore(engine, 0, init_topology(1, 1), tr.lr) is None
+    for name, p in engine.module.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(safe_get_full_fp32_param(p), weights[name]), name
