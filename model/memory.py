@@ -19,7 +19,7 @@ Two kernel paths keep different tensors:
   states) and of the norms.
 
 Dtypes: the residual stream and statistics are fp32 (the weights are fp32 and a block adds its bf16
-output to an fp32 residual); matmul and kernel outputs are in the compute dtype, `act_bytes` (2 under
+output to an fp32 residual; with bf16 parameters the residual is bf16 unless model.residual_in_fp32); matmul and kernel outputs are in the compute dtype, `act_bytes` (2 under
 bf16 autocast, 4 in fp32). Autocast's bf16 copy of a norm's fp32 output is what the next linear
 keeps. Under tensor parallelism (`tp`) each rank keeps its heads', groups' and channels' share;
 sequence parallelism splits the residual stream and the norms along the sequence.
@@ -71,7 +71,12 @@ class Shape:
     act_bytes: int = 2
     documents: bool = False
     """Packed rows whose position ids restart (data.doc_boundaries): attention keeps a block-causal
-    mask and per-row RoPE tables. (Mamba2's document-aware conv and scan are counted as without.)"""
+    mask (not on CUDA's variable-length kernel) and per-row RoPE tables. (Mamba2's document-aware
+    conv and scan are counted as without.)"""
+    param_bytes: int = 4
+    """4: fp32 parameters (bf16 copies under autocast); 2: bf16 parameters (train.param_dtype)."""
+    residual_bytes: int = 4
+    """The residual stream's: fp32 with fp32 parameters or model.residual_in_fp32, else bf16."""
 
     @property
     def tokens(self) -> int:
@@ -87,7 +92,8 @@ def norm_terms(d: int, s: Shape, what: str = "block") -> list[Saved]:
     """A pre-norm: its input (the residual), its statistics, and its output as the linears after it
     keep it (gathered over the sequence under SP; autocast's bf16 copy)."""
     n, a = s.residual_tokens, s.act_bytes
-    terms = [Saved(f"{what} input (fp32 residual)", n * d * FP32, ALL),
+    kind = "fp32" if s.residual_bytes == FP32 else "bf16"
+    terms = [Saved(f"{what} input ({kind} residual)", n * d * s.residual_bytes, ALL),
              Saved("norm statistics", n * FP32)]
     if s.kernels == "reference":
         terms.append(Saved("norm: normalised input before the weight (reference)", n * d * FP32))
@@ -138,7 +144,7 @@ def attention_terms(cfg: ModelConfig, s: Shape) -> list[Saved]:
     rows = s.batch if s.documents else 1
     if att.rope:
         terms.append(Saved("RoPE tables (fp32)", 2 * rows * s.seq_len * D * FP32, NONE))
-    if s.documents:
+    if s.documents and not (s.kernels == "triton" and a == 2):  # kernels/attention/varlen.py keeps no mask
         terms.append(Saved("block-causal document mask (as SDPA's additive bias)", s.batch * s.seq_len ** 2 * a, NONE))
     return terms
 
@@ -204,13 +210,13 @@ def loss_activations(cfg: ModelConfig, s: Shape, vocab_size: int | None = None) 
     """The final norm, the LM head and the cross-entropy, on the last pipeline stage.
 
     Triton (kernels/cross_entropy): the loss computes its gradients in the forward, chunk by chunk,
-    and keeps them (the hidden states' in the compute dtype, the head weight's in fp32); a chunk's
-    logits are the only vocabulary-wide tensor. Reference: all logits in fp32, the log-softmax kept,
+    and keeps them (the hidden states' in the compute dtype, the head weight's in the parameters'
+    dtype); a chunk's logits are the only vocabulary-wide tensor. Reference: all logits in fp32, the log-softmax kept,
     two more logits-sized gradients at its backward."""
     d, a, n = cfg.d_model, s.act_bytes, s.tokens
     V = (vocab_size or cfg.vocab_size) // s.tp
     norm = norm_terms(d, s, "final norm")
-    residual_grads = 3 * s.residual_tokens * d * FP32  # the residual's gradient and a norm's two temporaries
+    residual_grads = 3 * s.residual_tokens * d * s.residual_bytes  # the residual's gradient and a norm's two temporaries
     if s.kernels == "reference":
         saved = norm + [Saved("loss: labels (int64)", n * INT64, ALL),
                         Saved("loss: log-softmax of all logits (fp32)", n * V * FP32, ALL)]
@@ -218,8 +224,9 @@ def loss_activations(cfg: ModelConfig, s: Shape, vocab_size: int | None = None) 
     chunk = _cross_entropy_chunk(n, V, d)
     saved = [t for t in norm if not t.name.startswith("norm output")]  # the loss keeps its gradients instead
     saved += [Saved("loss: gradient of the hidden states (computed in the forward)", n * d * a, ALL),
-              Saved("loss: gradient of the head weight (fp32, computed in the forward)", V * d * FP32, ALL)]
-    copies = (n * d + V * d) * a if a != FP32 else 0  # the hidden states and head weight in bf16
+              Saved("loss: gradient of the head weight (computed in the forward)", V * d * s.param_bytes, ALL)]
+    # the hidden states and head weight in bf16 under autocast (bf16 parameters need no copy)
+    copies = (n * d + V * d) * a if a != s.param_bytes else 0
     return LossMemory(saved, chunk * V * a + copies, residual_grads)
 
 

@@ -303,8 +303,9 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
     info = stages[stage]
     accumulation = max(1, spec.global_batch // (spec.micro_batch * dp))
     in_flight = min(pp - stage, accumulation) if pp > 1 else 1
+    residual = FP32 if spec.param_bytes == FP32 or model.residual_in_fp32 else spec.param_bytes
     shape = Shape(spec.micro_batch, spec.seq_len, tp, spec.sequence_parallel, spec.kernels, spec.act_bytes,
-                  spec.documents)
+                  spec.documents, spec.param_bytes, residual)
     n_blocks = model.n_blocks
     blocks = model.blocks()
     by_kind: dict[str, float] = {}
@@ -323,7 +324,7 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
     gathered = max((p - small for i, (p, _, _, small) in enumerate(layers) if 1 <= i <= n_blocks), default=0)
     held, grads, step_extra = optimizer_terms(info, spec, layout, cuda, gathered, accumulation)
     loss = loss_activations(model, shape, spec.vocab) if n_blocks + 2 in info["layers"] else None
-    residual_grads = 3 * shape.residual_tokens * model.d_model * FP32
+    residual_grads = 3 * shape.residual_tokens * model.d_model * shape.residual_bytes
     if spec.zero_stage == 0 and accumulation == 1:  # gradients are made during the peak's backward
         untied_embedding = layers[0][0] if 0 in info["layers"] and not model.tie_embeddings else 0
         made.append(FP32 * (info["params"] - sum(layers[i][0] for i in info["layers"] if 1 <= i <= n_blocks)
@@ -334,7 +335,7 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
     terms = {**held, **max(moments, key=lambda m: sum(m.values())), **grads}
     if pp > 1:  # DeepSpeed's pipe buffers: each micro-batch's output kept for its backward, the gradient received
         buffers = 2 if loss is not None else in_flight + 1
-        terms["pipeline send/receive buffers"] = buffers * shape.residual_tokens * model.d_model * FP32
+        terms["pipeline send/receive buffers"] = buffers * shape.residual_tokens * model.d_model * shape.residual_bytes
     backward = sum(terms.values())
     step = sum(held.values()) + sum(grads.values()) + step_extra
     if step > backward:

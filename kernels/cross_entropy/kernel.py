@@ -9,9 +9,11 @@ grad_hidden_chunk = dlogits @ weight and grad_weight += dlogits.T @ hidden_chunk
 The gradients are computed in the forward (as Liger-Kernel does) when a gradient is
 needed: three matmuls per chunk in all, where recomputing the logits in the backward
 would take four; the price is holding grad_hidden (N, d) and grad_weight (V, d) from
-forward to backward, which the backward would allocate anyway. The backward only
-scales them by the incoming gradient. Under no_grad (evaluation) only the loss is
-computed: one matmul per chunk.
+forward to backward, which the backward would allocate anyway. grad_weight accumulates
+in the weight's own dtype (what its .grad will be: fp32 for fp32 parameters under
+autocast, bf16 for bf16 parameters, as Liger), and the backward scales both in place by
+the incoming gradient: no second copy of either (so the backward runs once; a second
+raises). Under no_grad (evaluation) only the loss is computed: one matmul per chunk.
 
 Vocab parallel: pass the local shard of the head (V_local, d) and the process group
 over which the vocab is split. Between the two passes the row max is all-reduced
@@ -101,7 +103,8 @@ def _compute_dtype(hidden, weight):
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunked(hidden, weight, targets, ignore_index, reduction, group, vocab_start, chunk_size, need_grad):
+def _chunked(hidden, weight, targets, ignore_index, reduction, group, vocab_start, chunk_size, need_grad,
+             grad_weight_dtype=torch.float32):
     n, dim = hidden.shape
     vocab = weight.shape[0]
     block_v = min(next_pow2(vocab), 1024 if interpreting() else 4096)
@@ -116,7 +119,7 @@ def _chunked(hidden, weight, targets, ignore_index, reduction, group, vocab_star
     chunk = chunk_size or _default_chunk(n, vocab, dim)
     losses = torch.empty(n, device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad else None
-    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=grad_weight_dtype) if need_grad else None
     for i0 in range(0, n, chunk):
         h = hidden[i0:i0 + chunk]
         tg = targets[i0:i0 + chunk]
@@ -154,20 +157,25 @@ class LinearCrossEntropy(torch.autograd.Function):
         tg = targets.reshape(-1).contiguous()
         # Under no_grad the Function still sees needs_input_grad: the caller says whether to compute grads.
         need_grad = want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        loss, gh, gw = _chunked(h, w, tg, ignore_index, reduction, group, vocab_start, chunk_size, need_grad)
+        loss, gh, gw = _chunked(h, w, tg, ignore_index, reduction, group, vocab_start, chunk_size, need_grad,
+                                grad_weight_dtype=weight.dtype)
         ctx.save_for_backward(gh, gw)
-        ctx.lead, ctx.dtypes = lead, (hidden.dtype, weight.dtype)
+        ctx.lead, ctx.dtypes, ctx.spent = lead, (hidden.dtype, weight.dtype), False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.spent:
+            raise RuntimeError("linear_cross_entropy: its backward ran twice (retain_graph); the gradients "
+                               "computed in the forward were scaled in place by the first")
+        ctx.spent = True
         gh, gw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         dh = dw = None
         if ctx.needs_input_grad[0]:
-            dh = (gh * grad_loss.to(gh.dtype)).to(h_dtype).reshape(*ctx.lead, gh.shape[-1])
+            dh = gh.mul_(grad_loss.to(gh.dtype)).to(h_dtype).reshape(*ctx.lead, gh.shape[-1])
         if ctx.needs_input_grad[1]:
-            dw = (gw * grad_loss).to(w_dtype)
+            dw = gw.mul_(grad_loss.to(gw.dtype)).to(w_dtype)
         return dh, dw, None, None, None, None, None, None, None
 
 

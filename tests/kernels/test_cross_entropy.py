@@ -55,6 +55,21 @@ def test_linear_cross_entropy_no_grad_and_leading_dims():
 
 
 
+def test_gradients_are_scaled_in_place_once():
+    """The backward scales the forward's gradients in place (no second copy of grad_weight): a
+    second backward through the same graph is refused instead of scaling them twice."""
+    hidden, weight, targets = make(20, 16, 100)
+    h, w = leaves(hidden, weight)
+    loss = linear_cross_entropy_triton(h, w, targets, chunk_size=8)
+    dh, dw = torch.autograd.grad(loss * 1.7, (h, w), retain_graph=True)
+    assert dw.dtype == w.dtype
+    _, ref_dh, ref_dw = reference(hidden, weight, targets)
+    assert_close("dhidden", dh, ref_dh, 1e-5)
+    assert_close("dweight", dw, ref_dw, 1e-5)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        torch.autograd.grad(loss, (h, w))
+
+
 def _vocab_parallel_worker(rank, world, init_file, shards):
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

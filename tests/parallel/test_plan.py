@@ -48,6 +48,30 @@ def test_weights_gradients_and_optimizer_are_exact_counts(zero):
         assert terms["ZeRO-3 gradient partition and the optimizer's copy (fp32)"] == 2 * 4 * total / dp
 
 
+@pytest.mark.parametrize("zero", [1, 2])
+def test_bf16_parameters_halve_weights_gradients_and_the_residual_and_drop_the_autocast_copies(zero):
+    """train.param_dtype=bf16: 2 bytes per weight and gradient, no bf16 weight copies, the same fp32
+    masters and moments; the residual stream (the saved norm inputs) in bf16 unless residual_in_fp32."""
+    total, dp = count_parameters(small())["total"], 2
+    fp32 = plan_layout(spec(zero, kernels="triton", act_bytes=2), Layout(1, 1, dp), cuda=True)
+    bf16 = plan_layout(spec(zero, kernels="triton", act_bytes=2, param_bytes=2), Layout(1, 1, dp), cuda=True)
+    assert bf16.terms["weights (bf16)"] == 2 * total and "weights (fp32)" not in bf16.terms
+    assert "bf16 weight copies kept by the matmuls (autocast)" in fp32.terms
+    assert not any("autocast" in name for name in bf16.terms)
+    for name in ("optimizer: AdamW moments (fp32)", "optimizer: fp32 master partition (DeepSpeed ZeRO)"):
+        assert bf16.terms[name] == fp32.terms[name]
+    assert bf16.terms.get("gradients (bf16)", 0) == fp32.terms.get("gradients (fp32)", 0) / 2
+    assert bf16.peak < fp32.peak
+    residual = replace(small(), residual_in_fp32=True)
+    kept = plan_layout(spec(zero, model=residual, kernels="triton", act_bytes=2, param_bytes=2), Layout(1, 1, dp),
+                       cuda=True)
+    residual_bytes = 2 * 64 * small().d_model * 2  # a block's saved norm input: 2 x 64 tokens x d, 2 bytes less each
+    for kind, activations in bf16.activations_by_kind.items():
+        blocks = small().pattern.count(kind)
+        assert kept.activations_by_kind[kind] - activations == blocks * residual_bytes, kind
+        assert fp32.activations_by_kind[kind] == kept.activations_by_kind[kind], kind
+
+
 def test_a_tensor_parallel_rank_holds_exactly_its_shards():
     model = HybridLM(small())
     shard = shard_state_dict(model.state_dict(), parameter_splits(model, 2), 0, 2)
