@@ -38,7 +38,7 @@ def autocast_section(dtype: torch.dtype | None) -> dict:
 def bf16_params_section() -> dict:
     """DeepSpeed's bf16 mode (train.param_dtype=bf16): the module in bf16, fp32 master weights and
     AdamW state in ZeRO's partitions. A step with a non-finite gradient is skipped (check_grad_overflow,
-    ZeRO 1-2), and gradients are reduced in fp32 as in the fp32-parameter mode."""
+    ZeRO 1-3), and gradients are reduced in fp32 as in the fp32-parameter mode."""
     return {"bf16": {"enabled": True, "check_grad_overflow": True}, "communication_data_type": "fp32"}
 
 

@@ -6,7 +6,7 @@ parameters had never been there, and they hold no optimizer state afterwards.
 ZeRO stage 0 keeps torch's per-parameter state; stages 1 and 2 keep flat fp32 partitions,
 read and written per parameter through deepspeed.utils' safe_get/safe_set helpers (stage 3,
 written only by parallel/reshard.py, through safe_set_local_optimizer_state). With bf16
-parameters (DeepSpeed's bf16 mode, ZeRO 1-2) the fp32 master weights in those partitions are
+parameters (DeepSpeed's bf16 mode) the fp32 master weights in those partitions are
 carried the same way: a fresh engine builds them from the bf16 module, rounded.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state, safe_set_local_optimizer_state)
+                             safe_set_full_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
 from parallel.config import OptimizerConfig, ParallelConfig
 from parallel.engine import build_engine
@@ -48,7 +48,7 @@ def rebuild_engine(old, model: torch.nn.Module, optim: OptimizerConfig, par: Par
 
 
 def has_bf16_masters(engine) -> bool:
-    """DeepSpeed's bf16 mode: bf16 module parameters, fp32 masters in the ZeRO 1-2 partitions."""
+    """DeepSpeed's bf16 mode: bf16 module parameters, fp32 masters in ZeRO's partitions."""
     return engine.bfloat16_enabled()
 
 
@@ -56,8 +56,22 @@ def write_master_weights(engine, params, weight_of) -> None:
     """Each parameter's fp32 master weight (weight_of(p), unpartitioned) into a bf16-mode engine,
     whose masters were rounded from the bf16 module when it was built. The module already holds
     them rounded to bf16: nothing else changes."""
+    zero3 = engine.zero_optimization_stage() == 3
     for p in params:
-        safe_set_full_fp32_param(p, weight_of(p).to(p.device, torch.float32))
+        weight = weight_of(p).to(torch.float32)
+        if zero3:
+            safe_set_local_fp32_param(p, zero3_local_part(p, weight, engine.optimizer).to(p.ds_tensor.device))
+        else:
+            safe_set_full_fp32_param(p, weight.to(p.device))
+
+
+def zero3_local_part(p, full: torch.Tensor, zero) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a full tensor of p, padded as DeepSpeed pads it (its
+    set_full_hp_param reads past the end of a parameter whose size the ranks do not divide)."""
+    part = p.ds_tensor.numel()
+    rank, world = dist.get_rank(group=zero.dp_process_group), dist.get_world_size(group=zero.dp_process_group)
+    flat = full.flatten()
+    return torch.nn.functional.pad(flat, (0, part * world - flat.numel())).narrow(0, part * rank, part)
 
 
 def restore_schedule(engine, lr_scheduler_state: dict | None, counters: dict) -> None:
@@ -119,17 +133,13 @@ def write_optimizer_states(engine, params, state_of, step, stage):
 
 def _write_zero3_states(zero, params, state_of, step) -> None:
     """ZeRO-3 creates AdamW's state per flat sub-group at the first step: create it, then copy
-    each parameter's partition of its state in (DeepSpeed's set_full_hp_param cannot: it
-    reads past the end of a parameter whose size the ranks do not divide)."""
+    each parameter's partition of its state in."""
     for flat in zero.fp32_partitioned_groups_flat:
         zero.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
-    rank, world = dist.get_rank(group=zero.dp_process_group), dist.get_world_size(group=zero.dp_process_group)
     for p in params:
-        part, state = p.ds_tensor.numel(), state_of(p)
+        state = state_of(p)
         for k in ADAM_STATES:
-            flat = state[k].flatten()
-            padded = torch.nn.functional.pad(flat, (0, part * world - flat.numel()))
-            safe_set_local_optimizer_state(p, padded.narrow(0, part * rank, part).to(p.ds_tensor.device), k)
+            safe_set_local_optimizer_state(p, zero3_local_part(p, state[k].to(torch.float32), zero).to(p.ds_tensor.device), k)
 
 
 def _relink(zero) -> None:
