@@ -249,8 +249,11 @@ def optimizer_terms(info: dict, spec: RunSpec, layout: Layout, cuda: bool, gathe
         held["optimizer: fp32 master partition (DeepSpeed ZeRO)"] = FP32 * part
         held[BUCKET] = FP32 * REDUCE_BUCKET_ELEMENTS  # communication_data_type fp32, bf16 parameters too
     if z == 3:  # its partitioned gradients and the optimizer's gradient buffer: flat, held throughout
-        held["ZeRO-3 gradient partition and the optimizer's copy (fp32)"] = 2 * FP32 * part
-        held["ZeRO-3 gathered parameters (the running layers)"] = FP32 * 2 * gathered
+        if bf16_params:  # its bf16 gradient partition and the optimizer's fp32 copy
+            held["ZeRO-3 gradient partition (bf16) and the optimizer's copy (fp32)"] = (2 + FP32) * part
+        else:
+            held["ZeRO-3 gradient partition and the optimizer's copy (fp32)"] = 2 * FP32 * part
+        held["ZeRO-3 gathered parameters (the running layers)"] = spec.param_bytes * 2 * gathered
     if z == 0 and (dp > 1 or layout.pp > 1):  # DeepSpeed flattens the gradients to all-reduce them (<= 5e8 at a time)
         held["gradient all-reduce buffer (DeepSpeed ZeRO-0)"] = FP32 * min(params, REDUCE_BUCKET_ELEMENTS)
     full_grads = spec.param_bytes * (part if z >= 2 else params)
