@@ -752,6 +752,8 @@ class Suite:
     def kernel_row(self, r: dict, data: dict, sh: dict) -> None:
         rows = data["rows"]
         impl = {"triton": "Strata (Triton)", "reference": "PyTorch reference"}.get(r["impl"], r["impl"])
+        if r["impl"].startswith("triton, "):  # a variant of Strata's kernel, e.g. the CE at Liger's chunk rows
+            impl = "Strata (Triton), " + r["impl"].removeprefix("triton, ")
         ms = r["ms"]
         time_ = "" if ms != ms else f"{ms:.3f} ms"
         through = ", ".join(x for x in ("" if r["gbs"] is None or ms != ms else f"{r['gbs']:.0f} GB/s",
@@ -772,7 +774,7 @@ class Suite:
         goal = ""
         if r["impl"] == "triton" and r["op"] == "ssd" and r["mode"] == "fwd+bwd":
             goal = faster_than(ms, find(rows, "ssd", "fwd+bwd", "mamba_ssm"), "mamba_ssm")
-        if r["impl"] == "triton" and r["op"] == "linear CE":
+        if r["impl"].startswith("triton") and r["op"] == "linear CE":
             liger = next((x for x in rows if x["op"] == "linear CE" and x["impl"].startswith("liger")), None)
             goal = faster_than(ms, liger["ms"] if liger else None, "Liger", at_least=True)
             if liger and liger.get("mem_mib") is not None and r.get("mem_mib") is not None:

@@ -141,6 +141,7 @@ def _chunked(hidden, weight, targets, ignore_index, reduction, group, vocab_star
                                      BLOCK_V=block_v)
             torch.mm(logits, weight, out=grad_hidden[i0:i0 + chunk])
             _accumulate(grad_weight, logits.t(), h)
+        del logits  # before the next chunk's: two chunks of logits never exist at once
     if need_grad and group is not None:
         dist.all_reduce(grad_hidden, group=group)
     loss = losses.sum() * scale[0]

@@ -70,6 +70,33 @@ def test_gradients_are_scaled_in_place_once():
         torch.autograd.grad(loss, (h, w))
 
 
+def test_one_chunk_of_logits_lives_at_a_time():
+    """The chunk's logits are the loss's largest buffer: the next chunk's are made after the last
+    ones are freed (each chunk's logits are a matmul's output of their shape; the interpreter's
+    views of them share their storage)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    chunk, vocab = 8, 100
+    alive, most = [], [0]
+
+    class CountLogits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default and tuple(out.shape) == (chunk, vocab):
+                alive[:] = [r for r in alive if r() is not None] + [weakref.ref(out)]
+                most[0] = max(most[0], len(alive))
+            return out
+
+    hidden, weight, targets = make(4 * chunk, 16, vocab)
+    h, w = leaves(hidden, weight)
+    with CountLogits():
+        loss = linear_cross_entropy_triton(h, w, targets, chunk_size=chunk)
+    assert most[0] == 1
+    assert_close("loss", loss, reference(hidden, weight, targets)[0], 1e-6)
+
+
 def _vocab_parallel_worker(rank, world, init_file, shards):
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
