@@ -105,7 +105,7 @@ class TrainConfig:
     """'fp32': fp32 parameters, matmuls in bf16 under autocast (precision). 'bf16': DeepSpeed's bf16
     mode: the model's parameters, gradients and ZeRO's gathers in bf16, the fp32 master weights and
     AdamW's state in ZeRO's partitions (half the weight memory, no per-matmul weight casts);
-    gradients are still reduced in fp32. Needs parallel.zero_stage 1, 2 or 3 and pp = 1."""
+    gradients are still reduced in fp32. Needs parallel.zero_stage 1, 2 or 3 (the pipeline: 1)."""
     max_skipped_steps: int = 5
     """Consecutive steps with a non-finite loss or gradient (each skipped, never applied) after
     which the run stops with exit code 3, its last good checkpoint intact."""
@@ -249,10 +249,9 @@ class Config:
                 getattr(self, f.name).validate()
             except ValueError as e:
                 raise ConfigError(f"{f.name}.{e}") from None
-        if self.train.param_dtype == "bf16" and (self.parallel.zero_stage == 0 or self.parallel.pp > 1):
-            raise ConfigError(f"train.param_dtype: bf16 parameters keep their fp32 master weights in ZeRO's "
-                              f"partitions, without a pipeline (got parallel.zero_stage={self.parallel.zero_stage}, "
-                              f"pp={self.parallel.pp}); set parallel.zero_stage to 1, 2 or 3 and pp=1, or "
+        if self.train.param_dtype == "bf16" and self.parallel.zero_stage == 0:
+            raise ConfigError("train.param_dtype: bf16 parameters keep their fp32 master weights in ZeRO's "
+                              "partitions, and parallel.zero_stage is 0; set it to 1, 2 or 3 (1 with pp > 1), or "
                               "train.param_dtype=fp32")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="

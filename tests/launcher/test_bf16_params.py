@@ -104,6 +104,30 @@ def test_a_zero3_run_resumes_as_written_and_exports_its_masters(tmp_path, corpus
     assert any(not torch.equal(w.bfloat16().float(), w) for w in exported.values()), "masters, not bf16 weights"
 
 
+def test_a_pipeline_run_resumes_as_written_and_from_one_process(tmp_path, corpus_overrides, unbroken):
+    """PP2 at ZeRO-1: each stage's partitions hold its masters (the tied embedding on both). Resumed as
+    written bit for bit; the one-process checkpoint continues there to the pipeline's own numerics."""
+    pipeline = ["parallel.pp=2", *BF16]
+    want = trained(tmp_path / "unbroken", corpus_overrides, *pipeline, nproc=2)
+    got, log = resumed_after(EVERY, tmp_path / "unbroken", tmp_path / "run", corpus_overrides, *pipeline, nproc=2)
+    assert got == want and "resharded" not in log
+    source, one_process = unbroken
+    got, log = resumed_after(EVERY, source, tmp_path / "from-one", corpus_overrides, *pipeline, nproc=2)
+    assert "resharded from world=1 tp=1 pp=1 zero=1 params=bf16" in log
+    assert got == pytest.approx(one_process, rel=2e-3)
+
+
+def test_a_pipeline_skips_non_finite_steps_with_bf16_parameters(tmp_path, corpus_overrides):
+    """ZeRO's overflow check skips them on every stage, and the run stops after
+    train.max_skipped_steps with exit 3 (through torchrun: its failure)."""
+    proc = run_strata(["train", *MODEL, *corpus_overrides, f"train.run_dir={tmp_path / 'run'}", "train.eval_every=0",
+                       "train.max_steps=40", "checkpoint.every=0", "train.lr=1e30", "train.warmup_steps=0",
+                       "train.max_skipped_steps=3", "parallel.pp=2", *BF16], nproc=2)
+    assert proc.returncode != 0
+    assert proc.stdout.count("non-finite loss or gradient: step skipped") == 3, proc.stdout[-3000:]
+    assert "error: training diverged: 3 consecutive steps" in proc.stderr + proc.stdout
+
+
 def test_tensor_parallel_ranks_take_their_slices_of_the_masters(tmp_path, corpus_overrides, unbroken):
     source, want = unbroken
     got, log = resumed_after(EVERY, source, tmp_path / "run", corpus_overrides, *BF16, "parallel.tp=2", nproc=2)
@@ -118,8 +142,7 @@ def test_tensor_parallel_ranks_take_their_slices_of_the_masters(tmp_path, corpus
 
 
 @pytest.mark.parametrize("overrides,problem", [
-    (["train.param_dtype=bf16"], "parallel.zero_stage=0"),
-    (["train.param_dtype=bf16", "parallel.zero_stage=1", "parallel.pp=2"], "pp=2"),
+    (["train.param_dtype=bf16"], "parallel.zero_stage is 0"),
     (["train.param_dtype=bf16", "parallel.zero_stage=1", "train.precision=fp32"], "precision is fp32"),
     (["train.param_dtype=fp16"], "'fp16' is not one of"),
 ])
