@@ -111,6 +111,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="do not profile three steps of each Triton run (bench/profile_steps.py, $OUT/profile-*.md)")
     p.add_argument("--no-packed", action="store_true",
                    help="leave out the run with data.doc_boundaries=true (the cost of keeping documents apart)")
+    p.add_argument("--bf16-params", action="store_true",
+                   help="add the Triton run without recompute with train.param_dtype=bf16 (DeepSpeed's bf16 mode): "
+                        "its tokens/s and memory against fp32 parameters (about 55 s more than the 440 s budget)")
     p.add_argument("--kernel-ops", default="ssd,norm,ce", help="bench/kernels.py --ops (default ssd,norm,ce)")
     p.add_argument("--kernel-batch", type=int, default=8, help="bench/kernels.py --batch (default 8, x 4096)")
     p.add_argument("--wheels", default=".whl", help="the wheel folder ../shared/gpu/wheels.sh filled (default .whl)")
@@ -147,14 +150,17 @@ class TrainRun:
     result: dict = field(default_factory=dict)
     packed: bool = False
     """data.doc_boundaries=true: rows of several documents, none seeing another (seq_idx kernels)."""
+    bf16_params: bool = False
+    """train.param_dtype=bf16: bf16 parameters, fp32 masters in ZeRO's partitions."""
 
     @property
     def name(self) -> str:
-        return f"recompute={self.recompute} {self.backend}" + (" packed" if self.packed else "")
+        return (f"recompute={self.recompute} {self.backend}" + (" packed" if self.packed else "")
+                + (" bf16-params" if self.bf16_params else ""))
 
     def twin_of(self, other: "TrainRun") -> bool:
-        """Runs whose loss curves compare: the same data semantics."""
-        return self is not other and self.packed == other.packed
+        """Runs whose loss curves compare: the same data semantics and parameter dtype."""
+        return self is not other and (self.packed, self.bf16_params) == (other.packed, other.bf16_params)
 
 
 def train_runs(args, corpus: str | None) -> list[TrainRun]:
@@ -174,6 +180,9 @@ def train_runs(args, corpus: str | None) -> list[TrainRun]:
             runs.append(TrainRun(recompute, backend, steps, overrides))
             if not args.no_packed and recompute == "none" and backend == "triton":  # right after its twin
                 runs.append(TrainRun(recompute, backend, steps, [*overrides, "data.doc_boundaries=true"], packed=True))
+            if args.bf16_params and recompute == "none" and backend == "triton":
+                runs.append(TrainRun(recompute, backend, steps, [*overrides, "train.param_dtype=bf16"],
+                                     bf16_params=True))
     return runs
 
 
@@ -840,7 +849,8 @@ class Suite:
 
     def train_row(self, run: TrainRun, runs: list[TrainRun], peak_tflops: float, max_rel) -> None:
         s = run.result.get("summary")
-        case = f"{Path(self.args.config).stem} recompute={run.recompute}" + (" packed documents" if run.packed else "")
+        case = (f"{Path(self.args.config).stem} recompute={run.recompute}" + (" packed documents" if run.packed else "")
+                + (" bf16 parameters" if run.bf16_params else ""))
         impl = {"triton": "Strata (Triton)", "reference": "PyTorch reference"}.get(run.backend, run.backend)
         plan = "" if run.planned_gib is None else f"plan {run.planned_gib:.1f}"
         if not s:
@@ -867,6 +877,13 @@ class Suite:
         unpacked = None if not run.packed else next(
             (r for r in runs if not r.packed and r.recompute == run.recompute and r.backend == run.backend
              and r.result.get("summary")), None)
+        fp32_params = None if not run.bf16_params else next(
+            (r for r in runs if not r.bf16_params and not r.packed and r.recompute == run.recompute
+             and r.backend == run.backend and r.result.get("summary")), None)
+        if fp32_params is not None:
+            other = fp32_params.result["summary"]
+            vs = (f"bf16 parameters: {100 * s['tokens/s'] / other['tokens/s']:.0f}% of the tokens/s and "
+                  f"{100 * s['peak GiB'] / other['peak GiB']:.0f}% of the memory of fp32 parameters")
         if unpacked is not None:
             cost = 100 * (1 - s["tokens/s"] / unpacked.result["summary"]["tokens/s"])
             vs = f"isolation costs {cost:.1f}% of the tokens/s of unpacked rows"

@@ -109,7 +109,11 @@ def test_table_from_results(tmp_path):
     packed = gs.TrainRun("none", "triton", 20, ["data.doc_boundaries=true"], planned_gib=40.0, packed=True)
     packed.result = {"status": "ok", "records": packed_records, "wall_s": 40.0,
                      "summary": load_train_gpu().summary(packed_records, 5)}
-    runs = [tri, packed, ref, skipped]
+    bf16_records = [{**r, "tokens_per_s": 27000.0, "peak_memory_gib": 30.6} for r in records]
+    bf16 = gs.TrainRun("none", "triton", 20, ["train.param_dtype=bf16"], planned_gib=32.0, bf16_params=True)
+    bf16.result = {"status": "ok", "records": bf16_records, "wall_s": 40.0,
+                   "summary": load_train_gpu().summary(bf16_records, 5)}
+    runs = [tri, packed, bf16, ref, skipped]
     for run in runs:
         suite.train_row(run, runs, 790.0, load_train_gpu().max_relative_difference)
     table = (tmp_path / "out" / "gpu_suite.md").read_text()
@@ -129,6 +133,8 @@ def test_table_from_results(tmp_path):
     packed_row = next(line for line in lines if "packed documents" in line)
     assert "isolation costs 3.0% of the tokens/s of unpacked rows" in packed_row
     assert "isolation under 5%: met" in packed_row and "loss vs recompute=none" not in packed_row
+    bf16_row = next(line for line in lines if "bf16 parameters" in line)
+    assert "bf16 parameters: 90% of the tokens/s and 85% of the memory of fp32 parameters" in bf16_row
 
 
 def load_train_gpu():
