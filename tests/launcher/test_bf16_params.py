@@ -106,7 +106,8 @@ def test_a_zero3_run_resumes_as_written_and_exports_its_masters(tmp_path, corpus
 
 def test_a_pipeline_run_resumes_as_written_and_from_one_process(tmp_path, corpus_overrides, unbroken):
     """PP2 at ZeRO-1: each stage's partitions hold its masters (the tied embedding on both). Resumed as
-    written bit for bit; the one-process checkpoint continues there to the pipeline's own numerics."""
+    written bit for bit; one process's checkpoint continues there, and the pipeline's on one process,
+    each to the other's numerics."""
     pipeline = ["parallel.pp=2", *BF16]
     want = trained(tmp_path / "unbroken", corpus_overrides, *pipeline, nproc=2)
     got, log = resumed_after(EVERY, tmp_path / "unbroken", tmp_path / "run", corpus_overrides, *pipeline, nproc=2)
@@ -115,6 +116,9 @@ def test_a_pipeline_run_resumes_as_written_and_from_one_process(tmp_path, corpus
     got, log = resumed_after(EVERY, source, tmp_path / "from-one", corpus_overrides, *pipeline, nproc=2)
     assert "resharded from world=1 tp=1 pp=1 zero=1 params=bf16" in log
     assert got == pytest.approx(one_process, rel=2e-3)
+    got, log = resumed_after(EVERY, tmp_path / "unbroken", tmp_path / "to-one", corpus_overrides, *BF16)
+    assert "resharded from world=2 tp=1 pp=2 zero=1 params=bf16" in log  # each stage's masters, read back
+    assert got == pytest.approx(want, rel=2e-3)
 
 
 def test_a_pipeline_skips_non_finite_steps_with_bf16_parameters(tmp_path, corpus_overrides):
