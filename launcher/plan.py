@@ -126,17 +126,32 @@ def over_line(plan: Plan, memory: float, hardware: Hardware) -> str:
             f"{parts}{what_fits(plan, memory, hardware)}")
 
 
-def table(plans: list[Plan]) -> list[str]:
+def largest_micro_batch(plan: Plan, memory: float, hardware: Hardware) -> int:
+    """The largest micro-batch (dividing a rank's share of the global batch) at which the layout still
+    fits: fewer, larger micro-batches keep a GPU busier (on one H100, hybrid-1b3 at micro-batch 1 left
+    it waiting on the host; at 4 it made 48% MFU: docs/BENCHMARKS.md)."""
+    per_rank = plan.spec.global_batch // plan.layout.dp
+    best = plan.spec.micro_batch
+    for m in range(plan.spec.micro_batch + 1, per_rank + 1):
+        if per_rank % m == 0:
+            if plan_layout(replace(plan.spec, micro_batch=m), plan.layout, hardware).over(memory):
+                break
+            best = m
+    return best
+
+
+def table(plans: list[Plan], memory: float, hardware: Hardware) -> list[str]:
     lines = ["| layout | ZeRO | peak GiB/GPU | weights + grads + optimizer | activations | loss + transients | "
-             "micro-batches per step | est. step s | tokens/s/GPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "micro-batches per step | est. step s | tokens/s/GPU | largest micro-batch that fits |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in plans:
         act = sum(v for k, v in p.terms.items() if k.startswith(("activations", "a recomputed", "pipeline")))
         transient = sum(v for k, v in p.terms.items() if k.startswith(("loss", "transient")))
         static = p.peak - act - transient
         tokens = p.spec.global_batch * p.spec.seq_len / p.step_time / p.layout.world_size
         lines.append(f"| {p.layout} | {p.layout.zero_stage} | {gib(p.peak)} | {gib(static)} | {gib(act)} | "
-                     f"{gib(transient)} | {p.accumulation} | {p.step_time:.2f} | {tokens:,.0f} |")
+                     f"{gib(transient)} | {p.accumulation} | {p.step_time:.2f} | {tokens:,.0f} | "
+                     f"{largest_micro_batch(p, memory, hardware)} |")
     return lines
 
 
@@ -198,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         out.append(f"{len(plans)} layouts divide the model; {len(fit)} fit")
     if fit:
         out += ["", f"fits, fastest first (step time estimated: compute at {ASSUMED_MFU:.0%} of "
-                f"{args.gpu_tflops:g} TFLOP/s, 1F1B bubble, TP/DP traffic not overlapped):", *table(fit)]
+                f"{args.gpu_tflops:g} TFLOP/s, 1F1B bubble, TP/DP traffic not overlapped):", *table(fit, memory, hardware)]
     over = [p for p in plans if p.over(memory)]
     if over:
         out += ["", "does not fit:", *(over_line(p, memory, hardware) for p in over)]

@@ -23,6 +23,35 @@ def test_layouts_that_fit_are_ranked_and_the_exit_code_says_so(capsys):
     assert "training FLOPs/token" in out and "per-GPU memory of" in out and "activations (1 micro-batch" in out
 
 
+def test_each_layout_says_the_largest_micro_batch_that_fits(capsys):
+    """The column is the plan of each larger micro-batch that divides a rank's share of the batch:
+    it fits there, and the next divisor does not (or none is left)."""
+    from launcher.plan import largest_micro_batch, run_spec
+    from parallel.plan import GIB, Hardware, plan_layouts
+
+    assert strata([*ONE_B3, "--gpus", "8", "--gpu-memory", "80"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| tp=")]
+    shown = {row[1].strip(): int(row[10]) for row in rows}
+    hardware = Hardware(80 * GIB)
+    for plan in plan_layouts(run_spec(load_config(CONFIG_DIR / "hybrid-1b3.yaml")), 8, hardware):
+        m = largest_micro_batch(plan, hardware.gpu_memory, hardware)
+        assert shown[str(plan.layout)] == m and m >= plan.spec.micro_batch
+        per_rank = plan.spec.global_batch // plan.layout.dp
+        bigger = [k for k in range(m + 1, per_rank + 1) if per_rank % k == 0]
+        if bigger:
+            assert replace_fits(plan, bigger[0], hardware) is False
+        assert replace_fits(plan, m, hardware) is True
+    assert shown["tp=1 pp=1 dp=8"] == 4 and shown["tp=4 pp=1 dp=2"] == 16
+
+
+def replace_fits(plan, micro_batch, hardware) -> bool:
+    """Whether the plan fits at another micro-batch."""
+    from dataclasses import replace
+
+    from parallel.plan import plan_layout
+    return not plan_layout(replace(plan.spec, micro_batch=micro_batch), plan.layout, hardware).over(hardware.gpu_memory)
+
+
 def test_a_layout_over_memory_is_one_line_naming_what_is_over(capsys):
     assert strata([*ONE_B3, "--gpus", "8", "--gpu-memory", "30"]) == 0  # some fit, some do not
     out = capsys.readouterr().out
