@@ -57,7 +57,7 @@ def worker(rank, world, out_dir, stage, param_dtype):
                                  "never": run(rank, world, out_dir, stage, False, param_dtype)})
 
 
-@pytest.mark.parametrize("stage,param_dtype", [(0, "fp32"), (2, "fp32"), (1, "bf16")])
+@pytest.mark.parametrize("stage,param_dtype", [(0, "fp32"), (2, "fp32"), (1, "bf16"), (3, "bf16")])
 def test_a_non_finite_gradient_on_one_rank_is_skipped_by_all(tmp_path, stage, param_dtype):
     """At ZeRO 0 through GuardedAdamW, at ZeRO 1-2 through ZeRO's own overflow check (with bf16
     parameters too: DeepSpeed's bf16 check_grad_overflow, parallel/engine.py bf16_params_section)."""
