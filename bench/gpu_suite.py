@@ -186,6 +186,13 @@ def train_runs(args, corpus: str | None) -> list[TrainRun]:
     return runs
 
 
+def plain_twin(run: TrainRun, runs: list[TrainRun]) -> TrainRun | None:
+    """The measured run of the same recompute and kernels on unpacked rows with fp32 parameters:
+    what a packed or bf16-parameter run is compared with."""
+    return next((r for r in runs if not r.packed and not r.bf16_params and r.recompute == run.recompute
+                 and r.backend == run.backend and r.result.get("summary")), None)
+
+
 def global_batch(args) -> int:
     """Sequences per optimizer step, the same in every run (the loss curves are compared step by step)."""
     return args.micro_batch * args.accumulation
@@ -874,14 +881,10 @@ class Suite:
         sheet = f"{s['MFU %']:.1f}% of the data sheet" if s["MFU %"] == s["MFU %"] else ""
         base = next((r for r in runs if r.recompute == "none" and r.backend == run.backend and r.twin_of(run) and
                      r.result.get("records")), None)
-        unpacked = None if not run.packed else next(
-            (r for r in runs if not r.packed and r.recompute == run.recompute and r.backend == run.backend
-             and r.result.get("summary")), None)
-        fp32_params = None if not run.bf16_params else next(
-            (r for r in runs if not r.bf16_params and not r.packed and r.recompute == run.recompute
-             and r.backend == run.backend and r.result.get("summary")), None)
-        if fp32_params is not None:
-            other = fp32_params.result["summary"]
+        plain = plain_twin(run, runs) if run.packed or run.bf16_params else None
+        unpacked = plain if run.packed else None
+        if run.bf16_params and plain is not None:
+            other = plain.result["summary"]
             vs = (f"bf16 parameters: {100 * s['tokens/s'] / other['tokens/s']:.0f}% of the tokens/s and "
                   f"{100 * s['peak GiB'] / other['peak GiB']:.0f}% of the memory of fp32 parameters")
         if unpacked is not None:

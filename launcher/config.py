@@ -182,6 +182,10 @@ class TrainConfig:
             raise ValueError(f"recompute_every: {self.recompute_every} applies to full recompute only; set "
                              "train.recompute=full (or a kind to full in train.recompute_kinds) or leave it at 1")
 
+    def computes_in_bf16(self, on_gpu: bool) -> bool:
+        """Whether the matmuls run in bf16: bf16 parameters, or precision bf16 (auto: on a GPU)."""
+        return self.param_dtype == "bf16" or self.precision == "bf16" or (self.precision == "auto" and on_gpu)
+
     def optimizer(self) -> OptimizerConfig:
         """What the engine reads of this section (parallel/engine.py), at its current values."""
         return OptimizerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerConfig)})

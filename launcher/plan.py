@@ -51,7 +51,7 @@ def run_spec(cfg: Config, device_type: str = "cuda") -> RunSpec:
     choice = os.environ.get("STRATA_KERNELS", "auto")
     cuda = device_type == "cuda"
     kernels = "triton" if (choice == "auto" and cuda) or choice == "triton" else "reference"
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda) or cfg.train.param_dtype == "bf16"
+    bf16 = cfg.train.computes_in_bf16(on_gpu=cuda)
     recompute = tuple(cfg.train.block_recompute(cfg.model.blocks()))  # train.recompute, recompute_kinds, _every
     return RunSpec(cfg.model, cfg.train.seq_len, cfg.train.global_batch_size, cfg.parallel.micro_batch_size,
                    cfg.parallel.zero_stage, cfg.parallel.sequence_parallel, recompute, kernels, 2 if bf16 else 4,

@@ -94,11 +94,9 @@ class Run:
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 where the run computes in bf16 (bf16 parameters compute in their own dtype: no autocast)."""
-    if cfg.train.param_dtype == "bf16":
-        return None
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return torch.bfloat16 if bf16 else None
+    """bf16 where fp32 parameters compute in bf16 (bf16 parameters compute in their own dtype)."""
+    autocast = cfg.train.param_dtype == "fp32" and cfg.train.computes_in_bf16(on_gpu=device.type == "cuda")
+    return torch.bfloat16 if autocast else None
 
 
 def autocast(cfg: Config, device: torch.device):

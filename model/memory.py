@@ -19,7 +19,8 @@ Two kernel paths keep different tensors:
   states) and of the norms.
 
 Dtypes: the residual stream and statistics are fp32 (the weights are fp32 and a block adds its bf16
-output to an fp32 residual; with bf16 parameters the residual is bf16 unless model.residual_in_fp32); matmul and kernel outputs are in the compute dtype, `act_bytes` (2 under
+output to an fp32 residual; with bf16 parameters the residual is bf16 unless
+model.residual_in_fp32); matmul and kernel outputs are in the compute dtype, `act_bytes` (2 under
 bf16 autocast, 4 in fp32). Autocast's bf16 copy of a norm's fp32 output is what the next linear
 keeps. Under tensor parallelism (`tp`) each rank keeps its heads', groups' and channels' share;
 sequence parallelism splits the residual stream and the norms along the sequence.
@@ -211,8 +212,8 @@ def loss_activations(cfg: ModelConfig, s: Shape, vocab_size: int | None = None) 
 
     Triton (kernels/cross_entropy): the loss computes its gradients in the forward, chunk by chunk,
     and keeps them (the hidden states' in the compute dtype, the head weight's in the parameters'
-    dtype); a chunk's logits are the only vocabulary-wide tensor. Reference: all logits in fp32, the log-softmax kept,
-    two more logits-sized gradients at its backward."""
+    dtype); a chunk's logits are the only vocabulary-wide tensor. Reference: all logits in fp32, the
+    log-softmax kept, two more logits-sized gradients at its backward."""
     d, a, n = cfg.d_model, s.act_bytes, s.tokens
     V = (vocab_size or cfg.vocab_size) // s.tp
     norm = norm_terms(d, s, "final norm")

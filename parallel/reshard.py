@@ -92,7 +92,7 @@ def read_full_state(ckpt: Path, model_cfg, saved: Layout, optimizer: bool = True
         pieces.append(piece)
     if saved.zero_stage == 0 and pp > 1:  # the pipeline keeps its modules in per-layer files
         for piece, layers in zip(pieces, _read_pipeline_modules(ckpt, tp, model_cfg.n_blocks)):
-            piece["weights"] = {name: _ready(tensor) for name, tensor in layers.items()}
+            piece["weights"] = {name: as_lazy(tensor) for name, tensor in layers.items()}
     splits = None
     if tp > 1:
         with torch.device("meta"):
@@ -122,7 +122,7 @@ def _read_stage(ckpt: Path, saved: Layout, t: int, stage: int, naming, optimizer
     return _read_zero12(ckpt, states, optim, naming)
 
 
-def _ready(tensor) -> Lazy:
+def as_lazy(tensor) -> Lazy:
     """A tensor already at hand (memory-mapped), or a ZeRO-3 GatheredTensor, as a Lazy."""
     return lambda: tensor.contiguous()
 
@@ -154,7 +154,7 @@ def _read_zero0(ckpt: Path, states: dict, writer: int, naming, optimizer: bool) 
     """The module (pp = 1) and torch's AdamW state, its integer keys named by the writer's record
     of its param groups."""
     module = states.get("module") or {}
-    out = {"weights": {naming(n): _ready(t) for n, t in module.items()}, "step": None, "exp_avg": {}, "exp_avg_sq": {}}
+    out = {"weights": {naming(n): as_lazy(t) for n, t in module.items()}, "step": None, "exp_avg": {}, "exp_avg_sq": {}}
     opt = states["optimizer"]["state"] if optimizer else {}
     if not opt:
         return out
@@ -166,7 +166,7 @@ def _read_zero0(ckpt: Path, states: dict, writer: int, naming, optimizer: bool) 
     ordered = [naming(n) for group in names for n in group]
     for index, name in enumerate(ordered):
         for k in ADAM_STATES:
-            out[k][name] = _ready(opt[index][k])
+            out[k][name] = as_lazy(opt[index][k])
     out["step"] = opt[0]["step"].clone()
     return out
 
@@ -176,7 +176,7 @@ def _read_zero3(ckpt: Path, saved: Layout, t: int) -> dict:
     files = open_zero3(ckpt, saved, t)
 
     def lazy(state: str | None) -> dict[str, Lazy]:
-        return {name: _ready(gathered) for name, gathered in files.gather(state, materialize=False).items()}
+        return {name: as_lazy(gathered) for name, gathered in files.gather(state, materialize=False).items()}
 
     step = files.adam_step()
     out = {"weights": lazy(None), "step": step, "exp_avg": {}, "exp_avg_sq": {}}

@@ -74,7 +74,7 @@ class ResumePlan:
         data position, the manifest's records); None when the run starts at step 0."""
         if self.kind == WEIGHTS and has_bf16_masters(engine):  # which it rounded from its bf16 module
             weights = consolidate.consolidate(self.checkpoint, self.model_cfg)
-            reshard.apply_master_weights(engine, {n: (lambda t=t: t) for n, t in weights.items()}, topo.tp_rank,
+            reshard.apply_master_weights(engine, {n: reshard.as_lazy(t) for n, t in weights.items()}, topo.tp_rank,
                                          topo.tp, topo.pp, self.model_cfg)
         if self.kind == AS_WRITTEN:
             state = ckpt.load_checkpoint(engine, self.checkpoint, rank)

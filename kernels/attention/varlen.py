@@ -7,6 +7,7 @@ reading them costs one device-to-host copy; it is made once per forward: the blo
 forward (and their recomputation) share one seq_idx tensor, and its spans are kept for it."""
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 
@@ -19,6 +20,7 @@ _spans_of: tuple[weakref.ref, int, torch.Tensor, int] | None = None
 """The last seq_idx's (tensor, version, cu_seqlens, longest document)."""
 
 
+@functools.cache
 def varlen_attn_function():
     """torch.nn.attention.varlen.varlen_attn where this PyTorch has it, else None."""
     try:
@@ -51,13 +53,19 @@ def document_spans(seq_idx: torch.Tensor) -> tuple[torch.Tensor, int]:
     return spans, longest
 
 
-def causal_varlen(q, k, v, cu_seqlens: torch.Tensor, longest: int) -> torch.Tensor:
-    """varlen_attn, causal within each sequence, on (t, h, d) tensors, through whichever of its two
-    signatures this PyTorch has (is_causal up to 2.10; window_size=(-1, 0) after)."""
-    varlen_attn = varlen_attn_function()
+@functools.cache
+def causal_keyword(varlen_attn) -> dict:
+    """How this PyTorch's varlen_attn is asked for causal attention: is_causal up to 2.10,
+    window_size=(-1, 0) after (read from its signature once)."""
     if "window_size" in inspect.signature(varlen_attn).parameters:
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, window_size=(-1, 0))
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, is_causal=True)
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True}
+
+
+def causal_varlen(q, k, v, cu_seqlens: torch.Tensor, longest: int) -> torch.Tensor:
+    """varlen_attn, causal within each sequence, on (t, h, d) tensors."""
+    varlen_attn = varlen_attn_function()
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, **causal_keyword(varlen_attn))
 
 
 def document_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -39,12 +39,12 @@ def test_each_layout_says_the_largest_micro_batch_that_fits(capsys):
         per_rank = plan.spec.global_batch // plan.layout.dp
         bigger = [k for k in range(m + 1, per_rank + 1) if per_rank % k == 0]
         if bigger:
-            assert replace_fits(plan, bigger[0], hardware) is False
-        assert replace_fits(plan, m, hardware) is True
+            assert fits_at(plan, bigger[0], hardware) is False
+        assert fits_at(plan, m, hardware) is True
     assert shown["tp=1 pp=1 dp=8"] == 4 and shown["tp=4 pp=1 dp=2"] == 16
 
 
-def replace_fits(plan, micro_batch, hardware) -> bool:
+def fits_at(plan, micro_batch, hardware) -> bool:
     """Whether the plan fits at another micro-batch."""
     from dataclasses import replace
 
