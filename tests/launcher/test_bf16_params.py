@@ -155,3 +155,11 @@ def test_a_layout_without_room_for_the_masters_is_one_line(overrides, problem):
         load_config(None, overrides)
     message = str(e.value)
     assert "\n" not in message and message.startswith("train.param_dtype") and problem in message
+
+
+def test_recompute_trains_bf16_parameters_like_none(tmp_path, corpus_overrides, unbroken):
+    """Selective recompute under DeepSpeed's bf16 ZeRO-1 optimizer, whose gradient hooks fire for
+    the parameters inside a recomputed region in that region's own backward: the same losses, bit
+    for bit (the recomputed activations are those of the forward)."""
+    _, want = unbroken
+    assert trained(tmp_path / "run", corpus_overrides, *BF16, "train.recompute=selective") == want

@@ -94,6 +94,41 @@ def test_recompute_gives_the_loss_and_gradients_of_none(case, plan):
     assert not bad, f"gradients differ: {bad}"
 
 
+@pytest.mark.parametrize("plan", ["selective", "full"])
+def test_recompute_under_bf16_autocast_recomputes_in_bf16(plan):
+    """The backward runs outside the forward's autocast; a region recomputes under the autocast its
+    forward ran in, so the activations it brings back, and every gradient, are those of none."""
+    def run(recompute: list[str]):
+        ids, labels, positions = batch()
+        model = build(CASES["hybrid"], recompute)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=labels, position_ids=positions)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    want_loss, want = run([])
+    loss, grads = run(PLANS[plan](len(CASES["hybrid"].pattern)))
+    assert torch.equal(loss, want_loss)
+    bad = [n for n in want if not torch.equal(grads[n], want[n])]
+    assert not bad, f"gradients differ: {bad}"
+
+
+def test_a_region_whose_input_needs_no_gradient_still_trains_its_parameters():
+    """A block fed a tensor that needs no gradient (its parameters do): the region cannot record its
+    backward without an input that needs one, so it runs as plain code, and its parameters get the
+    gradients of none."""
+    def grads(plan: list[str]):
+        block = build(CASES["hybrid"], plan).blocks[0]
+        x = torch.randn(BATCH, SEQ, D, generator=torch.Generator().manual_seed(2))
+        block(x).pow(2).sum().backward()
+        return {n: p.grad for n, p in block.named_parameters()}
+
+    want = grads([])
+    for plan in ("full", "selective"):
+        got = grads(PLANS[plan](len(CASES["hybrid"].pattern)))
+        assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want), plan
+
+
 def test_recompute_is_off_without_autograd_and_with_caches():
     """Evaluation and decoding never checkpoint: the same logits with the flags set."""
     cfg = CASES["hybrid"]
@@ -140,3 +175,20 @@ def test_recompute_lowers_the_saved_activations(case, kind):
     assert mem["selective"] == mem["norm"] + 4 * kept_by_selective(cfg, kind), mem
     if kind == "M":  # conv, SSD and gated norm hold most of a Mamba2 block's activations
         assert mem["selective"] < mem["none"] / 3, mem
+
+
+def test_the_recompute_speed_bench_times_both_regions():
+    """bench/recompute_speed.py (docs/BENCHMARKS.md) times torch.utils.checkpoint in the region's
+    place: its table has every row (a process of its own: the bench sets threads and kernels)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "recompute_speed.py"
+    proc = subprocess.run([sys.executable, str(bench), "--steps", "1", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| none", "-"], ["| selective", "Strata region"], ["| selective", "torch.utils.checkpoint"],
+        ["| full", "Strata region"], ["| full", "torch.utils.checkpoint"]]

@@ -1,5 +1,6 @@
 """Activation recompute is exact under every layout: TP2 with sequence parallelism, PP2
-(DeepSpeed's pipeline engine, positions restarting mid-sequence) and ZeRO-3 over 2 ranks with
+(DeepSpeed's pipeline engine, positions restarting mid-sequence), ZeRO-2 (gradients reduced by
+hooks as they are made, some of them inside a region's backward) and ZeRO-3 over 2 ranks with
 every parameter partitioned train 2 steps with the losses, first-step gradients and parameters
 of the same layout without recompute (bitwise, or 1e-7 relative). The model holds every block
 kind, a dense MLP and a self-guided LowRank MLP half-way through its guided phase. One 2-rank
@@ -17,6 +18,7 @@ from tests.parallel.train_helpers import layout_training, train_config
 
 STEPS, WORLD = 2, 2
 LAYOUTS = {  # name: (tp, pp, zero stage, sequence parallel, positions); the TP engine last (DeepSpeed
+    "zero2": (1, 1, 2, False, False),
     "zero3": (1, 1, 3, False, False),       # keeps its model-parallel groups for the engines after it)
     "pp2": (1, 2, 0, False, True),
     "tp2_sp": (2, 1, 0, True, False),
