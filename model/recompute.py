@@ -15,7 +15,7 @@ run without recompute.
 
 Why not torch.utils.checkpoint: its non-reentrant form records the region's graph in the forward
 and routes every tensor the region saves through a pack and an unpack hook, which a launch-bound
-step pays on the host: two to three times the region's cost over no recompute
+step pays on the host: about twice the region's cost over no recompute
 (bench/recompute_speed.py; docs/BENCHMARKS.md, "Recompute on the host"). The region here is what
 its reentrant form does, without the RNG and device-state bookkeeping a model without randomness
 does not need. Parameters used inside fn get their gradients in the nested backward, as under
@@ -83,8 +83,16 @@ class _Recomputed(torch.autograd.Function):
         device, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             out = ctx.fn(*args)
+        _release_storage(out)
         torch.autograd.backward(out, grad)
         return (None, None, *(a.grad if isinstance(a, torch.Tensor) else None for a in args))
+
+
+def _release_storage(out: torch.Tensor) -> None:
+    """Frees the recomputed output's memory while its backward runs: backpropagating from it reads
+    only its graph and shape, and no op of the region keeps it (where one does, that op's saved
+    copy holds the storage and nothing is freed). The output's shape is kept, on one element."""
+    out.data = torch.empty((), dtype=out.dtype, device=out.device).expand(out.shape)
 
 
 @dataclass(frozen=True)

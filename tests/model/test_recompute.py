@@ -129,6 +129,43 @@ def test_a_region_whose_input_needs_no_gradient_still_trains_its_parameters():
         assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want), plan
 
 
+def allocated_peak(run) -> int:
+    """Bytes allocated at the highest point of run(), beyond what was held when it began (c10's CPU
+    allocator, as the profiler records it)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    sizes = []
+
+    def walk(node):
+        if node.typed[0] == _EventType.Allocation:
+            sizes.append((node.start_time_ns, node.typed[1].alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    total = peak = 0
+    for _, size in sorted(sizes):
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+def test_a_region_frees_its_recomputed_output_while_backpropagating_from_it():
+    """No op of `x + 1` keeps its output, so the region's backward holds only the gradient it makes
+    (one tensor of x's size), not the recomputed output beside it as well."""
+    from model.recompute import checkpoint_if
+
+    x = torch.randn(512, 1024, requires_grad=True)  # 2 MiB
+    loss = checkpoint_if(True, lambda t: t + 1.0, x).sum()
+    peak = allocated_peak(loss.backward)
+    assert peak < 1.5 * x.nbytes, f"{peak / x.nbytes:.2f} x the input's bytes at the backward's peak"
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
 def test_recompute_is_off_without_autograd_and_with_caches():
     """Evaluation and decoding never checkpoint: the same logits with the flags set."""
     cfg = CASES["hybrid"]
