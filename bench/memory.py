@@ -97,8 +97,9 @@ STEADY = ("weights", "optimizer", "ZeRO-3 gradient partition", "ZeRO-3 gathered"
 """The plan's terms that exist when a step begins (the rest is made and freed within the step)."""
 
 
-def step_peaks(prof) -> dict[int, tuple[int, int]]:
-    """{step: (peak allocated bytes in it, bytes allocated when it began)} from the profiler's record."""
+def allocations(prof) -> list[int]:
+    """Every allocation (positive bytes) and free (negative) that a profile(profile_memory=True)
+    recorded, in time order."""
     from torch._C._profiler import _EventType
 
     events = []
@@ -111,8 +112,13 @@ def step_peaks(prof) -> dict[int, tuple[int, int]]:
 
     for root in prof.profiler.kineto_results.experimental_event_tree():
         walk(root)
+    return [size for _, size in sorted(events)]
+
+
+def step_peaks(prof) -> dict[int, tuple[int, int]]:
+    """{step: (peak allocated bytes in it, bytes allocated when it began)} from the profiler's record."""
     total, step, out = 0, 0, {}
-    for _, size in sorted(events):
+    for size in allocations(prof):
         if SENTINEL < size <= SENTINEL + 3:
             step = size - SENTINEL
             out[step] = (total, total)

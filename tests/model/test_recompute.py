@@ -131,24 +131,15 @@ def test_a_region_whose_input_needs_no_gradient_still_trains_its_parameters():
 
 def allocated_peak(run) -> int:
     """Bytes allocated at the highest point of run(), beyond what was held when it began (c10's CPU
-    allocator, as the profiler records it)."""
-    from torch._C._profiler import _EventType
+    allocator, as the profiler records it: bench/memory.py's measure)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from bench.memory import allocations
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    sizes = []
-
-    def walk(node):
-        if node.typed[0] == _EventType.Allocation:
-            sizes.append((node.start_time_ns, node.typed[1].alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
     total = peak = 0
-    for _, size in sorted(sizes):
+    for size in allocations(prof):
         total += size
         peak = max(peak, total)
     return peak
