@@ -18,8 +18,8 @@ from tests.parallel.train_helpers import layout_training, train_config
 
 STEPS, WORLD = 2, 2
 LAYOUTS = {  # name: (tp, pp, zero stage, sequence parallel, positions); the TP engine last (DeepSpeed
-    "zero2": (1, 1, 2, False, False),
     "zero3": (1, 1, 3, False, False),       # keeps its model-parallel groups for the engines after it)
+    "zero2": (1, 1, 2, False, False),
     "pp2": (1, 2, 0, False, True),
     "tp2_sp": (2, 1, 0, True, False),
 }
