@@ -106,8 +106,8 @@ class _Recompute:
 def _recomputed_when_unpacked(out: torch.Tensor, fn, args: tuple):
     """saved_tensors_hooks under which any tensor saved on out's storage (out or a view of it) is
     saved as the recipe to recompute it, under the autocast state of the forward."""
-    ptr, device = out.untyped_storage().data_ptr(), out.device.type
-    autocast = dict(enabled=torch.is_autocast_enabled(device), dtype=torch.get_autocast_dtype(device))
+    ptr = out.untyped_storage().data_ptr()
+    device, enabled, dtype = _autocast_state(args)
 
     def pack(t: torch.Tensor):
         if t.untyped_storage().data_ptr() != ptr:
@@ -117,7 +117,7 @@ def _recomputed_when_unpacked(out: torch.Tensor, fn, args: tuple):
     def unpack(saved):
         if not isinstance(saved, _Recompute):
             return saved
-        with torch.no_grad(), torch.autocast(device, **autocast):
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             return fn(*args).as_strided(saved.size, saved.stride, saved.offset)
 
     return pack, unpack
