@@ -322,50 +322,52 @@ def load_full_weights(model: torch.nn.Module, full: FullState) -> None:
 
 
 def _this_rank(engine, model_cfg, tp_rank: int, tp: int, pp: int):
-    """The engine's trained parameters under their HybridLM names, and shard(p, full) -> this rank's
-    TP slice of a full tensor of p, in the optimizer's dtype (fp32 for bf16 parameters' masters)."""
+    """name_of: the engine's trained parameters -> their HybridLM names (in the module's order), and
+    shard(p, full) -> this rank's TP slice of a full tensor of p, in the optimizer's dtype (fp32 for
+    bf16 parameters' masters)."""
     from model.hybrid import HybridLM
     from parallel.tp_splits import parameter_splits, split_of
 
     with torch.device("meta"):
         splits = parameter_splits(HybridLM(model_cfg), tp)
     naming = stage_naming(pp, model_cfg.n_blocks)
-    named = [(naming(n), p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    name_of = {p: n for n, p in named}
+    name_of = {p: naming(n) for n, p in engine.module.named_parameters() if p.requires_grad}
     dtype = torch.float32 if has_bf16_masters(engine) else None
 
     def shard(p, tensor: torch.Tensor) -> torch.Tensor:
         return split_of(splits, name_of[p]).shard(tensor, tp_rank, tp).to(p.device, dtype or p.dtype, copy=True)
 
-    return named, shard
+    return name_of, shard
 
 
 def apply_master_weights(engine, weights: dict[str, Lazy], tp_rank: int, tp: int, pp: int, model_cfg) -> None:
     """Full fp32 weights as a bf16-parameter engine's masters, this rank's slices (the engine built
     them from its bf16 module, rounded); nothing for an engine of fp32 parameters."""
-    if not has_bf16_masters(engine):
-        return
-    named, shard = _this_rank(engine, model_cfg, tp_rank, tp, pp)
-    name_of = {p: n for n, p in named}
-    write_master_weights(engine, [p for _, p in named], lambda p: shard(p, weights[name_of[p]]()))
+    if has_bf16_masters(engine):
+        _write_masters(engine, weights, *_this_rank(engine, model_cfg, tp_rank, tp, pp))
+
+
+def _write_masters(engine, weights: dict[str, Lazy], name_of: dict, shard) -> None:
+    write_master_weights(engine, list(name_of), lambda p: shard(p, weights[name_of[p]]()))
 
 
 def apply_optimizer_state(engine, full: FullState, tp_rank: int, tp: int, pp: int, model_cfg) -> None:
     """Collective (ZeRO 1-3 set up their flat state on every rank). This rank's slices of each
     parameter's AdamW state (and, with bf16 parameters, of its fp32 master weight), the LR
     schedule and DeepSpeed's counters."""
-    apply_master_weights(engine, full.weights, tp_rank, tp, pp, model_cfg)
+    masters = has_bf16_masters(engine)
+    if masters or full.adam_step is not None:
+        name_of, shard = _this_rank(engine, model_cfg, tp_rank, tp, pp)
+    if masters:
+        _write_masters(engine, full.weights, name_of, shard)
     if full.adam_step is not None:
-        named, shard = _this_rank(engine, model_cfg, tp_rank, tp, pp)
-        absent = [n for n, _ in named if n not in full.optimizer]
+        absent = [n for n in name_of.values() if n not in full.optimizer]
         if absent:
             raise CheckpointError(f"checkpoint holds no optimizer state for {absent[:3]}; "
                                   "resume with the run's own config.yaml")
-        name_of = {p: n for n, p in named}
 
         def state_of(p) -> dict:  # read when the engine takes it
             return {"step": full.adam_step.clone(), **{k: shard(p, full.optimizer[name_of[p]][k]()) for k in ADAM_STATES}}
 
-        write_optimizer_states(engine, [p for _, p in named], state_of, full.adam_step,
-                               engine.zero_optimization_stage())
+        write_optimizer_states(engine, list(name_of), state_of, full.adam_step, engine.zero_optimization_stage())
     restore_schedule(engine, full.lr_scheduler, full.counters)
