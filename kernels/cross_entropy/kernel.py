@@ -104,7 +104,7 @@ def _compute_dtype(hidden, weight):
 
 
 def _chunked(hidden, weight, targets, ignore_index, reduction, group, vocab_start, chunk_size, need_grad,
-             grad_weight_dtype=torch.float32):
+             grad_weight_dtype):
     n, dim = hidden.shape
     vocab = weight.shape[0]
     block_v = min(next_pow2(vocab), 1024 if interpreting() else 4096)
@@ -159,7 +159,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # Under no_grad the Function still sees needs_input_grad: the caller says whether to compute grads.
         need_grad = want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         loss, gh, gw = _chunked(h, w, tg, ignore_index, reduction, group, vocab_start, chunk_size, need_grad,
-                                grad_weight_dtype=weight.dtype)
+                                weight.dtype)
         ctx.save_for_backward(gh, gw)
         ctx.lead, ctx.dtypes, ctx.spent = lead, (hidden.dtype, weight.dtype), False
         return loss
