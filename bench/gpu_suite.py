@@ -508,9 +508,7 @@ def dry_run(args) -> int:
             print(f"  [setup] then mamba_ssm/ of {sdist} into {args.site}")
     for run in runs:
         cmd = train_command_for(args, run, Path(args.work) / "runs" / run_dir_name(run))
-        profile = profile_of(args, run, Path("$OUT"))
-        profiled = {} if profile is None else {"STRATA_PROFILE_STEPS": f"{profile[0]}:{profile[1]}",
-                                               "STRATA_PROFILE_OUT": str(profile[2])}
+        profiled = load_bench("train_gpu").profile_env(profile_of(args, run, Path("$OUT")))
         print(f"  [train {run.name}] {shown(cmd, {'STRATA_KERNELS': run.backend, **profiled, **env})}")
     print("time budget (estimates for one H100; the suite re-estimates with what it measures):")
     total = print_budget(args, runs)
@@ -882,13 +880,12 @@ class Suite:
         base = next((r for r in runs if r.recompute == "none" and r.backend == run.backend and r.twin_of(run) and
                      r.result.get("records")), None)
         plain = plain_twin(run, runs) if run.packed or run.bf16_params else None
-        unpacked = plain if run.packed else None
         if run.bf16_params and plain is not None:
             other = plain.result["summary"]
             vs = (f"bf16 parameters: {100 * s['tokens/s'] / other['tokens/s']:.0f}% of the tokens/s and "
                   f"{100 * s['peak GiB'] / other['peak GiB']:.0f}% of the memory of fp32 parameters")
-        if unpacked is not None:
-            cost = 100 * (1 - s["tokens/s"] / unpacked.result["summary"]["tokens/s"])
+        if run.packed and plain is not None:
+            cost = 100 * (1 - s["tokens/s"] / plain.result["summary"]["tokens/s"])
             vs = f"isolation costs {cost:.1f}% of the tokens/s of unpacked rows"
             goals.append("isolation under 5%: " + ("met" if cost < 5 else f"missed by {cost - 5:.1f} pts"))
         exact = "" if base is None else \

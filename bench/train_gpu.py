@@ -52,6 +52,15 @@ def read_records(run_dir: Path) -> list[dict]:
     return records
 
 
+def profile_env(profile: tuple[int, int, Path] | None) -> dict[str, str]:
+    """The environment that has NO_SAVE_ENTRY profile steps [first, end) into path
+    (bench/profile_steps.py install_from_env); none for None."""
+    if profile is None:
+        return {}
+    first, end, path = profile
+    return {"STRATA_PROFILE_STEPS": f"{first}:{end}", "STRATA_PROFILE_OUT": str(path)}
+
+
 def run_with_status(config: str, steps: int, backend: str, run_dir: Path, overrides: list[str], save: bool = True,
                     timeout: float | None = None, log=None, profile: tuple[int, int, Path] | None = None
                     ) -> tuple[list[dict], str]:
@@ -59,10 +68,7 @@ def run_with_status(config: str, steps: int, backend: str, run_dir: Path, overri
     code N' or 'stopped after T s'. A failed or stopped run returns the steps it recorded.
     profile: (first, end, path): steps [first, end) profiled into path (bench/profile_steps.py;
     only without saving, through NO_SAVE_ENTRY)."""
-    env = {**os.environ, "STRATA_KERNELS": backend, "PYTHONUNBUFFERED": "1"}
-    if profile is not None:
-        first, end, path = profile
-        env.update(STRATA_PROFILE_STEPS=f"{first}:{end}", STRATA_PROFILE_OUT=str(path))
+    env = {**os.environ, "STRATA_KERNELS": backend, "PYTHONUNBUFFERED": "1", **profile_env(profile)}
     cmd = train_command(config, steps, run_dir, overrides, save)
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
