@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def one_rank_group() -> None:
     """A one-process gloo group, as `strata train` starts one (parallel/distributed.py)."""
-    from parallel.distributed import init_distributed
+    from strata.parallel.distributed import init_distributed
 
     init_distributed("gloo")
 
@@ -36,9 +36,9 @@ def one_rank_group() -> None:
 def engine_for(config: str):
     import torch
 
-    from launcher.config import load_config
-    from model.hybrid import HybridLM
-    from parallel.engine import build_engine
+    from strata.launcher.config import load_config
+    from strata.model.hybrid import HybridLM
+    from strata.parallel.engine.build import build_engine
 
     vocab = "model.vocab_size=4096" if "tiny" in config else "model.vocab_size=32768"
     cfg = load_config(config, [vocab, "parallel.micro_batch_size=1", "train.global_batch_size=1"])
@@ -86,7 +86,7 @@ def main() -> None:
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    import parallel.checkpoint as ckpt
+    import strata.parallel.checkpoint.files as ckpt
 
     writers = {STRATA: ckpt.StrataCheckpointEngine.save,
                "plain Python file, no checksums": plain_file_save,

@@ -7,7 +7,7 @@ one process. Prints a markdown table (docs/BENCHMARKS.md).
     python bench/cpu.py model.mamba.chunk_size=32
 
 One step = forward + backward + gradient clipping + AdamW on one micro-batch (fp32), for both:
-Strata's HybridLM on the DeepSpeed engine as `strata train` builds it (parallel/engine.py,
+Strata's HybridLM on the DeepSpeed engine as `strata train` builds it (parallel/engine/build.py,
 ZeRO 0), and NemotronHForCausalLM with torch's AdamW and clip_grad_norm_. NemotronH has no RoPE
 and relu2 MLPs, so the shared shape is configs/tiny.yaml with attention.rope=false and
 mlp.activation=relu2, the rest as configured (d_model 256, M-*-M-, micro-batch 8 x 256 tokens,
@@ -41,7 +41,7 @@ NEMOTRON_SHAPE = ["model.attention.rope=false", "model.mlp.activation=relu2"]
 
 def one_rank_group() -> None:
     """A one-process gloo group, as `strata train` starts one (parallel/distributed.py)."""
-    from parallel.distributed import init_distributed
+    from strata.parallel.distributed import init_distributed
 
     init_distributed("gloo")
 
@@ -66,8 +66,8 @@ def strata_side(cfg, seed: int, backend: str | None = None):
     the model's initial weights."""
     import torch
 
-    from model.hybrid import HybridLM
-    from parallel.engine import build_engine
+    from strata.model.hybrid import HybridLM
+    from strata.parallel.engine.build import build_engine
 
     torch.manual_seed(seed)
     model = HybridLM(cfg.model)
@@ -92,8 +92,8 @@ def hf_side(cfg, strata_state: dict):
     import torch
     import transformers
 
-    from model import hf
-    from parallel.engine import param_groups
+    from strata.model import hf
+    from strata.parallel.engine.build import param_groups
 
     config = hf.build_hf_config(cfg.model, "nemotron_h")
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -138,17 +138,17 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides for every model, e.g. model.d_model=512")
     args = p.parse_args(argv)
 
-    from launcher import host
+    from strata.launcher import host
 
     host.short_omp_spinning()  # as `strata train` (launcher/cli.py): before torch loads OpenMP
-    from launcher.quiet import quiet_third_party
+    from strata.launcher.quiet import quiet_third_party
 
     quiet_third_party()
     import torch
 
     malloc_kept = host.keep_freed_memory()
 
-    from launcher.config import load_config
+    from strata.launcher.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,8 +205,7 @@ def main(argv=None) -> int:
 def profile(step, ids, labels, steps: int = 5) -> None:
     """Where Strata's step spends its time: forward, backward, the engine's step (the optimizer
     apart), and the ops with the most self time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    from torch.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
     engine = step.engine
     phases = {"forward": (engine, "forward"), "backward": (engine, "backward"),

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import multiprocessing
+import os
 import platform
 import sys
 import sysconfig
@@ -30,11 +30,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import DataConfig, TrainLoader, ensure_prepared, open_corpus, prepare_corpus  # noqa: E402
-from data.config import FORMAT_VERSION  # noqa: E402
-from data.shards import MANIFEST, TOKENIZER  # noqa: E402
-from data.sources import iter_documents, plan_pieces, resolve_inputs, stdlib_files  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
+from strata.data.config import FORMAT_VERSION  # noqa: E402
+from strata.data.config import DataConfig  # noqa: E402
+from strata.data.corpus import open_corpus
+from strata.data.loader import TrainLoader
+from strata.data.prepare import ensure_prepared, prepare_corpus
+from strata.data.shards import MANIFEST, TOKENIZER  # noqa: E402
+from strata.data.sources import iter_documents, plan_pieces, resolve_inputs, stdlib_files  # noqa: E402
+from strata.data.tokenizer import Tokenizer  # noqa: E402
 
 REPEATS = 3
 

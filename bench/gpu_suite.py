@@ -212,7 +212,7 @@ def planned_peak_gib(cfg, backend: str) -> tuple[float | None, str, float]:
     (cfg, world_size=1, 'cuda'), which reads STRATA_KERNELS. Where the plan is not in this tree or
     fails, (None, why, 0)."""
     try:
-        from launcher.plan import predicted_peak
+        from strata.launcher.plan import predicted_peak
     except ImportError as e:
         return None, f"no plan in this tree ({e})", 0.0
     before = os.environ.get("STRATA_KERNELS")
@@ -231,13 +231,13 @@ def planned_peak_gib(cfg, backend: str) -> tuple[float | None, str, float]:
 
 
 def flops_per_token(cfg) -> float:
-    from model.counting import training_flops_per_token
+    from strata.model.counting import training_flops_per_token
     return training_flops_per_token(cfg.model, cfg.train.seq_len)["total"]
 
 
 def plan_runs(args, runs: list[TrainRun]) -> None:
     """Each run's config loaded (launcher.config.load_config), its plan and FLOPs per token."""
-    from launcher.config import load_config
+    from strata.launcher.config import load_config
     for run in runs:
         cfg = load_config(REPO / args.config, run.overrides)
         run.planned_gib, run.plan_note, fpt = planned_peak_gib(cfg, run.backend)
@@ -284,7 +284,7 @@ def commands(args, corpus: str | None, vocab: int) -> dict[str, list[str]]:
                     "--hbm-tbs", "HBM"],
     }
     if corpus:
-        cmds["corpus"] = [py(), "-m", "launcher.cli", "prepare", "--input", "stdlib", "--out", corpus,
+        cmds["corpus"] = [py(), "-m", "strata.launcher.cli", "prepare", "--input", "stdlib", "--out", corpus,
                           "--vocab-size", str(vocab), "--workers", "8"]
     return cmds
 
@@ -461,7 +461,7 @@ def check_tree(args, checks: Checks) -> None:
     import importlib.util
     found = importlib.util.find_spec("bench.gpu_suite") is not None if str(REPO) in sys.path else True
     checks.line("ok" if found else "FAIL", "pytest loads this file as the plugin bench.gpu_suite (counts per dtype)")
-    import launcher.metrics  # noqa: F401  (what the peak part imports; it reaches the kernels package)
+    import strata.launcher.metrics  # noqa: F401  (what the peak part imports; it reaches the kernels package)
     kernels_pkg = sys.modules["kernels"].__file__ or ""
     checks.line("ok" if Path(kernels_pkg).parent == REPO / "kernels" else "FAIL",
                 f"the suite's own processes import the kernels package, not bench/kernels.py ({kernels_pkg})")
@@ -478,7 +478,7 @@ def dry_run(args) -> int:
     print("peers (import lines, and signatures in the wheels' sources where present):")
     check_peers(args, checks)
     print("training runs (launcher.config.load_config; the memory plan, launcher.plan.predicted_peak):")
-    from launcher.config import ConfigError, load_config
+    from strata.launcher.config import ConfigError, load_config
     cfg = load_config(REPO / args.config, args.overrides)
     args.seq_len = cfg.train.seq_len
     corpus = corpus_dir(args, cfg)
@@ -970,7 +970,7 @@ def measure_peak(path: str) -> int:
     copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     props = torch.cuda.get_device_properties(0)
     name = torch.cuda.get_device_name()
-    from launcher.metrics import PEAK_BF16_TFLOPS
+    from strata.launcher.metrics import PEAK_BF16_TFLOPS
     driver = ""
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -988,7 +988,7 @@ def measure_peak(path: str) -> int:
 
 
 def run_suite(args) -> int:
-    from launcher.config import load_config  # like the plan, imports no package the wheels bring
+    from strata.launcher.config import load_config  # like the plan, imports no package the wheels bring
 
     # every part's process (bench/train_gpu.py's runs too) finds the installed wheels and the repo
     os.environ["PYTHONPATH"] = os.pathsep.join([args.site, str(REPO)])
@@ -1035,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_suite: config file {args.config} not found (relative to {REPO}); pass an existing YAML, e.g. "
               "configs/hybrid-1b3.yaml", file=sys.stderr)
         return 2
-    from launcher.config import ConfigError
+    from strata.launcher.config import ConfigError
     try:
         if args.dry_run:
             return dry_run(args)

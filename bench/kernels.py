@@ -40,11 +40,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.blockdiag.reference import blockdiag_matmul_ref  # noqa: E402
-from kernels.conv.reference import causal_conv1d_ref  # noqa: E402
-from kernels.cross_entropy.reference import linear_cross_entropy_ref  # noqa: E402
-from kernels.norm.reference import rmsnorm_ref  # noqa: E402
-from kernels.ssd.reference import ssd_chunked_ref  # noqa: E402
+from strata.kernels.blockdiag.reference import blockdiag_matmul_ref  # noqa: E402
+from strata.kernels.conv.reference import causal_conv1d_ref  # noqa: E402
+from strata.kernels.cross_entropy.reference import linear_cross_entropy_ref  # noqa: E402
+from strata.kernels.norm.reference import rmsnorm_ref  # noqa: E402
+from strata.kernels.ssd.reference import ssd_chunked_ref  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -143,7 +143,7 @@ def ssd_cost(dims):
 
 
 def bench_ssd(args):
-    from kernels.ssd.function import ssd_chunked_triton
+    from strata.kernels.ssd.function import ssd_chunked_triton
     inputs, dims = ssd_case(args)
     L = dims[-1]
     x, dt, A, B, C, D, dt_bias = inputs
@@ -182,11 +182,11 @@ def bench_ssd(args):
 
 def ssd_breakdown(args, sweep):
     """Time each SSD launch alone; with sweep, try block-size variants and keep the fastest."""
-    from kernels.ssd import config
-    from kernels.ssd.cumsum import chunk_cumsum_fwd
-    from kernels.ssd.scan import bmm_fwd, scan_fwd
-    from kernels.ssd.scan_bwd import dbc_bwd, dcb_bwd, dx_bwd
-    from kernels.ssd.state import state_bwd, state_fwd
+    from strata.kernels.ssd import config
+    from strata.kernels.ssd.cumsum import chunk_cumsum_fwd
+    from strata.kernels.ssd.scan import bmm_fwd, scan_fwd
+    from strata.kernels.ssd.scan_bwd import dbc_bwd, dcb_bwd, dx_bwd
+    from strata.kernels.ssd.state import state_bwd, state_fwd
     (x, dt, A, B, C, D, dt_bias), dims = ssd_case(args)
     L = dims[-1]
     dt_proc, dA_cs = chunk_cumsum_fwd(dt, A, dt_bias, True, L)
@@ -237,9 +237,9 @@ def ssd_breakdown(args, sweep):
 # ----------------------------------------------------------------------------- conv, norm
 
 def bench_conv(args):
-    from kernels.conv.kernel import causal_conv1d_triton
+    from strata.kernels.conv.kernel import causal_conv1d_triton
     b, l, d, w = args.batch, args.seqlen, args.nheads * args.headdim + 2 * args.dstate, 4
-    import kernels.conv.kernel as conv_mod
+    import strata.kernels.conv.kernel as conv_mod
     x = torch.randn(b, l, d, device="cuda", dtype=torch.bfloat16)
     # bf16 weights: the reference's F.conv1d needs one dtype outside autocast.
     wt = (torch.randn(d, w, device="cuda") * 0.3).to(torch.bfloat16)
@@ -254,7 +254,7 @@ def bench_conv(args):
 
 
 def bench_norm(args):
-    from kernels.norm.kernel import rmsnorm_triton
+    from strata.kernels.norm.kernel import rmsnorm_triton
     rows = args.batch * args.seqlen
     for name, d, gated in (("rmsnorm", args.d_model, False), ("rmsnorm gated", 2 * args.d_model, True)):
         x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
@@ -269,7 +269,7 @@ def bench_norm(args):
             return rmsnorm_ref(x, w, 1e-5, z, None)
         err = _errors(ins, tri, ref)
         if args.sweep:
-            import kernels.norm.kernel as norm_mod
+            import strata.kernels.norm.kernel as norm_mod
             step = fwd_bwd(tri, [leaf(t) for t in ins])
             sweep_knob(name + " bwd", norm_mod, "BWD_NUM_WARPS", [None, 4, 8, 16], step)
             sweep_knob(name + " bwd", norm_mod, "BWD_ELEMENTS", [1024, 2048, 4096, 8192], step)
@@ -318,7 +318,7 @@ def _peak_mb(fn):
 
 
 def bench_ce(args):
-    from kernels.cross_entropy.kernel import linear_cross_entropy_triton
+    from strata.kernels.cross_entropy.kernel import linear_cross_entropy_triton
     n, d, V = args.batch * args.seqlen, args.d_model, args.vocab
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(V, d, device="cuda") * 0.02).to(torch.bfloat16)
@@ -330,7 +330,7 @@ def bench_ce(args):
     gt, gr = torch.autograd.grad(loss, tin), torch.autograd.grad(loss_ref, rin)
     err = max(rel(loss, loss_ref), *(rel(a, r) for a, r in zip(gt, gr)))
     del rin, gr, loss_ref
-    import kernels.cross_entropy.kernel as ce_mod
+    import strata.kernels.cross_entropy.kernel as ce_mod
     chunk = {"rows": None}
     tri_step = fwd_bwd(lambda a, b: linear_cross_entropy_triton(a, b, t, chunk_size=chunk["rows"]), tin)
     if args.sweep:
@@ -371,13 +371,13 @@ def bench_ce(args):
 
 
 def bench_blockdiag(args):
-    from kernels.blockdiag.kernel import blockdiag_matmul_triton
+    from strata.kernels.blockdiag.kernel import blockdiag_matmul_triton
     n, nb = args.batch * args.seqlen, 4
     k = m = 2 * args.d_model // nb
     x = torch.randn(n, nb * k, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(nb, m, k, device="cuda") / k**0.5).to(torch.bfloat16)
     if args.sweep:
-        import kernels.blockdiag.kernel as bd_mod
+        import strata.kernels.blockdiag.kernel as bd_mod
         base = dict(bd_mod.GPU_CONFIG)
         variants = [base, {**base, "num_stages": 4}, {**base, "BLOCK_K": 32, "num_stages": 4},
                     {**base, "BLOCK_N": 256}, {**base, "BLOCK_R": 64, "num_warps": 4}]

@@ -60,16 +60,15 @@ SENTINEL = 7_777_777
 
 
 def worker(overrides: list[str], out: str) -> None:
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from launcher.config import load_config
-    from launcher.plan import predicted_peak
-    from launcher.signals import StopRequest
-    from launcher.train import setup, train_step
-    from parallel.distributed import init_distributed
-    from parallel.plan import BUCKET
-
-    import torch
+    from strata.launcher.config import load_config
+    from strata.launcher.plan import predicted_peak
+    from strata.launcher.signals import StopRequest
+    from strata.launcher.train import setup, train_step
+    from strata.parallel.distributed import init_distributed
+    from strata.parallel.plan import BUCKET
 
     cfg = load_config(None, overrides)
     info = init_distributed("gloo")

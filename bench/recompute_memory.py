@@ -27,8 +27,8 @@ MODES = ("none", "selective", "full")
 
 def block_bytes_per_token(block, d_model: int, seq_len: int, batch: int = 1) -> dict[str, float]:
     """{mode: bytes per token} of one block (a model.hybrid.Block) under each recompute mode."""
-    from model.memory import saved_bytes
-    from parallel.parallelize import apply_recompute
+    from strata.model.memory import saved_bytes
+    from strata.parallel.engine.parallelize import apply_recompute
 
     x = torch.randn(batch, seq_len, d_model, requires_grad=True)
     result = {}
@@ -43,8 +43,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/hybrid-1b3.yaml")
     p.add_argument("--seq-len", type=int, default=512)
     args = p.parse_args()
-    from launcher.config import load_config
-    from model.hybrid import Block
+    from strata.launcher.config import load_config
+    from strata.model.hybrid import Block
 
     cfg = load_config(args.config).model
     torch.manual_seed(0)

@@ -29,8 +29,8 @@ PATTERN = "M*-M-M-M*-M-M-M*-M-M-M*-"
 
 
 def small_model():
-    from model.config import ModelConfig
-    from model.hybrid import HybridLM
+    from strata.model.config import ModelConfig
+    from strata.model.hybrid import HybridLM
 
     cfg = ModelConfig(pattern=PATTERN, d_model=64, vocab_size=128, max_seq_len=32)
     cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.ngroups, cfg.mamba.chunk_size = 16, 16, 2, 8
@@ -67,8 +67,8 @@ def main() -> None:
     args = p.parse_args()
     os.environ["STRATA_KERNELS"] = args.kernels
     torch.set_num_threads(1)
-    import model.recompute as recompute
-    from parallel.parallelize import apply_recompute
+    import strata.model.recompute as recompute
+    from strata.parallel.engine.parallelize import apply_recompute
 
     model, ids = small_model()
     ours = recompute._region

@@ -34,9 +34,9 @@ def overrides(config: str, data_dir: Path) -> list[str]:
 
 def train(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
-        return [sys.executable, "-m", "launcher.cli", "train", *args]
+        return [sys.executable, "-m", "strata.launcher.cli", "train", *args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0",
-            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m", "launcher.train", *args]
+            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m", "strata.launcher.train", *args]
 
 
 def peak_gib(cmd: list[str]) -> float:

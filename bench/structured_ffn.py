@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import ops  # noqa: E402
-from model.config import MLPConfig, ModelConfig  # noqa: E402
-from model.guidance import SelfGuidance, remove_from_optimizer  # noqa: E402
-from model.hybrid import HybridLM  # noqa: E402
-from model.mlp import MLP  # noqa: E402
-from model.structured import count_params, structured_linears  # noqa: E402
+from strata.kernels import ops  # noqa: E402
+from strata.model.config import MLPConfig, ModelConfig  # noqa: E402
+from strata.model.guidance import SelfGuidance, remove_from_optimizer  # noqa: E402
+from strata.model.hybrid import HybridLM  # noqa: E402
+from strata.model.mlp import MLP  # noqa: E402
+from strata.model.structured import count_params, structured_linears  # noqa: E402
 
 SPEED_VARIANTS = [("dense", 0.0), ("lowrank", 0.32), ("blockdense", 0.32), ("blockshuffle", 0.32),
                   ("lowrank", 0.63), ("blockdense", 0.63), ("blockshuffle", 0.63)]
@@ -135,13 +135,16 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def train_variant(name: str, mlp: dict, corpus, data_cfg, args, device) -> dict:
-    import data
+    from strata.data.config import DataConfig
+    from strata.data.corpus import open_corpus
+    from strata.data.loader import TrainLoader, eval_batches
+    from strata.data.prepare import ensure_prepared
     torch.manual_seed(args.seed)
     cfg = study_model_cfg(args.width, corpus.tokenizer.vocab_size, args.seq_len, mlp)
     model = HybridLM(cfg).to(device)
     guidance = SelfGuidance(model, cfg.mlp, args.steps, args.seed) if cfg.mlp.self_guided else None
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95))
-    loader = data.TrainLoader(corpus, data_cfg, args.seq_len, args.batch, 0, 1, args.seed)
+    loader = TrainLoader(corpus, data_cfg, args.seq_len, args.batch, 0, 1, args.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     start = time.perf_counter()
     for step in range(args.steps):
@@ -161,7 +164,7 @@ def train_variant(name: str, mlp: dict, corpus, data_cfg, args, device) -> dict:
     elapsed = time.perf_counter() - start
     loader.close()
     model.eval()
-    evals = data.eval_batches(corpus, data_cfg, args.seq_len, args.batch, args.eval_batches)
+    evals = eval_batches(corpus, data_cfg, args.seq_len, args.batch, args.eval_batches)
     with torch.no_grad(), autocast:
         losses = [model(b["input_ids"].to(device), labels=b["labels"].to(device)).item() for b in evals]
     mlp_params = sum(count_params(m) for m in structured_linears(model))
@@ -170,12 +173,15 @@ def train_variant(name: str, mlp: dict, corpus, data_cfg, args, device) -> dict:
 
 
 def train(args) -> None:
-    import data
+    from strata.data.config import DataConfig
+    from strata.data.corpus import open_corpus
+    from strata.data.loader import TrainLoader, eval_batches
+    from strata.data.prepare import ensure_prepared
     device = torch.device(args.device)
-    data_cfg = data.DataConfig(prepared_dir=args.prepared_dir) if args.prepared_dir else data.DataConfig()
+    data_cfg = DataConfig(prepared_dir=args.prepared_dir) if args.prepared_dir else DataConfig()
     if not args.prepared_dir:
-        data.ensure_prepared(data_cfg)
-    corpus = data.open_corpus(data_cfg)
+        ensure_prepared(data_cfg)
+    corpus = open_corpus(data_cfg)
     print(f"training study: pattern M-*-M-, d_model {args.width}, relu2 d_ff {4 * args.width}, first MLP dense, "
           f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, seed {args.seed}, {device}\n")
     print("| variant | params | eval loss | eval ppl | train s |")

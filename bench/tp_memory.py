@@ -36,7 +36,7 @@ PAGE = resource.getpagesize()
 
 
 def config():
-    from model.config import ModelConfig
+    from strata.model.config import ModelConfig
 
     cfg = ModelConfig(pattern="M-M-M*-M-M-M*-M-", d_model=768, vocab_size=32000, max_seq_len=4096)
     cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.ngroups, cfg.mamba.chunk_size = 64, 128, 8, 128
@@ -75,10 +75,10 @@ def rank_main(rank: int, tp: int, port: int, seq_len: int, out: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     dist.init_process_group("gloo", rank=rank, world_size=tp)
-    from model.hybrid import HybridLM
-    from parallel.tensor_parallel import tensor_parallel
-    from parallel.topology import init_topology
-    from parallel.tp_mappings import TPContext
+    from strata.model.hybrid import HybridLM
+    from strata.parallel.tensor.blocks import tensor_parallel
+    from strata.parallel.tensor.mappings import TPContext
+    from strata.parallel.topology import init_topology
 
     init_topology(tp, 1)
     gc.collect()
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument("--seq-len", type=int, default=256)
     args = p.parse_args(argv)
-    from parallel.distributed import free_port
+    from strata.parallel.distributed import free_port
 
     # Large tensors from mmap, returned to the OS when freed: otherwise glibc's dynamic
     # threshold keeps freed activations in the heap and the resident set overstates what

@@ -27,13 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 # `strata train` with the checkpoint writes turned off (launcher.train.train calls the module's `save`),
 # and a few steps profiled when STRATA_PROFILE_STEPS / STRATA_PROFILE_OUT ask (bench/profile_steps.py).
-NO_SAVE_ENTRY = ("import sys; import launcher.train as t; t.save = lambda run: None; "
+NO_SAVE_ENTRY = ("import sys; import strata.launcher.train as t; t.save = lambda run: None; "
                  "import bench.profile_steps as p; p.install_from_env(t); "
-                 "from launcher.cli import main; raise SystemExit(main(sys.argv[1:]))")
+                 "from strata.launcher.cli import main; raise SystemExit(main(sys.argv[1:]))")
 
 
 def train_command(config: str, steps: int, run_dir: Path, overrides: list[str], save: bool = True) -> list[str]:
-    entry = ["-m", "launcher.cli"] if save else ["-c", NO_SAVE_ENTRY]
+    entry = ["-m", "strata.launcher.cli"] if save else ["-c", NO_SAVE_ENTRY]
     return [sys.executable, *entry, "train", "--config", config, f"train.max_steps={steps}",
             f"train.run_dir={run_dir}", "checkpoint.every=0", f"train.eval_every={steps}",
             "logging.progress=lines", *overrides]

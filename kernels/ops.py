@@ -26,17 +26,17 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.attention.reference import document_attention_ref
-from kernels.blockdiag.reference import blockdiag_matmul_ref
-from kernels.conv.cpu import causal_conv1d_cpu
-from kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref, conv_state_from_inputs
-from kernels.cross_entropy.cpu import linear_cross_entropy_cpu
-from kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
-from kernels.linear import cpu as linear_on_cpu
-from kernels.norm.cpu import rmsnorm_cpu
-from kernels.norm.reference import rmsnorm_ref
-from kernels.ssd.cpu import ssd_chunked_cpu
-from kernels.ssd.reference import NO_DT_LIMIT, prepare_dt, ssd_chunked_ref, ssd_step_ref
+from strata.kernels.attention.reference import document_attention_ref
+from strata.kernels.blockdiag.reference import blockdiag_matmul_ref
+from strata.kernels.conv.cpu import causal_conv1d_cpu
+from strata.kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref, conv_state_from_inputs
+from strata.kernels.cross_entropy.cpu import linear_cross_entropy_cpu
+from strata.kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
+from strata.kernels.linear import cpu as linear_on_cpu
+from strata.kernels.norm.cpu import rmsnorm_cpu
+from strata.kernels.norm.reference import rmsnorm_ref
+from strata.kernels.ssd.cpu import ssd_chunked_cpu
+from strata.kernels.ssd.reference import NO_DT_LIMIT, prepare_dt, ssd_chunked_ref, ssd_step_ref
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -83,7 +83,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_sof
     (The CPU path has no seq_idx: packed rows take the reference there.)"""
     backend = backend_for(x)
     if backend == "triton":
-        from kernels.ssd.function import ssd_chunked_triton
+        from strata.kernels.ssd.function import ssd_chunked_triton
         return ssd_chunked_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                                   initial_states, return_final_states, dt_limit, seq_idx)
     if backend == "cpu" and seq_idx is None:
@@ -97,7 +97,7 @@ def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
     """One decoding step of the SSD recurrence: returns (y, new_state). dt is prepared (and
     clamped to dt_limit) exactly as ssd_chunked prepares it."""
     if backend_for(x) == "triton" and not _needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
-        from kernels.ssd.step import ssd_step_triton
+        from strata.kernels.ssd.step import ssd_step_triton
         return ssd_step_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     return ssd_step_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
 
@@ -107,7 +107,7 @@ def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None):
     of each token (None: one document); an output reads inputs of its own document only."""
     backend = backend_for(x)
     if backend == "triton":
-        from kernels.conv.kernel import causal_conv1d_triton
+        from strata.kernels.conv.kernel import causal_conv1d_triton
         return causal_conv1d_triton(x, weight, bias, activation, seq_idx)
     if backend == "cpu" and seq_idx is None and _same_dtype(x, weight, bias):
         return causal_conv1d_cpu(x, weight, bias, activation)
@@ -123,7 +123,7 @@ def conv_state(x, width):
 def causal_conv1d_step(x, conv_state, weight, bias=None, activation="silu"):
     """One decoding step of the conv: returns (y, new_state)."""
     if backend_for(x) == "triton" and not _needs_grad(x, conv_state, weight, bias):
-        from kernels.conv.kernel import causal_conv1d_step_triton
+        from strata.kernels.conv.kernel import causal_conv1d_step_triton
         return causal_conv1d_step_triton(x, conv_state, weight, bias, activation)
     return causal_conv1d_step_ref(x, conv_state, weight, bias, activation)
 
@@ -135,7 +135,7 @@ def document_attention(q, k, v, seq_idx, start=0):
     FlashAttention variable-length kernel (kernels/attention/varlen.py); else SDPA with a
     block-causal mask."""
     if backend_for(q) == "triton" and start == 0:
-        from kernels.attention.varlen import document_attention_varlen, varlen_supported
+        from strata.kernels.attention.varlen import document_attention_varlen, varlen_supported
         if varlen_supported(q):
             return document_attention_varlen(q, k, v, seq_idx)
     return document_attention_ref(q, k, v, seq_idx, start)
@@ -145,7 +145,7 @@ def rmsnorm(x, weight, eps=1e-5, z=None, group_size=None):
     """RMSNorm over the last dim; gated by silu(z) and grouped when given."""
     backend = backend_for(x)
     if backend == "triton":
-        from kernels.norm.kernel import rmsnorm_triton
+        from strata.kernels.norm.kernel import rmsnorm_triton
         return rmsnorm_triton(x, weight, eps, z, group_size)
     if backend == "cpu" and _same_dtype(x, weight, z):
         return rmsnorm_cpu(x, weight, eps, z, group_size)
@@ -167,7 +167,7 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, *, reductio
             and linear_on_cpu.worth_it(hidden, weight)):
         return linear_cross_entropy_cpu(hidden, weight, targets, ignore_index, reduction)
     if backend == "triton":
-        from kernels.cross_entropy.kernel import linear_cross_entropy_triton
+        from strata.kernels.cross_entropy.kernel import linear_cross_entropy_triton
         return linear_cross_entropy_triton(hidden, weight, targets, ignore_index, reduction,
                                            process_group=process_group, vocab_start=vocab_start,
                                            chunk_size=chunk_size)
@@ -196,6 +196,6 @@ def blockdiag_matmul(x, w, shuffle=False):
     beats the Triton kernel (0.82-0.84x alone; BlockShuffle MLPs 0.43x of dense with it,
     1.15x without; docs/BENCHMARKS.md). STRATA_KERNELS=triton still selects the kernel."""
     if os.environ.get("STRATA_KERNELS") == "triton" and backend_for(x) == "triton":
-        from kernels.blockdiag.kernel import blockdiag_matmul_triton
+        from strata.kernels.blockdiag.kernel import blockdiag_matmul_triton
         return blockdiag_matmul_triton(x, w, shuffle)
     return blockdiag_matmul_ref(x, w, shuffle)

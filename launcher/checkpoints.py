@@ -25,7 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def checkpoints_under(path: Path) -> tuple[list[Path], list[Path]]:
     """(complete checkpoints, other entries worth naming: unfinished saves and set-aside damaged ones)."""
-    from parallel.checkpoint import DAMAGED_SUFFIX, STEP_DIR, complete_checkpoints
+    from strata.parallel.checkpoint.files import DAMAGED_SUFFIX, STEP_DIR, complete_checkpoints
 
     if STEP_DIR.match(path.name):
         return [path], []
@@ -36,7 +36,7 @@ def checkpoints_under(path: Path) -> tuple[list[Path], list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from parallel.checkpoint import DAMAGED_SUFFIX, read_manifest, verify
+    from strata.parallel.checkpoint.files import DAMAGED_SUFFIX, read_manifest, verify
 
     path = Path(args.path)
     if not path.is_dir():

@@ -16,19 +16,19 @@ import sys
 from pathlib import Path
 
 COMMANDS = {  # command: (module, its entry function, what it does, for `strata --help`)
-    "train": ("launcher.train", "run",  # leaves the process itself: see launcher/train.py:run
+    "train": ("strata.launcher.train", "run",  # leaves the process itself: see launcher/train.py:run
               "train a model, or resume its run where it stopped (configs/tiny.yaml by default)"),
-    "config": ("launcher.show_config", "main",
+    "config": ("strata.launcher.show_config", "main",
                "print the config a command line resolves to; --keys describes every key"),
-    "prepare": ("launcher.prepare", "main", "tokenize text, source files or JSONL into token shards"),
-    "generate": ("launcher.generate", "main", "continue a prompt with a trained run"),
-    "export": ("launcher.export", "main", "write a run's weights as a Hugging Face transformers model"),
-    "import": ("launcher.import_hf", "main", "start a run from a Hugging Face model's weights"),
-    "checkpoint": ("launcher.checkpoints", "main",
+    "prepare": ("strata.launcher.prepare", "main", "tokenize text, source files or JSONL into token shards"),
+    "generate": ("strata.launcher.generate", "main", "continue a prompt with a trained run"),
+    "export": ("strata.launcher.export", "main", "write a run's weights as a Hugging Face transformers model"),
+    "import": ("strata.launcher.import_hf", "main", "start a run from a Hugging Face model's weights"),
+    "checkpoint": ("strata.launcher.checkpoints", "main",
                    "verify a run's checkpoints against their checksums, without loading them"),
-    "launch": ("launcher.launch", "main",
+    "launch": ("strata.launcher.launch", "main",
                "write (or submit) a SLURM script that saves before its time limit and requeues itself"),
-    "plan": ("launcher.plan", "main",
+    "plan": ("strata.launcher.plan", "main",
              "which parallel layouts fit a model on N GPUs: memory per GPU, FLOPs, estimated step time"),
 }
 
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; use one of {', '.join(COMMANDS)} (`strata --help` says "
               "what each does)", file=sys.stderr)
         return 2
-    from launcher import host
+    from strata.launcher import host
 
     host.short_omp_spinning()  # before anything imports torch
-    from launcher.quiet import quiet_third_party
+    from strata.launcher.quiet import quiet_third_party
 
     quiet_third_party(stdout_is_output=command in STDOUT_IS_OUTPUT)
     if command == "train" and ("-h" in rest or "--help" in rest):
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_help() -> int:
     """train's own usage (launcher/train.py:parse_args), then every config key."""
-    from launcher.config import describe_keys
-    from launcher.train import parse_args
+    from strata.launcher.config import describe_keys
+    from strata.launcher.train import parse_args
 
     with contextlib.suppress(SystemExit):
         parse_args(["--help"])

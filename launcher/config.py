@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from data.config import DataConfig
-from model.config import BLOCK_KINDS, BlockSpec, ModelConfig
-from parallel.config import RECOMPUTE_MODES, CheckpointConfig, OptimizerConfig, ParallelConfig
+from strata.data.config import DataConfig
+from strata.model.config import BLOCK_KINDS, BlockSpec, ModelConfig
+from strata.parallel.config import RECOMPUTE_MODES, CheckpointConfig, OptimizerConfig, ParallelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -187,11 +187,11 @@ class TrainConfig:
         return self.param_dtype == "bf16" or self.precision == "bf16" or (self.precision == "auto" and on_gpu)
 
     def optimizer(self) -> OptimizerConfig:
-        """What the engine reads of this section (parallel/engine.py), at its current values."""
+        """What the engine reads of this section (parallel/engine/build.py), at its current values."""
         return OptimizerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerConfig)})
 
     def block_recompute(self, blocks: list[BlockSpec]) -> list[str]:
-        """Each block's recompute mode (one of RECOMPUTE_MODES; parallel/parallelize.py applies it),
+        """Each block's recompute mode (one of RECOMPUTE_MODES; parallel/engine/parallelize.py applies it),
         for ModelConfig.blocks(): recompute_kinds[its kind], else recompute; a 'full' block that is
         not one of its kind's every recompute_every-th 'full' blocks gets 'none'."""
         plan, fulls = [], dict.fromkeys(BLOCK_KINDS, 0)
@@ -304,7 +304,7 @@ def load_run_config(ckpt: str | Path) -> Config:
 
 
 def _tokenizer_from_here(path: Path) -> list[str]:
-    from data.tokenizer import RUN_TOKENIZER
+    from strata.data.tokenizer import RUN_TOKENIZER
 
     try:
         tokenizer = ((parse_yaml(path.read_text()) or {}).get("data") or {}).get("tokenizer")

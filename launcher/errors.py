@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from launcher.config import ConfigError
+from strata.launcher.config import ConfigError
 
 FAILURE_EXIT = 1  # a damaged checkpoint, a data error, a full disk: the line says which
 CONFIG_EXIT = 2  # a bad config key, value, flag or layout: nothing was started

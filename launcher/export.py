@@ -7,7 +7,7 @@ The directory loads with transformers' AutoModelForCausalLM / AutoTokenizer.from
 config.json (NemotronH, Mamba2 or Bamba: --arch auto picks the first that expresses the
 model, see model/hf/), safetensors weights, generation_config.json, and the tokenizer as
 tokenizer.json (a fast tokenizer built from the sentencepiece model) with tokenizer.model
-beside it. The checkpoint is read shard by shard (parallel/consolidate.py), whatever its
+beside it. The checkpoint is read shard by shard (parallel/checkpoint/consolidate.py), whatever its
 parallel layout; structured MLPs are pre-merged into dense weights. A checkpoint of the
 self-guided phase is written as the model training evaluates at that step: each dense path W and
 structure S frozen into a W + (1 - a) S with the step's a (a note names the step and a).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from model import hf
+from strata.model import hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,8 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def find_tokenizer(ckpt: Path, override: str | None) -> Path:
     """The run's sentencepiece model: the copy training put in its run directory (from any
     working directory, with or without the prepared corpus), or --tokenizer for a run without one."""
-    from data import run_tokenizer_path
-    from parallel.consolidate import run_dir_of
+    from strata.data.tokenizer import run_tokenizer_path
+    from strata.parallel.checkpoint.consolidate import run_dir_of
 
     return run_tokenizer_path(run_dir_of(ckpt), override)
 
@@ -68,8 +68,8 @@ def self_guided_alpha(ckpt: Path, state: dict) -> float | None:
     holds no dense paths (no self-guided training, or the guided phase ended before it)."""
     if not any(name.endswith(".guide") for name in state):
         return None
-    from parallel.checkpoint import read_manifest
-    from parallel.consolidate import CheckpointError
+    from strata.parallel.checkpoint.consolidate import CheckpointError
+    from strata.parallel.checkpoint.files import read_manifest
 
     saved = read_manifest(ckpt).get("self_guided")
     if saved is None:
@@ -92,8 +92,8 @@ def premerge_structured(state: dict, cfg, alpha: float | None = None) -> tuple[d
     self-guided phase still in `state` folded in at `alpha` (self_guided_alpha)."""
     if cfg.mlp.structure == "dense":
         return state, cfg
-    from model.hybrid import HybridLM
-    from model.structured import to_dense
+    from strata.model.hybrid import HybridLM
+    from strata.model.structured import to_dense
 
     if alpha is None and any(name.endswith(".guide") for name in state):
         raise ValueError("the checkpoint holds self-guided dense paths: give the a they are mixed in at")
@@ -182,8 +182,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     """Write the HF directory; returns (out, the arch written, a note for the user or None)."""
     import sentencepiece as spm
 
-    from launcher.config import load_run_config
-    from parallel.consolidate import consolidate, resolve_checkpoint
+    from strata.launcher.config import load_run_config
+    from strata.parallel.checkpoint.consolidate import consolidate, resolve_checkpoint
 
     hf.require_transformers("strata export")
     out = Path(out)
@@ -219,8 +219,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from parallel.consolidate import CheckpointError
-    from data import DataError
+    from strata.data.errors import DataError
+    from strata.parallel.checkpoint.consolidate import CheckpointError
 
     try:
         out, arch, note = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from model.generate import DEFAULT_PREFILL_CHUNK, PromptTooLong, Sampling, generate
+from strata.model.generate import DEFAULT_PREFILL_CHUNK, PromptTooLong, Sampling, generate
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,9 +62,9 @@ def load_model(ckpt, cfg, device: torch.device):
     """HybridLM with the checkpoint's weights (built on the meta device, weights assigned:
     one copy of the model in memory), computing what training evaluates at that step: in the
     self-guided phase, each structured linear's dense path mixed in at the step's a."""
-    from launcher.export import self_guided_alpha
-    from model.hybrid import HybridLM
-    from parallel.consolidate import consolidate
+    from strata.launcher.export import self_guided_alpha
+    from strata.model.hybrid import HybridLM
+    from strata.parallel.checkpoint.consolidate import consolidate
 
     # fp32 like training's master weights, whatever dtype an imported checkpoint was stored in
     state = {k: v.float() if v.is_floating_point() else v for k, v in consolidate(ckpt, cfg.model).items()}
@@ -89,13 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from data import DataError, Tokenizer
-    from launcher.export import find_tokenizer
-    from parallel.consolidate import CheckpointError
-    from launcher.config import load_run_config
-    from parallel.consolidate import resolve_checkpoint
-    from launcher.export import guided_note
-    from model.structured import premerge_where_faster, structured_linears
+    from strata.data.errors import DataError
+    from strata.data.tokenizer import Tokenizer
+    from strata.launcher.config import load_run_config
+    from strata.launcher.export import find_tokenizer, guided_note
+    from strata.model.structured import premerge_where_faster, structured_linears
+    from strata.parallel.checkpoint.consolidate import CheckpointError, resolve_checkpoint
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)

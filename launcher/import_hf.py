@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model import hf
+from strata.model import hf
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def resolve_tying(cfg, arch: str, state: dict) -> None:
 @torch.no_grad()
 def check_weights(cfg, state: dict, source: Path) -> None:
     """Every parameter of HybridLM(cfg) present with its shape, nothing left over."""
-    from model.hybrid import HybridLM
+    from strata.model.hybrid import HybridLM
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in HybridLM(cfg).state_dict().items()}
@@ -84,7 +84,7 @@ def run_config_text(model_cfg, out: Path, base: str | None, overrides: list[str]
     """The YAML of the imported run: the derived model, the rest from --config and overrides."""
     import yaml
 
-    from launcher.config import DEFAULT_CONFIG, dump_yaml, load_config
+    from strata.launcher.config import DEFAULT_CONFIG, dump_yaml, load_config
 
     base_cfg = load_config(base or DEFAULT_CONFIG)
     raw = yaml.safe_load(dump_yaml(base_cfg))
@@ -104,9 +104,9 @@ def run_config_text(model_cfg, out: Path, base: str | None, overrides: list[str]
 def import_checkpoint(source: str | Path, out: str | Path, base: str | None = None,
                       overrides: list[str] = ()) -> tuple[Path, str, str | None]:
     """Create the run; returns (checkpoint dir, arch, a note for the user or None)."""
-    from data import install_run_tokenizer
-    from launcher.config import ConfigError
-    from parallel.checkpoint import write_weights_only
+    from strata.data.tokenizer import install_run_tokenizer
+    from strata.launcher.config import ConfigError
+    from strata.parallel.checkpoint.files import write_weights_only
 
     hf.require_transformers("strata import")
     source, out = Path(source), Path(out)
@@ -131,7 +131,7 @@ def import_checkpoint(source: str | Path, out: str | Path, base: str | None = No
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from data import DataError
+    from strata.data.errors import DataError
 
     try:
         ckpt, arch, note = import_checkpoint(args.source, args.out, args.config, args.overrides)

@@ -20,9 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.config import ConfigError, load_config
-from launcher.errors import PREEMPTED_EXIT
-from parallel.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from strata.launcher.config import ConfigError, load_config
+from strata.launcher.errors import PREEMPTED_EXIT
+from strata.parallel.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 SIGNAL_SECONDS = 180  # default warning before the time limit
 STOP_MARGIN_S = 30  # torchrun SIGKILLs workers still saving this long before the time limit
@@ -104,7 +104,7 @@ def train_command(args: argparse.Namespace) -> str:
     train = " ".join(shlex.quote(a) for a in ["--config", args.config, *args.overrides])
     return (f'torchrun --nnodes "$SLURM_NNODES" --nproc-per-node {args.gpus_per_node} \\\n'
             f"        {rendezvous} \\\n"
-            f"        -m launcher.train {train}")
+            f"        -m strata.launcher.train {train}")
 
 
 def sbatch_header(args: argparse.Namespace, cpus: int, run_dir: Path, workdir: Path) -> str:

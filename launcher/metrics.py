@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import atomic_write
-
+from strata.parallel.checkpoint.files import atomic_write
 
 # Dense bf16 peaks from the vendors' data sheets (TFLOP/s), matched against the device name.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}

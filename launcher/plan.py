@@ -20,10 +20,10 @@ import os
 import sys
 from dataclasses import replace
 
-from launcher.config import Config, ConfigError, load_config
-from model.counting import KIND_NAMES
-from parallel.layout import Layout, LayoutError, check_layout
-from parallel.plan import ASSUMED_MFU, GIB, Hardware, Plan, RunSpec, plan_layout, plan_layouts, total_parameters
+from strata.launcher.config import Config, ConfigError, load_config
+from strata.model.counting import KIND_NAMES
+from strata.parallel.layout import Layout, LayoutError, check_layout
+from strata.parallel.plan import ASSUMED_MFU, GIB, Hardware, Plan, RunSpec, plan_layout, plan_layouts, total_parameters
 
 NOTHING_FITS = 1
 RECOMPUTE_ORDER = ("none", "selective", "full")

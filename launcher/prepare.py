@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from data.config import DataConfig
-from data.errors import DataError
+from strata.data.config import DataConfig
+from strata.data.errors import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
                          val_fraction=args.val_fraction, shard_input_mb=args.shard_input_mb,
                          max_shard_tokens=args.max_shard_tokens, tokenizer_sample_mb=args.tokenizer_sample_mb,
                          stdlib_max_mb=args.stdlib_max_mb)
-        from data.prepare import prepare_corpus
+        from strata.data.prepare import prepare_corpus
         prepare_corpus(cfg, args.out, force=args.force)
         return 0
     except DataError as exc:
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
 
 
 def _verify(root: Path) -> int:
-    from data.shards import check_shard_sizes, read_manifest, verify_shard_checksums
+    from strata.data.shards import check_shard_sizes, read_manifest, verify_shard_checksums
     manifest = read_manifest(root)
     check_shard_sizes(root, manifest)
     for info in manifest["shards"]:

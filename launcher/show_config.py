@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.config import ConfigError, describe_keys, dump_yaml, load_config
+from strata.launcher.config import ConfigError, describe_keys, dump_yaml, load_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

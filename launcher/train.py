@@ -2,7 +2,7 @@
 
     strata train                                   # configs/tiny.yaml on one process
     strata train --config configs/tiny.yaml train.max_steps=50
-    torchrun --nproc-per-node 2 -m launcher.train --config configs/tiny.yaml parallel.zero_stage=2
+    torchrun --nproc-per-node 2 -m strata.launcher.train --config configs/tiny.yaml parallel.zero_stage=2
     deepspeed --num_gpus 8 launcher/train.py --config configs/hybrid-1b3.yaml
 
 Started again with the same command, a run resumes from its newest complete checkpoint.
@@ -21,40 +21,45 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by the deepspeed launcher
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script (`deepspeed launcher/train.py`): Python put launcher/ first on
+    # sys.path, where its modules (config, errors, metrics, ...) would stand in for top-level packages of those names;
+    # Strata's own modules resolve through the installed `strata` namespace
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 if __name__ == "__main__":  # torchrun, the deepspeed launcher, srun: before anything imports DeepSpeed
-    from launcher.quiet import quiet_third_party
+    from strata.launcher.quiet import quiet_third_party
 
     quiet_third_party()  # (`strata train` made the call in launcher/cli.py)
 
 import torch
 import torch.distributed as dist
 
-import data
-from launcher.config import Config, ConfigError, dump_yaml, load_config
-from launcher.errors import (CONFIG_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error, exit_code_of,
-                             leave_os_errors_to_the_main_thread, report_error_once)
-from launcher.metrics import Reporter, hardware_metrics, peak_tflops, show_strata_logs
-from launcher.plan import log_memory_plan
-from launcher.signals import Preempted, StopRequest
-from model import HybridLM
-from model.counting import format_counts, training_flops_per_token
-from model.generate import PromptTooLong, Sampling, generate
-from model.guidance import SelfGuidance, equal_flops_extra_steps, split_guide_flops
-from model.mlp import describe_structure
-from parallel import checkpoint as ckpt
-from parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
-from parallel.engine import build_engine, data_parallel_size, grad_accumulation_steps
-from parallel.guard import SpikeGuard, parameters_finite
-from parallel.layout import Layout
-from parallel.layout import check_layout as check_parallel_layout
-from parallel.parallelize import parallel_model
-from parallel.resume import ResumePlan
-from parallel.steps import eval_loss, train_micro_batches
-from parallel.rebuild import rebuild_engine, supports_rebuild
-from parallel.topology import Topology, init_topology
+from strata.data.corpus import open_corpus
+from strata.data.errors import DataError
+from strata.data.loader import TrainLoader, eval_batches
+from strata.data.prepare import ensure_prepared
+from strata.data.tokenizer import install_run_tokenizer
+from strata.launcher.config import Config, ConfigError, dump_yaml, load_config
+from strata.launcher.errors import (CONFIG_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error, exit_code_of,
+                                    leave_os_errors_to_the_main_thread, report_error_once)
+from strata.launcher.metrics import Reporter, hardware_metrics, peak_tflops, show_strata_logs
+from strata.launcher.plan import log_memory_plan
+from strata.launcher.signals import Preempted, StopRequest
+from strata.model.counting import format_counts, training_flops_per_token
+from strata.model.generate import PromptTooLong, Sampling, generate
+from strata.model.guidance import SelfGuidance, equal_flops_extra_steps, split_guide_flops
+from strata.model.hybrid import HybridLM
+from strata.model.mlp import describe_structure
+from strata.parallel.checkpoint import files as ckpt
+from strata.parallel.checkpoint.rebuild import rebuild_engine, supports_rebuild
+from strata.parallel.checkpoint.resume import ResumePlan
+from strata.parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
+from strata.parallel.engine.build import build_engine, data_parallel_size, grad_accumulation_steps
+from strata.parallel.engine.parallelize import parallel_model
+from strata.parallel.engine.steps import eval_loss, train_micro_batches
+from strata.parallel.guard import SpikeGuard, parameters_finite
+from strata.parallel.layout import Layout, check_layout as check_parallel_layout
+from strata.parallel.topology import Topology, init_topology
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -124,9 +129,9 @@ def any_rank_asked_to_stop(stop: StopRequest, device: torch.device) -> bool:
 
 def open_data(cfg: Config, info: DistInfo):
     if info.is_main:
-        data.ensure_prepared(cfg.data)
+        ensure_prepared(cfg.data)
     dist.barrier()
-    return data.open_corpus(cfg.data)
+    return open_corpus(cfg.data)
 
 
 def resolve_config(cfg: Config, tokenizer_vocab: int) -> int:
@@ -157,7 +162,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     corpus = open_data(cfg, info)
     asked_steps = resolve_config(cfg, corpus.tokenizer.vocab_size)
     resolved = dump_yaml(cfg)  # from here on the config is read only: check_config_unchanged
-    data.install_run_tokenizer(corpus.tokenizer, run_dir, write=info.is_main)  # what generate/export read
+    install_run_tokenizer(corpus.tokenizer, run_dir, write=info.is_main)  # what generate/export read
     check_layout(cfg, info.world_size)  # again, now that the vocabulary is known
     torch.manual_seed(cfg.train.seed)
     model = HybridLM(cfg.model)  # on the CPU: sharded / cut into stages before it moves
@@ -172,14 +177,14 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     guidance = start_guidance(cfg, model, newest if plan.continues_training else None, asked_steps)
     engine = build_engine(model, cfg.train.optimizer(), cfg.parallel, info.world_size, mpu=topo.engine_mpu,
                           autocast=autocast_dtype(cfg, info.device))
-    loader = data.TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
+    loader = TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
                               dp_rank, dp, cfg.train.seed)
     step = 0
     state = plan.restore(engine, info.rank, topo, cfg.train.lr)
     if state is not None:
         loader.load_state_dict(state["data"])
         step = state["step"]
-    evals = data.eval_batches(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
+    evals = eval_batches(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
                               cfg.train.eval_batches, dp_rank, dp)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         info = init_distributed(cfg.parallel.backend)
         train(cfg, info, stop)
         return 0
-    except (Preempted, Diverged, ConfigError, ckpt.CheckpointError, data.DataError, OSError) as e:
+    except (Preempted, Diverged, ConfigError, ckpt.CheckpointError, DataError, OSError) as e:
         stop.restore()  # a launcher stopping the other ranks now must not interrupt the report
         if isinstance(e, Preempted):
             if is_main:

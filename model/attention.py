@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import ops
-from model.config import AttentionConfig
-from model.linear import WHOLE, Projections
-from model.recompute import checkpoint_if
+from strata.kernels import ops
+from strata.model.config import AttentionConfig
+from strata.model.linear import WHOLE, Projections
+from strata.model.recompute import checkpoint_if
 
 
 @dataclass

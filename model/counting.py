@@ -35,7 +35,7 @@ convention (torchtitan/PaLM count the full square: 2x our attention-score term).
 """
 from __future__ import annotations
 
-from model.config import ATTENTION_BLOCK, BLOCK_KINDS, MAMBA_BLOCK, MLP_BLOCK, BlockSpec, ModelConfig
+from strata.model.config import ATTENTION_BLOCK, BLOCK_KINDS, MAMBA_BLOCK, MLP_BLOCK, BlockSpec, ModelConfig
 
 KIND_NAMES = {MAMBA_BLOCK: "mamba2", ATTENTION_BLOCK: "attention", MLP_BLOCK: "mlp"}
 

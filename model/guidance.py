@@ -25,9 +25,9 @@ from dataclasses import replace
 
 from torch import nn
 
-from model.config import MLPConfig, ModelConfig
-from model.counting import forward_flops_per_token
-from model.structured import StructuredLinear, structured_linears
+from strata.model.config import MLPConfig, ModelConfig
+from strata.model.counting import forward_flops_per_token
+from strata.model.structured import StructuredLinear, structured_linears
 
 _MASK64 = (1 << 64) - 1
 

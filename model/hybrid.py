@@ -17,15 +17,15 @@ import math
 import torch
 from torch import nn
 
-from kernels import ops
-from model.attention import Attention
-from model.config import ATTENTION_BLOCK, MAMBA_BLOCK, BlockSpec, ModelConfig
-from model.linear import WHOLE, Projections
-from model.mamba2 import Mamba2Mixer
-from model.mlp import MLP
-from model.norm import RMSNorm
-from model.recompute import checkpoint_if
-from model.structured import StructuredLinear
+from strata.kernels import ops
+from strata.model.attention import Attention
+from strata.model.config import ATTENTION_BLOCK, MAMBA_BLOCK, BlockSpec, ModelConfig
+from strata.model.linear import WHOLE, Projections
+from strata.model.mamba2 import Mamba2Mixer
+from strata.model.mlp import MLP
+from strata.model.norm import RMSNorm
+from strata.model.recompute import checkpoint_if
+from strata.model.structured import StructuredLinear
 
 
 def document_index(position_ids: torch.Tensor | None, batch_size: int = 1) -> torch.Tensor | None:
@@ -123,7 +123,7 @@ class HybridLM(nn.Module):
 
     def declare_no_weight_decay(self) -> None:
         """Marks the parameters weight decay leaves alone (the optimizer reads the mark:
-        parallel/engine.py; a split form carries it over): the embedding, and every vector (norm
+        parallel/engine/build.py; a split form carries it over): the embedding, and every vector (norm
         weights, biases, Mamba2's A_log, D and dt_bias)."""
         for name, p in self.named_parameters():
             if p.dim() < 2 or name == "embed.weight":

@@ -2,7 +2,7 @@
 The same parameters, names, init and state dict as nn.Linear (it is one).
 
 `Projections` is how a mixer builds its projections: the model's own are whole Linears; tensor
-parallelism (parallel/tensor_parallel.py) passes one that splits them over its ranks, so that its
+parallelism (parallel/tensor/blocks.py) passes one that splits them over its ranks, so that its
 mixers are the model's own classes built with local sizes (Megatron's mixers take their linear
 classes as submodules the same way)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kernels import ops
+from strata.kernels import ops
 
 
 class Linear(nn.Linear):
@@ -22,7 +22,7 @@ class Linear(nn.Linear):
 
 class Projections:
     """The projections of one process holding the whole model (ranks = 1). A mixer asks for its
-    projections by their role; a split form (parallel/tensor_parallel.py) answers with this rank's
+    projections by their role; a split form (parallel/tensor/blocks.py) answers with this rank's
     shards and says how many ranks share the heads."""
 
     ranks = 1

@@ -9,19 +9,18 @@ to cfg.dt_limit the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-import dataclasses
-
-from kernels import ops
-from model.config import MambaConfig
-from model.linear import WHOLE, Projections
-from model.norm import RMSNorm
-from model.recompute import checkpoint_if
+from strata.kernels import ops
+from strata.model.config import MambaConfig
+from strata.model.linear import WHOLE, Projections
+from strata.model.norm import RMSNorm
+from strata.model.recompute import checkpoint_if
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, cfg: MambaConfig, d_model: int, norm_eps: float = 1e-5, projections: Projections = WHOLE):
         """`projections.ranks` > 1 builds one rank's share: its heads and groups, with in_proj split
-        by outputs and out_proj by inputs (parallel/tensor_parallel.py)."""
+        by outputs and out_proj by inputs (parallel/tensor/blocks.py)."""
         super().__init__()
         ranks = projections.ranks
         self.cfg = dataclasses.replace(cfg, ngroups=cfg.ngroups // ranks) if ranks > 1 else cfg

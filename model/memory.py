@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from model.config import ATTENTION_BLOCK, MAMBA_BLOCK, ModelConfig
+from strata.model.config import ATTENTION_BLOCK, MAMBA_BLOCK, ModelConfig
 
 FP32, INT64 = 4, 8
 ALL, NONE_SEL, NONE, SEL = "nsf", "ns", "n", "s"

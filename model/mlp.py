@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import MLP_BLOCK, MLPConfig, ModelConfig, StructuredSizes
-from model.linear import WHOLE, Linear, Projections
-from model.recompute import checkpoint_if
-from model.structured import BlockDense, BlockShuffle, LowRank
+from strata.model.config import MLP_BLOCK, MLPConfig, ModelConfig, StructuredSizes
+from strata.model.linear import WHOLE, Linear, Projections
+from strata.model.recompute import checkpoint_if
+from strata.model.structured import BlockDense, BlockShuffle, LowRank
 
 
 def make_linear(in_features: int, out_features: int, cfg: MLPConfig, layer_idx: int,

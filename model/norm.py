@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import ops
+from strata.kernels import ops
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,4 @@
-"""Activation recompute's seam in the model (the policy is set from outside: parallel/parallelize.py
+"""Activation recompute's seam in the model (the policy is set from outside: parallel/engine/parallelize.py
 apply_recompute, from train.recompute).
 
 Two kinds of region can be recomputed in the backward instead of keeping their activations:

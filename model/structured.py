@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import ops
+from strata.kernels import ops
 
 
 class StructuredLinear(nn.Module):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """The batch, AdamW, clipping and LR schedule the engine is built with (parallel/engine.py);
+    """The batch, AdamW, clipping and LR schedule the engine is built with (parallel/engine/build.py);
     the fields mean what train.<field> of the same name means."""
 
     global_batch_size: int
@@ -25,7 +25,7 @@ class OptimizerConfig:
     param_dtype: str = "fp32"
 
 RECOMPUTE_MODES = ("none", "selective", "full")
-"""Activation recompute per block (train.recompute; parallel/parallelize.py applies it): 'none' keeps
+"""Activation recompute per block (train.recompute; parallel/engine/parallelize.py applies it): 'none' keeps
 every activation; 'selective' recomputes the mixer's core (Mamba2: conv + SSD scan + gated norm;
 attention: RoPE + GQA + SDPA; MLP: the activation) and keeps the matmul outputs around it; 'full'
 recomputes the whole block and keeps only its input."""

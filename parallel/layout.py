@@ -7,15 +7,15 @@ line on stderr, not a hung job:
     -> LayoutError: parallel layout tp=4 pp=2 dp=1 on 8 processes: mamba.ngroups=2 is not
        divisible by tp=4; nearest valid layouts: tp=2 pp=2 dp=2, tp=2 pp=4 dp=1, tp=1 pp=2 dp=4
 
-Every rule here mirrors a split made in parallel/tensor_parallel.py (heads, groups, MLP
-widths and structured factors, vocabulary) or parallel/pipeline.py (blocks per stage).
+Every rule here mirrors a split made in parallel/tensor/blocks.py (heads, groups, MLP
+widths and structured factors, vocabulary) or parallel/pipeline/stages.py (blocks per stage).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from model.config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, ModelConfig
+from strata.model.config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, ModelConfig
 
 
 class LayoutError(ValueError):
@@ -88,7 +88,7 @@ def mamba_problems(model: ModelConfig, tp: int) -> list[str]:
 
 
 def structured_problems(model: ModelConfig, tp: int) -> list[str]:
-    """The splits of parallel/tensor_parallel.py's structured linears (see there)."""
+    """The splits of parallel/tensor/blocks.py's structured linears (see there)."""
     mlp = model.mlp
     sizes = mlp.structured_sizes(model.d_model)
     d_ff = mlp.resolved_d_ff(model.d_model)

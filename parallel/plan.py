@@ -6,8 +6,8 @@
     plans = plan_layouts(spec, world_size=64)           # every layout of parallel/layout.py's valid_layouts
 
 No process group and no GPU: parameters come from a HybridLM on the meta device split by
-parallel/tp_splits.py (the TP model's own rules), pipeline stages from the same FLOP-balanced
-partition as parallel/pipeline.py, FLOPs from model/counting.py and activations from
+parallel/tensor/splits.py (the TP model's own rules), pipeline stages from the same FLOP-balanced
+partition as parallel/pipeline/stages.py, FLOPs from model/counting.py and activations from
 model/memory.py. What a rank holds (fp32 weights, torch AdamW, DeepSpeed 0.19's ZeRO):
 
 - weights: 4 bytes per local parameter (ZeRO-3: 1/dp of them, except the small ones it keeps whole);
@@ -43,15 +43,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from model.config import ModelConfig
-from model.counting import block_core_flops, block_forward_flops, count_parameters, training_flops_per_token
-from model.memory import (FP32, LossMemory, Shape, block_activations, core_input_bytes, kept_bytes,
-                          loss_activations, recompute_working_set)
-from parallel.layout import Layout, layout_problems, valid_layouts
+from strata.model.config import ModelConfig
+from strata.model.counting import block_core_flops, block_forward_flops, count_parameters, training_flops_per_token
+from strata.model.memory import (FP32, LossMemory, Shape, block_activations, core_input_bytes, kept_bytes,
+                                 loss_activations, recompute_working_set)
+from strata.parallel.layout import Layout, layout_problems, valid_layouts
 
 GIB = 2**30
 REDUCE_BUCKET_ELEMENTS = 500_000_000
-"""DeepSpeed's default zero_optimization.reduce_bucket_size (parallel/engine.py leaves it unset)."""
+"""DeepSpeed's default zero_optimization.reduce_bucket_size (parallel/engine/build.py leaves it unset)."""
 BUCKET = "ZeRO reduce bucket (reduce_bucket_size x fp32)"
 ZERO3_PERSISTENCE_THRESHOLD = 100_000
 """DeepSpeed's stage3_param_persistence_threshold: smaller parameters stay whole on every rank."""
@@ -137,7 +137,7 @@ _LAYERS: dict[tuple[str, int], tuple] = {}
 
 
 def layer_of(name: str, n_blocks: int) -> int:
-    """The pipeline layer (parallel/pipeline.py's order) a HybridLM parameter belongs to."""
+    """The pipeline layer (parallel/pipeline/stages.py's order) a HybridLM parameter belongs to."""
     if name.startswith("embed."):
         return 0
     if name.startswith("blocks."):
@@ -148,7 +148,7 @@ def layer_of(name: str, n_blocks: int) -> int:
 def _layer_parameters(model: ModelConfig, tp: int) -> tuple[tuple[int, int, int, int], ...]:
     """Per pipeline layer: (parameters on one TP rank, of which matmul weights, the largest one, of
     which in tensors ZeRO-3 never partitions),
-    from a HybridLM on the meta device (no memory) split by parallel/tp_splits.py."""
+    from a HybridLM on the meta device (no memory) split by parallel/tensor/splits.py."""
     key = (repr(model), tp)
     if key not in _LAYERS:
         _LAYERS[key] = _count_layer_parameters(model, tp)
@@ -163,7 +163,7 @@ def meta_model(model: ModelConfig) -> torch.nn.Module:
     skipping nn.init.normal_ saves that op's one-time import on meta tensors (a second)."""
     from unittest import mock
 
-    from model.hybrid import HybridLM
+    from strata.model.hybrid import HybridLM
 
     if repr(model) not in _META:
         with torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", lambda t, *args, **kwargs: t):
@@ -172,7 +172,7 @@ def meta_model(model: ModelConfig) -> torch.nn.Module:
 
 
 def _count_layer_parameters(model: ModelConfig, tp: int) -> tuple[tuple[int, int, int, int], ...]:
-    from parallel.tp_splits import parameter_splits, split_of
+    from strata.parallel.tensor.splits import parameter_splits, split_of
 
     net = meta_model(model)
     splits = parameter_splits(net, tp)
@@ -191,7 +191,7 @@ def _count_layer_parameters(model: ModelConfig, tp: int) -> tuple[tuple[int, int
 
 
 def stage_bounds(model: ModelConfig, seq_len: int, pp: int) -> list[int]:
-    """parallel/pipeline.py's stage_bounds without importing the pipeline (and megatron-core):
+    """parallel/pipeline/stages.py's stage_bounds without importing the pipeline (and megatron-core):
     DeepSpeed's partition_balanced over each layer's forward FLOPs (the tests check they agree)."""
     if pp == 1:
         return [0, model.n_blocks + 3]

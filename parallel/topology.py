@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.layout import Layout
+from strata.parallel.layout import Layout
 
 
 def _ps():

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import dot_precision, interpreting, next_pow2, num_programs_hint
+from strata.kernels.triton_utils import dot_precision, interpreting, next_pow2, num_programs_hint
 
 
 @triton.jit

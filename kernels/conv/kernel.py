@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, next_pow2, silu, silu_grad
+from strata.kernels.triton_utils import interpreting, next_pow2, silu, silu_grad
 
 _ACTIVATIONS = {None: False, "none": False, "silu": True, "swish": True}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.linear.cpu import _mm_t
+from strata.kernels.linear.cpu import _mm_t
 
 CHUNK_ELEMENTS = 2**21
 """Logits per chunk: rows = CHUNK_ELEMENTS // vocab (512 rows of a 4096 vocabulary)."""

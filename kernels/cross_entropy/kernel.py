@@ -29,7 +29,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, next_pow2
+from strata.kernels.triton_utils import interpreting, next_pow2
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import next_pow2, num_programs_hint, silu, silu_grad
+from strata.kernels.triton_utils import next_pow2, num_programs_hint, silu, silu_grad
 
 
 @triton.jit

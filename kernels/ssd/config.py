@@ -6,7 +6,7 @@ benchmark uses it to compare variants on a GPU within one run.
 """
 from __future__ import annotations
 
-from kernels.triton_utils import interpreting, next_pow2
+from strata.kernels.triton_utils import interpreting, next_pow2
 
 OVERRIDES: dict[str, dict] = {}
 

@@ -16,13 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
-from kernels.ssd.documents import as_documents
-from kernels.ssd.reference import NO_DT_LIMIT
-from kernels.ssd.scan import bmm_fwd, scan_fwd
-from kernels.ssd.scan_bwd import dbc_bwd, dcb_bwd, dx_bwd
-from kernels.ssd.state import state_bwd, state_fwd
-from kernels.triton_utils import contiguous_last, silu, silu_grad
+from strata.kernels.ssd.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
+from strata.kernels.ssd.documents import as_documents
+from strata.kernels.ssd.reference import NO_DT_LIMIT
+from strata.kernels.ssd.scan import bmm_fwd, scan_fwd
+from strata.kernels.ssd.scan_bwd import dbc_bwd, dcb_bwd, dx_bwd
+from strata.kernels.ssd.state import state_bwd, state_fwd
+from strata.kernels.triton_utils import contiguous_last, silu, silu_grad
 
 
 @triton.jit

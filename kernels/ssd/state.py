@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.config import blocks
-from kernels.ssd.documents import chunk_documents, documents_of
-from kernels.triton_utils import dot_precision
+from strata.kernels.ssd.config import blocks
+from strata.kernels.ssd.documents import chunk_documents, documents_of
+from strata.kernels.triton_utils import dot_precision
 
 
 @triton.jit

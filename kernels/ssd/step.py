@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.reference import NO_DT_LIMIT, clamps_dt
-from kernels.triton_utils import next_pow2, silu, softplus
+from strata.kernels.ssd.reference import NO_DT_LIMIT, clamps_dt
+from strata.kernels.triton_utils import next_pow2, silu, softplus
 
 
 @triton.jit

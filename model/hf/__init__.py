@@ -38,12 +38,12 @@ Details checked against transformers' modeling files and matched exactly:
 The package: config.py (what each target expresses, the config mapping), names.py (parameter
 names), files.py (config.json and safetensors). Its public names are imported here.
 """
-from model.hf.config import (ARCHITECTURES, ARCHS, NEMOTRON_LAYER_TYPES, NO_CLAMP_TIME_STEP_MIN,
-                             UnsupportedModel, choose_arch, hf_config_kwargs, import_notes, model_config_from_hf,
-                             unsupported_features)
-from model.hf.files import (INSTALL_HINT, MAX_SHARD_BYTES, build_hf_config, load_weights, read_hf_config,
-                            require_transformers, save_weights)
-from model.hf.names import from_hf_state_dict, name_prefixes, to_hf_state_dict
+from strata.model.hf.config import (ARCHITECTURES, ARCHS, NEMOTRON_LAYER_TYPES, NO_CLAMP_TIME_STEP_MIN,
+                                    UnsupportedModel, choose_arch, hf_config_kwargs, import_notes, model_config_from_hf,
+                                    unsupported_features)
+from strata.model.hf.files import (INSTALL_HINT, MAX_SHARD_BYTES, build_hf_config, load_weights, read_hf_config,
+                                   require_transformers, save_weights)
+from strata.model.hf.names import from_hf_state_dict, name_prefixes, to_hf_state_dict
 
 __all__ = ["ARCHITECTURES", "ARCHS", "INSTALL_HINT", "MAX_SHARD_BYTES", "NEMOTRON_LAYER_TYPES", "NO_CLAMP_TIME_STEP_MIN",
            "UnsupportedModel", "build_hf_config", "choose_arch", "from_hf_state_dict", "hf_config_kwargs",

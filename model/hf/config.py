@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+from strata.model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
 
 NO_CLAMP_TIME_STEP_MIN = 1e-30
 ARCHS = ("mamba2", "nemotron_h", "bamba")

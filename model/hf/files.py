@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model.config import ModelConfig
-from model.hf.config import ARCHITECTURES, ARCHS, UnsupportedModel, hf_config_kwargs, require
+from strata.model.config import ModelConfig
+from strata.model.hf.config import ARCHITECTURES, ARCHS, UnsupportedModel, hf_config_kwargs, require
 
 # ----------------------------------------------------------------------------------------
 # Files: config.json and safetensors weights (transformers is imported only here, lazily)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from model.config import ModelConfig
-from model.hf.config import UnsupportedModel, require
+from strata.model.config import ModelConfig
+from strata.model.hf.config import UnsupportedModel, require
 
 # ----------------------------------------------------------------------------------------
 # Parameter names

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # for data_helpers, whichever wa
 
 from data_helpers import make_documents, prepared_config, write_text_files  # noqa: E402
 
-from data.tokenizer import train_tokenizer  # noqa: E402
+from strata.data.tokenizer import train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

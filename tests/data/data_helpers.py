@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data import DataConfig, prepare_corpus  # noqa: E402
+from strata.data.config import DataConfig  # noqa: E402
+from strata.data.prepare import prepare_corpus
 
 WORDS = ["def", "return", "self", "naïve", "café", "日本語", "中文字符", "Ωμέγα", "مرحبا", "🙂", "👩‍💻",
          "e\u0301", "\u200b", "\u00a0", "▁", "x\u2581y", "</s>", "<unk>", "\ttab", "  ", "\r\n", "\n",

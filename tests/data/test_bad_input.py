@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 from data_helpers import make_documents, prepared_config, write_text_files
 
-from data import DataConfig, DataError, TrainLoader, ensure_prepared, open_corpus, prepare_corpus
-from data.shards import MANIFEST
-from launcher.prepare import main as prepare_main
+from strata.data.config import DataConfig
+from strata.data.corpus import open_corpus
+from strata.data.errors import DataError
+from strata.data.loader import TrainLoader
+from strata.data.prepare import ensure_prepared, prepare_corpus
+from strata.data.shards import MANIFEST
+from strata.launcher.prepare import main as prepare_main
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import DataError, TrainLoader, eval_batches, open_corpus
+from strata.data.corpus import open_corpus
+from strata.data.errors import DataError
+from strata.data.loader import TrainLoader, eval_batches
 
 SEQ = 16
 
@@ -161,7 +163,7 @@ def test_loader_errors_surface_on_the_training_thread(small_corpus, monkeypatch)
 
 
 def test_start_up_reads_no_shard_and_verifies_each_shard_once_lazily(small_corpus, monkeypatch):
-    import data.shards as shards
+    import strata.data.shards as shards
     cfg, _ = small_corpus
     verified = []
     real = shards.verify_shard_checksums

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from data_helpers import make_documents, prepared_config, write_text_files
 
-from data import DataConfig, TrainLoader, ensure_prepared, open_corpus, prepare_corpus
-from data.shards import MANIFEST
+from strata.data.config import DataConfig
+from strata.data.corpus import open_corpus
+from strata.data.loader import TrainLoader
+from strata.data.prepare import ensure_prepared, prepare_corpus
+from strata.data.shards import MANIFEST
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -106,7 +109,7 @@ def test_ensure_prepared_defaults_to_a_keyed_reusable_dir(tmp_path, monkeypatch,
 
 
 def test_stdlib_default_input_lists_sorted_capped_non_test_sources():
-    from data.sources import stdlib_files
+    from strata.data.sources import stdlib_files
     files = stdlib_files(2 * 2**20)
     assert files and all(f.endswith(".py") for f in files)
     assert not any("/test/" in f or "site-packages" in f for f in files)

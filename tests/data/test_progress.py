@@ -2,8 +2,8 @@
 a terminal and as log lines otherwise (data/progress.py), also when `strata train` prepares."""
 import logging
 
-import data.progress as progress_module
-from data.progress import Progress, format_seconds
+import strata.data.progress as progress_module
+from strata.data.progress import Progress, format_seconds
 
 
 def test_a_file_counts_once_all_its_pieces_are_done(monkeypatch, caplog):

@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 from data_helpers import make_documents, prepared_config, write_text_files
 
-from data import DataConfig, DataError, ensure_prepared, open_corpus, prepare_corpus
-from data.shards import TOKENIZER
-from launcher.prepare import main as prepare_main
+from strata.data.config import DataConfig
+from strata.data.corpus import open_corpus
+from strata.data.errors import DataError
+from strata.data.prepare import ensure_prepared, prepare_corpus
+from strata.data.shards import TOKENIZER
+from strata.launcher.prepare import main as prepare_main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from data import DataError, Tokenizer, install_run_tokenizer, run_tokenizer_path
-from data.tokenizer import RUN_TOKENIZER, RUN_TOKENIZER_SHA256
+from strata.data.errors import DataError
+from strata.data.tokenizer import (RUN_TOKENIZER, RUN_TOKENIZER_SHA256, Tokenizer, install_run_tokenizer,
+                                   run_tokenizer_path)
 
 
 def sha256(path) -> str:

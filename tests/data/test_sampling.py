@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from data.sampling import FeistelPermutation, GlobalSampler, MixtureSchedule
+from strata.data.sampling import FeistelPermutation, GlobalSampler, MixtureSchedule
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])

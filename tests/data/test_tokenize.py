@@ -7,12 +7,11 @@ import io
 import json
 
 import sentencepiece as spm
-
 import zstandard
-
-from data import Tokenizer, open_corpus
-
 from data_helpers import WORDS, make_documents, prepared_config
+
+from strata.data.corpus import open_corpus
+from strata.data.tokenizer import Tokenizer
 
 UNUSUAL = ["", " ", "  lead and trail  ", "\t\tx\t", "a\r\nb\rc\n\n\n", "▁", "▁▁ ▁", "x\u2581\u2581y", "\x00\x01\x7f",
            "\ufeffBOM", "e\u0301 vs é", "ﬁ Å K", "🙂👩‍💻🏳️‍🌈", "日本語とEnglish", "\u200b\u2028\u2029", "مرحبا بالعالم",

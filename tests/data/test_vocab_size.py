@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from data_helpers import make_documents, prepared_config, write_text_files
 
-from data import DataConfig, DataError, ensure_prepared, open_corpus
-from data.shards import MANIFEST
+from strata.data.config import DataConfig
+from strata.data.corpus import open_corpus
+from strata.data.errors import DataError
+from strata.data.prepare import ensure_prepared
+from strata.data.shards import MANIFEST
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_RUN = ["model.pattern=M-*", "model.d_model=64", "model.mamba.headdim=16", "model.mamba.d_state=16",
@@ -82,7 +85,7 @@ def test_mixture_of_another_vocabulary_is_refused(corpus_380):
 
 def test_train_refuses_it_in_one_line_before_training(tmp_path, corpus_380):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", f"data.prepared_dir={corpus_380.prepared_dir}",
+    proc = subprocess.run([sys.executable, "-m", "strata.launcher.cli", "train", f"data.prepared_dir={corpus_380.prepared_dir}",
                            "data.vocab_size=512", f"train.run_dir={tmp_path / 'run'}", "logging.progress=lines",
                            *SMALL_RUN],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

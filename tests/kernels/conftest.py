@@ -21,7 +21,7 @@ GPU_MODE = os.environ.get("STRATA_GPU_TESTS") == "1"
 if not GPU_MODE:
     os.environ["TRITON_INTERPRET"] = "1"
     for _name, _mod in list(sys.modules.items()):
-        if _name.startswith("kernels.") and "triton" in getattr(_mod, "__dict__", {}):
+        if _name.startswith("strata.kernels.") and "triton" in getattr(_mod, "__dict__", {}):
             del sys.modules[_name]
 
 sys.path.insert(0, os.path.dirname(__file__))  # for kernel_helpers, whichever way pytest was invoked

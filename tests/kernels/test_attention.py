@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import assert_close, grads, leaves
 
-from kernels import ops
-from kernels.attention import varlen
-from kernels.attention.reference import document_attention_ref, document_mask
+from strata.kernels import ops
+from strata.kernels.attention import varlen
+from strata.kernels.attention.reference import document_attention_ref, document_mask
 
 LENGTHS = ([1, 5, 1, 9, 4], [3, 17], [20])
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from kernel_helpers import assert_close, grads, leaves
 
-from kernels.blockdiag.kernel import blockdiag_matmul_triton
-from kernels.blockdiag.reference import blockdiag_matmul_ref
+from strata.kernels.blockdiag.kernel import blockdiag_matmul_triton
+from strata.kernels.blockdiag.reference import blockdiag_matmul_ref
 
 
 @pytest.mark.parametrize("lead,nblocks,m,k,shuffle", [
@@ -32,7 +32,7 @@ def test_blockdiag_matches_reference(lead, nblocks, m, k, shuffle):
 @pytest.mark.parametrize("mode,nblocks", [("strided", 3), ("tiles", 3), ("tiles", 4), ("copy", 4)])
 def test_blockdiag_shuffle_modes(monkeypatch, mode, nblocks):
     """Each way of doing the shuffle: fused strided columns, fused (rows, j, block) tiles, or a copy."""
-    import kernels.blockdiag.kernel as bd
+    import strata.kernels.blockdiag.kernel as bd
     monkeypatch.setattr(bd, "SHUFFLE_MODE", mode)
     gen = torch.Generator().manual_seed(1)
     raw = [torch.randn(2, 41, nblocks * 24, generator=gen), torch.randn(nblocks, 40, 24, generator=gen) * 0.2]

@@ -3,8 +3,8 @@ import pytest
 import torch
 from kernel_helpers import assert_close, grads, leaves
 
-from kernels.conv.kernel import causal_conv1d_step_triton, causal_conv1d_triton
-from kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref, conv_state_from_inputs
+from strata.kernels.conv.kernel import causal_conv1d_step_triton, causal_conv1d_triton
+from strata.kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref, conv_state_from_inputs
 
 
 @pytest.mark.parametrize("b,l,d,w,activation,bias", [

@@ -4,17 +4,17 @@ import pytest
 import torch
 from kernel_helpers import assert_close, grads, leaves
 
-from kernels import ops
-from kernels.conv.cpu import causal_conv1d_cpu
-from kernels.conv.reference import causal_conv1d_ref
-from kernels.cross_entropy import cpu as ce_cpu
-from kernels.cross_entropy.cpu import linear_cross_entropy_cpu
-from kernels.cross_entropy.reference import linear_cross_entropy_ref
-from kernels.linear.cpu import available, linear_cpu
-from kernels.norm.cpu import rmsnorm_cpu
-from kernels.norm.reference import rmsnorm_ref
-from kernels.ssd.cpu import ssd_chunked_cpu
-from kernels.ssd.reference import prepare_dt, ssd_chunked_ref
+from strata.kernels import ops
+from strata.kernels.conv.cpu import causal_conv1d_cpu
+from strata.kernels.conv.reference import causal_conv1d_ref
+from strata.kernels.cross_entropy import cpu as ce_cpu
+from strata.kernels.cross_entropy.cpu import linear_cross_entropy_cpu
+from strata.kernels.cross_entropy.reference import linear_cross_entropy_ref
+from strata.kernels.linear.cpu import available, linear_cpu
+from strata.kernels.norm.cpu import rmsnorm_cpu
+from strata.kernels.norm.reference import rmsnorm_ref
+from strata.kernels.ssd.cpu import ssd_chunked_cpu
+from strata.kernels.ssd.reference import prepare_dt, ssd_chunked_ref
 
 NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from kernel_helpers import assert_close, leaves
 
-from kernels.cross_entropy.kernel import linear_cross_entropy_triton
-from kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
+from strata.kernels.cross_entropy.kernel import linear_cross_entropy_triton
+from strata.kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
 from tests.parallel.dist_helpers import leave_process
 
 

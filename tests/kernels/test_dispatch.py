@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import ops
+from strata.kernels import ops
 
 
 def test_backend_choice(monkeypatch):

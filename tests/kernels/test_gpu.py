@@ -5,14 +5,14 @@ import pytest
 import torch
 from kernel_helpers import assert_close, grads, leaves
 
-from kernels import ops  # noqa: E402
-from kernels.attention.reference import document_attention_ref  # noqa: E402
-from kernels.attention.varlen import varlen_supported  # noqa: E402
-from kernels.blockdiag.reference import blockdiag_matmul_ref  # noqa: E402
-from kernels.conv.reference import causal_conv1d_ref  # noqa: E402
-from kernels.cross_entropy.reference import linear_cross_entropy_ref  # noqa: E402
-from kernels.norm.reference import rmsnorm_ref  # noqa: E402
-from kernels.ssd.reference import ssd_chunked_ref, ssd_step_ref  # noqa: E402
+from strata.kernels import ops  # noqa: E402
+from strata.kernels.attention.reference import document_attention_ref  # noqa: E402
+from strata.kernels.attention.varlen import varlen_supported  # noqa: E402
+from strata.kernels.blockdiag.reference import blockdiag_matmul_ref  # noqa: E402
+from strata.kernels.conv.reference import causal_conv1d_ref  # noqa: E402
+from strata.kernels.cross_entropy.reference import linear_cross_entropy_ref  # noqa: E402
+from strata.kernels.norm.reference import rmsnorm_ref  # noqa: E402
+from strata.kernels.ssd.reference import ssd_chunked_ref, ssd_step_ref  # noqa: E402
 
 DEV = "cuda"
 

@@ -3,7 +3,7 @@ backward, byte for byte (fp32 under the interpreter; bf16 changes dtypes, not th
 import pytest
 import torch
 
-from model.memory import _cross_entropy_chunk
+from strata.model.memory import _cross_entropy_chunk
 from tests.model.test_memory import CONFIGS, check_blocks, loss_kept_and_listed
 
 
@@ -17,7 +17,7 @@ def test_block_activations_are_what_the_triton_forward_keeps(name, mode, monkeyp
 
 def test_loss_activations_are_what_the_triton_loss_keeps(monkeypatch):
     monkeypatch.setenv("STRATA_KERNELS", "triton")
-    from kernels.cross_entropy.kernel import _default_chunk
+    from strata.kernels.cross_entropy.kernel import _default_chunk
 
     kept, listed = loss_kept_and_listed("triton")
     assert kept == listed

@@ -3,8 +3,8 @@ import pytest
 import torch
 from kernel_helpers import assert_close, grads, leaves
 
-from kernels.norm.kernel import rmsnorm_triton
-from kernels.norm.reference import rmsnorm_ref
+from strata.kernels.norm.kernel import rmsnorm_triton
+from strata.kernels.norm.reference import rmsnorm_ref
 
 
 @pytest.mark.parametrize("shape,group_size,gated", [

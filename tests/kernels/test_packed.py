@@ -5,7 +5,7 @@ import pytest
 import torch
 from kernel_helpers import leaves
 
-from kernels import ops
+from strata.kernels import ops
 from tests.model.test_packed import CHUNK, LAYOUTS, documents
 
 # (backend, dtype, tolerance): the references in fp64, the Triton kernels (interpreter) in fp32

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.hybrid import HybridLM
-from parallel.parallelize import apply_recompute
+from strata.model.config import ModelConfig
+from strata.model.hybrid import HybridLM
+from strata.parallel.engine.parallelize import apply_recompute
 
 
 def loss_and_grads(mode: str):

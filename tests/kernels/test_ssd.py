@@ -3,9 +3,9 @@ import pytest
 import torch
 from kernel_helpers import assert_close, grads, leaves, rel_err
 
-from kernels.ssd.function import ssd_chunked_triton
-from kernels.ssd.reference import ssd_chunked_ref, ssd_step_ref
-from kernels.ssd.step import ssd_step_triton
+from strata.kernels.ssd.function import ssd_chunked_triton
+from strata.kernels.ssd.reference import ssd_chunked_ref, ssd_step_ref
+from strata.kernels.ssd.step import ssd_step_triton
 
 NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
 

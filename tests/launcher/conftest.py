@@ -36,7 +36,7 @@ def corpus_overrides(tmp_path_factory):
 def run_strata(args, nproc: int = 1, timeout: int = 600, wait: bool = True, launcher: str = "torchrun"):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if nproc == 1:
-        cmd = [sys.executable, "-m", "launcher.cli", *args]
+        cmd = [sys.executable, "-m", "strata.launcher.cli", *args]
     elif launcher == "deepspeed":
         assert args[0] == "train"
         port = str(free_port())
@@ -46,7 +46,7 @@ def run_strata(args, nproc: int = 1, timeout: int = 600, wait: bool = True, laun
         assert args[0] == "train"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                "--master-port=0", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
-               "-m", "launcher.train", *args[1:]]
+               "-m", "strata.launcher.train", *args[1:]]
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

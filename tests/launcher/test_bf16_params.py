@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from launcher.config import ConfigError, load_config, load_run_config
-from parallel.checkpoint import MODEL_STATES, safe_load
-from parallel.consolidate import consolidate
+from strata.launcher.config import ConfigError, load_config, load_run_config
+from strata.parallel.checkpoint.consolidate import consolidate
+from strata.parallel.checkpoint.files import MODEL_STATES, safe_load
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 STEPS, EVERY = 12, 4

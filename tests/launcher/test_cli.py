@@ -7,15 +7,12 @@ import sys
 import pytest
 import torch
 
-from launcher import cli
-from launcher import generate as generate_cli
-from launcher import show_config
-from launcher.config import (DEFAULT_CONFIG, Config, describe_keys, field_docs, load_config, sections,
-                             yaml_value)
+from strata.launcher import cli, generate as generate_cli, show_config
+from strata.launcher.config import DEFAULT_CONFIG, Config, describe_keys, field_docs, load_config, sections, yaml_value
 from tests.launcher.conftest import REPO, TINY, run_strata
 
 
-def run_cli(args, module: str = "launcher.cli", **env_changes) -> subprocess.CompletedProcess:
+def run_cli(args, module: str = "strata.launcher.cli", **env_changes) -> subprocess.CompletedProcess:
     """The real entry point in a fresh process, with no leftover DeepSpeed or Strata logging settings."""
     env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "STRATA_LOG")}
     env.update(env_changes, OMP_NUM_THREADS="1")
@@ -112,8 +109,8 @@ def test_help_starts_with_stratas_own_line(command):
     assert proc.stderr == "" and proc.stdout.startswith(f"usage: strata {command}"), proc.stdout[:300]
 
 
-@pytest.mark.parametrize("args,module", [(["train", "train.max_step=5"], "launcher.cli"),
-                                         (["train.max_step=5"], "launcher.train")])  # torchrun's entry
+@pytest.mark.parametrize("args,module", [(["train", "train.max_step=5"], "strata.launcher.cli"),
+                                         (["train.max_step=5"], "strata.launcher.train")])  # torchrun's entry
 def test_a_config_error_is_the_only_line(args, module):
     proc = run_cli(args, module=module)
     assert proc.returncode == 2 and proc.stdout == ""
@@ -122,13 +119,13 @@ def test_a_config_error_is_the_only_line(args, module):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed warns only when it finds no GPU")
 def test_strata_log_debug_leaves_third_party_logging_as_it_is():
-    proc = run_cli(["train.max_step=5"], module="launcher.train", STRATA_LOG="debug")
+    proc = run_cli(["train.max_step=5"], module="strata.launcher.train", STRATA_LOG="debug")
     assert proc.returncode == 2
     assert "Setting accelerator to CPU" in proc.stdout
 
 
 def test_torchrun_entry_help_starts_with_stratas_own_line():
-    proc = run_cli(["--help"], module="launcher.train")
+    proc = run_cli(["--help"], module="strata.launcher.train")
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.startswith("usage: strata train")
 
 

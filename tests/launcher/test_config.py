@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError, dump_yaml, load_config
+from strata.launcher.config import ConfigError, dump_yaml, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_overrides_and_types():
 
 def test_cli_reports_one_line_and_exit_2_before_any_work(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", "train.max_step=5",
+    proc = subprocess.run([sys.executable, "-m", "strata.launcher.cli", "train", "train.max_step=5",
                            f"train.run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown key train.max_step; did you mean train.max_steps?"
@@ -50,7 +50,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_layout_that_does_not_divide_the_batch_fails_before_start(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", "train.global_batch_size=12",
+    proc = subprocess.run([sys.executable, "-m", "strata.launcher.cli", "train", "train.global_batch_size=12",
                            "parallel.micro_batch_size=8", f"train.run_dir={tmp_path / 'r'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -6,13 +6,12 @@ import sys
 import pytest
 import torch
 
-from launcher import export as export_cli
-from launcher import import_hf as import_cli
-from model.generate import Sampling, generate
-from model.hf import load_weights
-from model.hybrid import HybridLM
-from launcher.config import load_run_config as run_config
-from parallel.consolidate import consolidate, resolve_checkpoint
+from strata.launcher import export as export_cli, import_hf as import_cli
+from strata.launcher.config import load_run_config as run_config
+from strata.model.generate import Sampling, generate
+from strata.model.hf import load_weights
+from strata.model.hybrid import HybridLM
+from strata.parallel.checkpoint.consolidate import consolidate, resolve_checkpoint
 from tests.launcher.conftest import TINY, run_strata
 
 transformers = pytest.importorskip("transformers")
@@ -35,7 +34,7 @@ def strata_model(run_dir) -> HybridLM:
 
 
 def strata_tokenizer(run_dir):
-    from data import Tokenizer
+    from strata.data.tokenizer import Tokenizer
 
     ckpt = resolve_checkpoint(run_dir)
     return Tokenizer(export_cli.find_tokenizer(ckpt, None))
@@ -209,8 +208,8 @@ def test_without_transformers_export_and_import_say_how_to_install_it(command, t
 @pytest.mark.parametrize("structure,extra", [("lowrank", {"rank": 16}), ("blockshuffle", {"nblocks": 4}),
                                              ("blockdense", {"rank": 32, "nblocks": 4, "self_guided": True})])
 def test_structured_mlps_export_pre_merged_into_dense_weights(structure, extra, tmp_path):
-    from model import hf
-    from model.config import MLPConfig, ModelConfig
+    from strata.model import hf
+    from strata.model.config import MLPConfig, ModelConfig
 
     cfg = ModelConfig(pattern="M-*-M-", d_model=64, vocab_size=97, tie_embeddings=False,
                       mlp=MLPConfig(structure=structure, dense_first_layer=False, **extra))

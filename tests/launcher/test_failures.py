@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from parallel.checkpoint import complete_checkpoints, verify
+from strata.parallel.checkpoint.files import complete_checkpoints, verify
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 DIVERGED = 3
@@ -43,7 +43,7 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint_intact(tmp_path, co
     assert good in written and all(verify(c) == [] for c in written)
     import torch
 
-    from parallel.checkpoint import safe_load
+    from strata.parallel.checkpoint.files import safe_load
     for ckpt in written:
         module = safe_load(ckpt / "mp_rank_00_model_states.pt")["module"]
         assert all(torch.isfinite(t).all() for t in module.values()), f"{ckpt.name} holds non-finite weights"

@@ -1,6 +1,6 @@
 """launcher/host.py: OpenMP's spinning is bounded unless the user chose, and malloc is tuned only
 where nothing asked otherwise."""
-from launcher import host
+from strata.launcher import host
 
 
 def test_omp_spinning_is_bounded_unless_the_environment_says_otherwise():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import launch
-from parallel import distributed
-from parallel.distributed import expand_nodelist, rank_environment, slurm_master
+from strata.launcher import launch
+from strata.parallel import distributed
+from strata.parallel.distributed import expand_nodelist, rank_environment, slurm_master
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -120,7 +120,7 @@ def test_script_lines(tmp_path, monkeypatch, capsys):
         "--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=0", "--wait=0",
         "torchrun", "--nnodes", "$SLURM_NNODES", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "$HEAD:$PORT", "--rdzv-id", "$SLURM_JOB_ID", "--shutdown-timeout", "150",
-        "-m", "launcher.train", "--config", CONFIG, "train.run_dir=runs/my run", "train.max_steps=7"]
+        "-m", "strata.launcher.train", "--config", CONFIG, "train.run_dir=runs/my run", "train.max_steps=7"]
     assert "trap on_usr1 USR1" in text and "trap on_term TERM" in text
     assert 'scancel --signal=TERM "$SLURM_JOB_ID"' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -248,7 +248,7 @@ def test_finished_job_exits_0_and_is_not_requeued(slurm):
     assert proc.returncode == 0, out
     assert slurm.read("torchrun.argv").splitlines() == [
         "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"node1:{PORT}",
-        "--rdzv-id", str(JOB_ID), "--shutdown-timeout", "150", "-m", "launcher.train", "--config", CONFIG,
+        "--rdzv-id", str(JOB_ID), "--shutdown-timeout", "150", "-m", "strata.launcher.train", "--config", CONFIG,
         "train.run_dir=runs/my run", "train.max_steps=7"]
     assert "--ntasks-per-node=1" in slurm.read("srun.args").split()
     assert slurm.read("scontrol.log") == "" and slurm.read("scancel.args") == ""

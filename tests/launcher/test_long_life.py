@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from launcher import export, generate
-from parallel.checkpoint import complete_checkpoints, verify
+from strata.launcher import export, generate
+from strata.parallel.checkpoint.files import complete_checkpoints, verify
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 STEPS, EVERY = 24, 4

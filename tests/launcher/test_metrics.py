@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from launcher.config import LoggingConfig
-from launcher.metrics import Reporter
+from strata.launcher.config import LoggingConfig
+from strata.launcher.metrics import Reporter
 
 LINES = LoggingConfig(tensorboard=False, progress="lines", log_every=1000)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_run_config
+from strata.launcher.config import load_run_config
 from tests.launcher.conftest import REPO, TINY, free_port, run_strata
 
 STEPS = 6
@@ -64,9 +64,9 @@ def assert_trained_like_one_process(run_dir: Path, one_dir: Path) -> None:
 
 
 def assert_same_weights(run_dir: Path, one_dir: Path) -> None:
-    """The TP x PP checkpoint, consolidated (parallel/consolidate.py), holds the one-process
+    """The TP x PP checkpoint, consolidated (parallel/checkpoint/consolidate.py), holds the one-process
     run's weights: after 6 AdamW steps they agree to ~1e-5 (reduction order)."""
-    from parallel.consolidate import consolidate
+    from strata.parallel.checkpoint.consolidate import consolidate
 
     ckpt = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     got = consolidate(ckpt, load_run_config(ckpt).model)
@@ -92,7 +92,7 @@ def test_torchrun_two_nodes_tp_inside_pp_across(tmp_path, corpus_overrides, one_
     def nodes():
         port = free_port()
         return [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={k}",
-                 "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "launcher.train",
+                 "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "strata.launcher.train",
                  *args] for k in (0, 1)]
 
     outputs = run_two_nodes(nodes())

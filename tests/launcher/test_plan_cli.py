@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from launcher.cli import main as strata
-from launcher.config import CONFIG_DIR, LoggingConfig, load_config
-from launcher.metrics import Reporter
-from launcher.plan import log_memory_plan
+from strata.launcher.cli import main as strata
+from strata.launcher.config import CONFIG_DIR, LoggingConfig, load_config
+from strata.launcher.metrics import Reporter
+from strata.launcher.plan import log_memory_plan
 
 ONE_B3 = ["plan", "--config", str(CONFIG_DIR / "hybrid-1b3.yaml")]
 
@@ -26,8 +26,8 @@ def test_layouts_that_fit_are_ranked_and_the_exit_code_says_so(capsys):
 def test_each_layout_says_the_largest_micro_batch_that_fits(capsys):
     """The column is the plan of each larger micro-batch that divides a rank's share of the batch:
     it fits there, and the next divisor does not (or none is left)."""
-    from launcher.plan import largest_micro_batch, run_spec
-    from parallel.plan import GIB, Hardware, plan_layouts
+    from strata.launcher.plan import largest_micro_batch, run_spec
+    from strata.parallel.plan import GIB, Hardware, plan_layouts
 
     assert strata([*ONE_B3, "--gpus", "8", "--gpu-memory", "80"]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| tp=")]
@@ -48,7 +48,7 @@ def fits_at(plan, micro_batch, hardware) -> bool:
     """Whether the plan fits at another micro-batch."""
     from dataclasses import replace
 
-    from parallel.plan import plan_layout
+    from strata.parallel.plan import plan_layout
     return not plan_layout(replace(plan.spec, micro_batch=micro_batch), plan.layout, hardware).over(hardware.gpu_memory)
 
 

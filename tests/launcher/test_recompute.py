@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from launcher.config import ConfigError, TrainConfig, dump_yaml, load_config
-from model.config import ModelConfig
+from strata.launcher.config import ConfigError, TrainConfig, dump_yaml, load_config
+from strata.model.config import ModelConfig
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 STEPS = 4

@@ -1,13 +1,13 @@
 """Resuming on another layout: a checkpoint from one world size / ZeRO stage / TP or PP
-degree continues on another with the losses an unbroken run has (parallel/reshard.py)."""
+degree continues on another with the losses an unbroken run has (parallel/checkpoint/reshard.py)."""
 import shutil
 
 import pytest
 import torch
 
-from launcher.config import load_run_config
-from parallel.consolidate import consolidate
-from parallel.layout import Layout
+from strata.launcher.config import load_run_config
+from strata.parallel.checkpoint.consolidate import consolidate
+from strata.parallel.layout import Layout
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 STEPS, HALF = 8, 4

@@ -4,9 +4,9 @@ import types
 
 import pytest
 
-from launcher.config import ConfigError, dump_yaml, load_config
-from launcher.train import check_config_unchanged, resolve_config
-from model.guidance import equal_flops_extra_steps, guided_steps
+from strata.launcher.config import ConfigError, dump_yaml, load_config
+from strata.launcher.train import check_config_unchanged, resolve_config
+from strata.model.guidance import equal_flops_extra_steps, guided_steps
 from tests.launcher.conftest import TINY
 
 GUIDED = ["model.mlp.structure=lowrank", "model.mlp.rank=8", "model.mlp.self_guided=true",

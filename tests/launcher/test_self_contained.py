@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from data import Tokenizer
-from launcher import generate as generate_cli
+from strata.data.tokenizer import Tokenizer
+from strata.launcher import generate as generate_cli
 from tests.launcher.conftest import REPO, TINY, run_strata
 
 RUN_TOKENIZER, RUN_TOKENIZER_SHA256 = "tokenizer.model", "tokenizer.sha256"  # in the run directory
@@ -23,7 +23,7 @@ def strata_from(cwd, args):
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "strata.launcher.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 

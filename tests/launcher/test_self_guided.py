@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from model.guidance import alpha_at
+from strata.model.guidance import alpha_at
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 STEPS, T = 8, 4
@@ -65,8 +65,8 @@ def test_throughput_counts_the_dense_paths_only_while_computed(unbroken):
     them at a = 1, none after T."""
     from dataclasses import replace
 
-    from launcher.config import load_config
-    from model.counting import training_flops_per_token
+    from strata.launcher.config import load_config
+    from strata.model.counting import training_flops_per_token
 
     model_cfg = load_config(unbroken / "config.yaml").model
     seq_len = load_config(unbroken / "config.yaml").train.seq_len
@@ -130,8 +130,8 @@ def test_two_data_parallel_ranks_with_zero2_match_one_process(tmp_path, corpus_o
 
 
 def test_equal_flops_extends_the_run_to_the_dense_budget(tmp_path, corpus_overrides):
-    from launcher.config import load_config
-    from model.guidance import equal_flops_extra_steps
+    from strata.launcher.config import load_config
+    from strata.model.guidance import equal_flops_extra_steps
 
     overrides = [*TINY, *corpus_overrides, *GUIDED, "model.mlp.equal_flops=true", "train.max_steps=6",
                  "checkpoint.every=0", "train.eval_every=0", f"train.run_dir={tmp_path}"]

@@ -4,15 +4,14 @@ the logits training's evaluation gives at that step (a = 0.75), and both say so.
 import pytest
 import torch
 
-from launcher import export as export_cli
-from launcher import generate as generate_cli
-from launcher.config import load_run_config
-from launcher.generate import load_model
-from model.generate import Sampling, generate
-from model.guidance import SelfGuidance
-from model.hybrid import HybridLM
-from parallel.checkpoint import read_manifest
-from parallel.consolidate import consolidate
+from strata.launcher import export as export_cli, generate as generate_cli
+from strata.launcher.config import load_run_config
+from strata.launcher.generate import load_model
+from strata.model.generate import Sampling, generate
+from strata.model.guidance import SelfGuidance
+from strata.model.hybrid import HybridLM
+from strata.parallel.checkpoint.consolidate import consolidate
+from strata.parallel.checkpoint.files import read_manifest
 from tests.launcher.conftest import TINY, run_strata
 
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from launcher.signals import Preempted, StopRequest
+from strata.launcher.signals import Preempted, StopRequest
 
 
 @pytest.fixture

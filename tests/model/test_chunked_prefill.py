@@ -5,9 +5,9 @@ ends, so the one-token path (the recurrence) and the chunked scan are held to th
 import pytest
 import torch
 
-from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
-from model.generate import Sampling, generate, last_logits, prefill
-from model.hybrid import HybridLM
+from strata.model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+from strata.model.generate import Sampling, generate, last_logits, prefill
+from strata.model.hybrid import HybridLM
 
 CHUNK = 16
 LENGTH = 130
@@ -90,7 +90,7 @@ def test_a_prefill_chunk_below_one_is_refused():
 
 
 def test_generate_cli_refuses_a_prefill_chunk_below_one_in_one_line(capsys):
-    from launcher import generate as generate_cli
+    from strata.launcher import generate as generate_cli
 
     assert generate_cli.main(["--checkpoint", "nowhere", "--prompt", "x", "--prefill-chunk", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --prefill-chunk: must be >= 1, got 0"

@@ -1,10 +1,10 @@
 """Parameter counts equal the model's sum(p.numel()); FLOPs per token match a hand computation."""
 import pytest
 
-from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
-from model.counting import (count_parameters, forward_flops_per_token, format_counts, mamba_block_flops,
-                            training_flops_per_token)
-from model.hybrid import HybridLM
+from strata.model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+from strata.model.counting import (count_parameters, format_counts, forward_flops_per_token, mamba_block_flops,
+                                   training_flops_per_token)
+from strata.model.hybrid import HybridLM
 
 CONFIGS = {
     "default-tied": ModelConfig(vocab_size=300),

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
-from model.generate import PromptTooLong, Sampling, filter_logits, generate
-from model.hybrid import HybridLM
+from strata.model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+from strata.model.generate import PromptTooLong, Sampling, filter_logits, generate
+from strata.model.hybrid import HybridLM
 
 CHUNK = 8
 

@@ -8,11 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from model.config import MLPConfig, ModelConfig
-from model.guidance import (SelfGuidance, alpha_at, equal_flops_extra_steps, guide_draw, guide_step_fraction_sum,
-                            remove_from_optimizer)
-from model.hybrid import HybridLM
-from model.structured import BlockDense, BlockShuffle, LowRank, count_params, structured_linears
+from strata.model.config import MLPConfig, ModelConfig
+from strata.model.guidance import (SelfGuidance, alpha_at, equal_flops_extra_steps, guide_draw, guide_step_fraction_sum,
+                                   remove_from_optimizer)
+from strata.model.hybrid import HybridLM
+from strata.model.structured import BlockDense, BlockShuffle, LowRank, count_params, structured_linears
 from tests.parallel.dist_helpers import leave_process
 
 
@@ -220,7 +220,7 @@ def test_stochastic_guided_phase_costs_the_sum_of_alpha():
 def flops_per_token(model, seq_len=32):
     """(dense model, structured model, dense paths) forward FLOPs per token: the rest of the
     model from model/counting.py, the MLP linears counted off the modules themselves."""
-    from model.counting import forward_flops_per_token
+    from strata.model.counting import forward_flops_per_token
     linears = structured_linears(model)
     dense_mlp = sum(2 * m.in_features * m.out_features for m in linears)
     structured_mlp = sum(2 * count_params(m) for m in linears)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from model import hf
-from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
-from model.hybrid import HybridLM
+from strata.model import hf
+from strata.model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+from strata.model.hybrid import HybridLM
 
 transformers = pytest.importorskip("transformers")
 

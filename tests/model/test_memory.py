@@ -4,10 +4,10 @@ kernels' lists are checked the same way in tests/kernels/test_memory_triton.py."
 import pytest
 import torch
 
-from kernels import ops
-from model.config import ModelConfig
-from model.hybrid import HybridLM
-from model.memory import Shape, block_activations, kept_bytes, loss_activations, saved_bytes
+from strata.kernels import ops
+from strata.model.config import ModelConfig
+from strata.model.hybrid import HybridLM
+from strata.model.memory import Shape, block_activations, kept_bytes, loss_activations, saved_bytes
 
 
 def gqa_rope() -> ModelConfig:
@@ -60,7 +60,7 @@ def test_block_activations_are_what_the_reference_forward_keeps(name, mode, monk
 
 
 def test_packed_documents_add_the_attention_mask_and_row_rope_tables(monkeypatch):
-    from model.hybrid import document_index
+    from strata.model.hybrid import document_index
 
     monkeypatch.setenv("STRATA_KERNELS", "reference")
     cfg = gqa_rope()

@@ -5,9 +5,9 @@ without a restart take the one-document path."""
 import pytest
 import torch
 
-from model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
-from model.hybrid import HybridLM, document_index
-from parallel.parallelize import apply_recompute
+from strata.model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
+from strata.model.hybrid import HybridLM, document_index
+from strata.parallel.engine.parallelize import apply_recompute
 
 CHUNK, VOCAB = 8, 61
 # Two rows each, the documents' lengths (the rows of one case have the same total).

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from bench.recompute_memory import block_bytes_per_token
-from model.config import ModelConfig
-from model.hybrid import HybridLM
-from model.memory import saved_bytes
-from model.structured import structured_linears
-from parallel.parallelize import apply_recompute
+from strata.model.config import ModelConfig
+from strata.model.hybrid import HybridLM
+from strata.model.memory import saved_bytes
+from strata.model.structured import structured_linears
+from strata.parallel.engine.parallelize import apply_recompute
 
 BATCH, SEQ, VOCAB, D = 2, 32, 128, 64
 
@@ -148,7 +148,7 @@ def allocated_peak(run) -> int:
 def test_a_region_frees_its_recomputed_output_while_backpropagating_from_it():
     """No op of `x + 1` keeps its output, so the region's backward holds only the gradient it makes
     (one tensor of x's size), not the recomputed output beside it as well."""
-    from model.recompute import checkpoint_if
+    from strata.model.recompute import checkpoint_if
 
     x = torch.randn(512, 1024, requires_grad=True)  # 2 MiB
     loss = checkpoint_if(True, lambda t: t + 1.0, x).sum()

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels.ssd.reference import ssd_chunked_ref, ssd_recurrent_ref
-from model.config import MambaConfig
-from model.mamba2 import Mamba2Mixer
+from strata.kernels.ssd.reference import ssd_chunked_ref, ssd_recurrent_ref
+from strata.model.config import MambaConfig
+from strata.model.mamba2 import Mamba2Mixer
 
 
 def random_ssd_inputs(b, l, h, p, g, n, seed=0):

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import MLPConfig, ModelConfig
-from model.hybrid import HybridLM
-from model.structured import (BlockDense, BlockShuffle, LowRank, StructuredLinear, count_params,
-                              premerge_where_faster, to_dense)
+from strata.model.config import MLPConfig, ModelConfig
+from strata.model.hybrid import HybridLM
+from strata.model.structured import (BlockDense, BlockShuffle, LowRank, StructuredLinear, count_params,
+                                     premerge_where_faster, to_dense)
 
 SHAPES = [(64, 256), (256, 64), (96, 96)]
 

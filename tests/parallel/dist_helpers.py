@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from parallel.distributed import skip_deepspeed_shm_build
+from strata.parallel.distributed import skip_deepspeed_shm_build
 
 
 def free_port() -> int:
@@ -38,7 +38,7 @@ def _entry(rank: int, worker, world_size: int, port: int, args: tuple) -> None:
     try:
         worker(rank, world_size, *args)
     finally:
-        from parallel.topology import destroy_topology
+        from strata.parallel.topology import destroy_topology
 
         destroy_topology()
         dist.destroy_process_group()

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.layout import LayoutError, check_layout
+from strata.parallel.layout import LayoutError, check_layout
 from tests.parallel.dist_helpers import rel_error, spawned_results, write_result
 from tests.parallel.train_helpers import (build_model, compare_to_reference, layout_training, reference_training,
-                                         train_config)
+                                          train_config)
 
 STEPS, WORLD, TOL = 5, 8, 1e-4
 RUNS = {  # name: (tp, pp, zero stage, sequence parallel)

@@ -1,4 +1,4 @@
-"""The checkpoint format's own rules (parallel/checkpoint.py), without training: every file is
+"""The checkpoint format's own rules (parallel/checkpoint/files.py), without training: every file is
 in the manifest with its size and CRC32, damage of any kind is found and named, the newest
 checkpoint that verifies is the one resumed, unfinished saves are removed, and DeepSpeed's
 files are always written in the format every reader memory-maps."""
@@ -7,10 +7,10 @@ import zlib
 import pytest
 import torch
 
-from launcher import checkpoints as checkpoint_cli
-from parallel.checkpoint import (MANIFEST, WEIGHTS_FILE, CheckpointError, StrataCheckpointEngine,
-                                 checkpoint_to_resume, file_digest, read_manifest, remove_stale_partials,
-                                 resolve_checkpoint, safe_load, verify, write_weights_only)
+from strata.launcher import checkpoints as checkpoint_cli
+from strata.parallel.checkpoint.files import (MANIFEST, WEIGHTS_FILE, CheckpointError, StrataCheckpointEngine,
+                                              checkpoint_to_resume, file_digest, read_manifest, remove_stale_partials,
+                                              resolve_checkpoint, safe_load, verify, write_weights_only)
 
 
 def make_run(tmp_path, steps=(2, 4, 6)):
@@ -37,7 +37,7 @@ def test_the_manifest_holds_every_file_with_size_and_crc32(tmp_path):
 
 
 def test_a_file_of_several_blocks_is_hashed_block_by_block(tmp_path, monkeypatch):
-    import parallel.checkpoint as checkpoint
+    import strata.parallel.checkpoint.files as checkpoint
 
     monkeypatch.setattr(checkpoint, "HASH_BLOCK", 1000)
     data = bytes(range(256)) * 10  # 2560 bytes: blocks of 1000, 1000 and 560
@@ -140,7 +140,7 @@ def test_strata_checkpoint_verify(tmp_path, capsys):
 @pytest.mark.parametrize("overlap", [True, False])  # on the second thread, or in line
 @pytest.mark.parametrize("sizes", [[0], [10], [999, 1], [1000], [300, 1700, 1], [2500, 500, 1000]])
 def test_a_file_hashed_while_written_has_the_digest_of_reading_it_back(tmp_path, monkeypatch, sizes, overlap):
-    import parallel.checkpoint as checkpoint
+    import strata.parallel.checkpoint.files as checkpoint
 
     monkeypatch.setattr(checkpoint, "HASH_BLOCK", 1000)
     monkeypatch.setattr(checkpoint.HashingWriter, "OVERLAP_BYTES", 0 if overlap else 1 << 30)

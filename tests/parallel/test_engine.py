@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from launcher.config import TrainConfig
-from parallel.config import ParallelConfig
-from parallel.engine import deepspeed_config, lr_multiplier, no_decay, param_groups
+from strata.launcher.config import TrainConfig
+from strata.parallel.config import ParallelConfig
+from strata.parallel.engine.build import deepspeed_config, lr_multiplier, no_decay, param_groups
 
 
 def test_deepspeed_config_is_derived_from_ours():
@@ -40,7 +40,8 @@ def test_wsd_schedule_is_flat_then_decays_linearly():
 
 
 def test_weight_decay_only_on_matrices():
-    from model import HybridLM, ModelConfig
+    from strata.model.config import ModelConfig
+    from strata.model.hybrid import HybridLM
     model = HybridLM(ModelConfig(vocab_size=64, d_model=64, pattern="M*-"))
     decay, other = param_groups(model, 0.1)
     named = dict(model.named_parameters())

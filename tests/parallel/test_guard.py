@@ -5,12 +5,12 @@ import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-from launcher.config import TrainConfig
-from model.config import ModelConfig
-from model.hybrid import HybridLM
-from parallel.config import ParallelConfig
-from parallel.engine import build_engine
-from parallel.guard import SpikeGuard, parameters_finite, poison_non_finite
+from strata.launcher.config import TrainConfig
+from strata.model.config import ModelConfig
+from strata.model.hybrid import HybridLM
+from strata.parallel.config import ParallelConfig
+from strata.parallel.engine.build import build_engine
+from strata.parallel.guard import SpikeGuard, parameters_finite, poison_non_finite
 from tests.parallel.dist_helpers import read_results, spawn, write_result
 
 STEPS, BAD = 5, 2  # batch 2 (0-based) gets a NaN gradient on rank 1 only
@@ -60,7 +60,7 @@ def worker(rank, world, out_dir, stage, param_dtype):
 @pytest.mark.parametrize("stage,param_dtype", [(0, "fp32"), (2, "fp32"), (1, "bf16"), (3, "bf16")])
 def test_a_non_finite_gradient_on_one_rank_is_skipped_by_all(tmp_path, stage, param_dtype):
     """At ZeRO 0 through GuardedAdamW, at ZeRO 1-2 through ZeRO's own overflow check (with bf16
-    parameters too: DeepSpeed's bf16 check_grad_overflow, parallel/engine.py bf16_params_section)."""
+    parameters too: DeepSpeed's bf16 check_grad_overflow, parallel/engine/build.py bf16_params_section)."""
     spawn(worker, 2, str(tmp_path), stage, param_dtype)
     for rank, result in enumerate(read_results(tmp_path, 2)):
         skip, never = result["skip"], result["never"]

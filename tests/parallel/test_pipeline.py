@@ -7,11 +7,11 @@ import itertools
 
 import pytest
 
-from model.config import ModelConfig
-from parallel.pipeline import layer_costs, layer_prefix, model_parameter_name, stage_bounds
+from strata.model.config import ModelConfig
+from strata.parallel.pipeline.stages import layer_costs, layer_prefix, model_parameter_name, stage_bounds
 from tests.parallel.dist_helpers import rel_error, spawned_results, write_result
 from tests.parallel.train_helpers import (assert_trains_like_reference, build_model, compare_to_reference,
-                                         layout_training, reference_training, train_config)
+                                          layout_training, reference_training, train_config)
 
 STEPS, WORLD = 5, 4
 RUNS = {  # name: (pp, zero stage, model changes, position ids restarting mid-sequence)

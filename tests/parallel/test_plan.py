@@ -6,15 +6,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from launcher.config import CONFIG_DIR, load_config
-from launcher.plan import run_spec
-from model.config import ModelConfig
-from model.counting import count_parameters
-from model.hybrid import HybridLM
-from parallel.layout import Layout, valid_layouts
-from parallel.plan import (GIB, ZERO3_PERSISTENCE_THRESHOLD, RunSpec, layer_of, plan_layout, plan_layouts,
-                           stage_bounds, stage_parameters)
-from parallel.tp_splits import parameter_splits, shard_state_dict
+from strata.launcher.config import CONFIG_DIR, load_config
+from strata.launcher.plan import run_spec
+from strata.model.config import ModelConfig
+from strata.model.counting import count_parameters
+from strata.model.hybrid import HybridLM
+from strata.parallel.layout import Layout, valid_layouts
+from strata.parallel.plan import (GIB, ZERO3_PERSISTENCE_THRESHOLD, RunSpec, layer_of, plan_layout, plan_layouts,
+                                  stage_bounds, stage_parameters)
+from strata.parallel.tensor.splits import parameter_splits, shard_state_dict
 
 
 def small() -> ModelConfig:
@@ -84,7 +84,7 @@ def test_a_tensor_parallel_rank_holds_exactly_its_shards():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_pipeline_stages_hold_their_layers_and_match_the_pipeline(tied):
-    from parallel.pipeline import stage_bounds as pipeline_bounds
+    from strata.parallel.pipeline.stages import stage_bounds as pipeline_bounds
 
     cfg = replace(small(), tie_embeddings=tied)
     model = HybridLM(cfg)

@@ -1,4 +1,4 @@
-"""The readers of checkpoint files (parallel/checkpoint.py, reshard.py, consolidate.py), against
+"""The readers of checkpoint files (parallel/checkpoint/files.py, reshard.py, consolidate.py), against
 tiny training checkpoints written here: a HybridLM (M*-) trained by a one-rank DeepSpeed engine
 at each ZeRO stage and saved through save_checkpoint at steps 0 (before any optimizer step), 2
 and 4. Every reader must give back exactly what the engine held when it saved: module weights,
@@ -20,18 +20,18 @@ import pytest
 import torch
 from deepspeed.utils import safe_get_full_optimizer_state
 
-from launcher.config import TrainConfig
-from model.config import ModelConfig
-from model.hybrid import HybridLM
-from parallel.checkpoint import (MANIFEST, MODEL_STATES, RANK_FILE, WEIGHTS_FILE, ZERO3_MODEL, ZERO_OPTIM,
-                                 CheckpointError, checkpoint_to_resume, load_checkpoint, load_trainer_state,
-                                 read_manifest, resolve_checkpoint, save_checkpoint, saved_layout, verify,
-                                 write_weights_only)
-from parallel.config import ParallelConfig
-from parallel.consolidate import consolidate, is_weights_only
-from parallel.engine import build_engine
-from parallel.layout import Layout
-from parallel.reshard import read_full_state
+from strata.launcher.config import TrainConfig
+from strata.model.config import ModelConfig
+from strata.model.hybrid import HybridLM
+from strata.parallel.checkpoint.consolidate import consolidate, is_weights_only
+from strata.parallel.checkpoint.files import (MANIFEST, MODEL_STATES, RANK_FILE, WEIGHTS_FILE, ZERO3_MODEL, ZERO_OPTIM,
+                                              CheckpointError, checkpoint_to_resume, load_checkpoint,
+                                              load_trainer_state, read_manifest, resolve_checkpoint, save_checkpoint,
+                                              saved_layout, verify, write_weights_only)
+from strata.parallel.checkpoint.reshard import read_full_state
+from strata.parallel.config import ParallelConfig
+from strata.parallel.engine.build import build_engine
+from strata.parallel.layout import Layout
 from tests.parallel.test_checkpoint import flip
 
 STAGES = (0, 1, 2, 3)

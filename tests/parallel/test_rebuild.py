@@ -5,15 +5,13 @@ import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-from launcher.config import TrainConfig
-from model.config import MLPConfig, ModelConfig
-from model.guidance import SelfGuidance
-from model.hybrid import HybridLM
-from parallel.config import ParallelConfig
-from parallel.engine import build_engine
-from parallel.rebuild import rebuild_engine
-
-
+from strata.launcher.config import TrainConfig
+from strata.model.config import MLPConfig, ModelConfig
+from strata.model.guidance import SelfGuidance
+from strata.model.hybrid import HybridLM
+from strata.parallel.checkpoint.rebuild import rebuild_engine
+from strata.parallel.config import ParallelConfig
+from strata.parallel.engine.build import build_engine
 
 
 def train(stage: int, drop: bool, steps=8, guided_until=4, param_dtype="fp32"):
@@ -105,10 +103,10 @@ def test_the_engine_enters_bf16_autocast_itself_and_keeps_it_when_rebuilt(one_ra
 def test_imported_weights_are_the_masters_of_a_bf16_parameter_engine(one_rank, tmp_path):
     """A run that starts from `strata import`'s weights with bf16 parameters keeps them exactly as
     its fp32 master weights (the engine would round them from its bf16 module)."""
-    from parallel.checkpoint import write_weights_only
-    from parallel.layout import Layout
-    from parallel.resume import WEIGHTS, ResumePlan
-    from parallel.topology import init_topology
+    from strata.parallel.checkpoint.files import write_weights_only
+    from strata.parallel.checkpoint.resume import WEIGHTS, ResumePlan
+    from strata.parallel.layout import Layout
+    from strata.parallel.topology import init_topology
 
     cfg = ModelConfig(pattern="M*-", d_model=32, vocab_size=50, max_seq_len=32)
     cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.chunk_size, cfg.attention.n_heads = 8, 8, 8, 4

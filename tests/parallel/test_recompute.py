@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.config import TrainConfig
-from model.config import ModelConfig
-from model.hybrid import Block
+from strata.launcher.config import TrainConfig
+from strata.model.config import ModelConfig
+from strata.model.hybrid import Block
 from tests.parallel.dist_helpers import spawned_results, write_result
 from tests.parallel.train_helpers import layout_training, train_config
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model.config import ModelConfig
-from model.hybrid import HybridLM
-from model.structured import structured_linears
-from parallel.tp_splits import gather_state_dicts, parameter_splits, shard_state_dict
+from strata.model.config import ModelConfig
+from strata.model.hybrid import HybridLM
+from strata.model.structured import structured_linears
+from strata.parallel.tensor.splits import gather_state_dicts, parameter_splits, shard_state_dict
 from tests.parallel.dist_helpers import rel_error, spawned_results, write_result
 
 TOL = 1e-5
@@ -75,8 +75,8 @@ def batch():
 
 def compare_case(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict:
     """Errors of this rank's TP model against the TP=1 model it was sharded from."""
-    from parallel.tensor_parallel import tensor_parallel
-    from parallel.tp_mappings import TPContext
+    from strata.parallel.tensor.blocks import tensor_parallel
+    from strata.parallel.tensor.mappings import TPContext
 
     ids, labels = batch()
     ref = build_reference(cfg)
@@ -107,7 +107,7 @@ def compare_case(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict:
 
 
 def equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
-    from parallel.topology import init_topology
+    from strata.parallel.topology import init_topology
 
     results = {}
     for tp in (2, 4):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.hybrid import HybridLM
-from model.structured import structured_linears
-from parallel.parallelize import deepspeed_pipeline_section
+from strata.model.config import ModelConfig
+from strata.model.hybrid import HybridLM
+from strata.model.structured import structured_linears
+from strata.parallel.engine.parallelize import deepspeed_pipeline_section
 
 LOSS_TOL, TENSOR_TOL = 1e-5, 1e-4
 """What a layout's run must meet against one process's (compare_to_reference): losses relative,
@@ -103,9 +103,9 @@ def layout_training(cfg: ModelConfig, tp: int, pp: int, zero_stage: int, steps: 
     parameters (gathered under ZeRO-3), both keyed by HybridLM names and holding this rank's shards."""
     import deepspeed
 
-    from parallel.parallelize import parallel_model
-    from parallel.pipeline import model_parameter_name
-    from parallel.topology import init_topology
+    from strata.parallel.engine.parallelize import parallel_model
+    from strata.parallel.pipeline.stages import model_parameter_name
+    from strata.parallel.topology import init_topology
 
     topo = init_topology(tp, pp)
     model = build_model(cfg)
@@ -145,7 +145,7 @@ def layout_training(cfg: ModelConfig, tp: int, pp: int, zero_stage: int, steps: 
 
 def shard_errors(got: dict, reference: dict, model: HybridLM, topo, rel_error) -> float:
     """Largest relative error of this rank's tensors against the reference's shards."""
-    from parallel.tp_splits import parameter_splits, shard_state_dict
+    from strata.parallel.tensor.splits import parameter_splits, shard_state_dict
 
     want = shard_state_dict({n: reference[n].detach() for n in got}, parameter_splits(model, topo.tp),
                             topo.tp_rank, topo.tp)

@@ -23,7 +23,7 @@ pipeline grid order; m = tp_rank without PP) and data-parallel rank d:
   zero_to_fp32 merge (Zero3Files below).
 Pipeline stage names map back to HybridLM names (pipeline.model_parameter_name; the tied
 embedding appears on the first and last stage with the same state), tensor-parallel pieces
-are merged by parallel/tp_splits.py, the split that built them, and cut again for the new
+are merged by parallel/tensor/splits.py, the split that built them, and cut again for the new
 degree the same way. The LR schedule, DeepSpeed's step counters, the data cursor (global,
 so any DP size continues at the next sample) and self-guided training's state are
 layout-free and carry over as they are.
@@ -38,10 +38,11 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import (MODEL_STATES, PIPELINE_LAYER, RANK_FILE, ZERO3_MODEL, ZERO3_MODEL_FILE,
-                                 CheckpointError, need, safe_load, zero_optim_file)
-from parallel.layout import Layout
-from parallel.rebuild import ADAM_STATES, has_bf16_masters, restore_schedule, write_master_weights, write_optimizer_states
+from strata.parallel.checkpoint.files import (MODEL_STATES, RANK_FILE, ZERO3_MODEL, ZERO3_MODEL_FILE, CheckpointError,
+                                              need, pipeline_layer_files, safe_load, zero_optim_file)
+from strata.parallel.checkpoint.rebuild import (ADAM_STATES, has_bf16_masters, restore_schedule, write_master_weights,
+                                                write_optimizer_states)
+from strata.parallel.layout import Layout
 
 COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
@@ -75,8 +76,8 @@ def read_full_state(ckpt: Path, model_cfg, saved: Layout, optimizer: bool = True
     weights (ZeRO 0); at ZeRO 1-3 the fp32 weights are the optimizer's partitions, and the moments
     beside them come back unread (lazy). model_cfg may be None when the checkpoint is neither
     tensor- nor pipeline-parallel."""
-    from model.hybrid import HybridLM
-    from parallel.tp_splits import parameter_splits
+    from strata.model.hybrid import HybridLM
+    from strata.parallel.tensor.splits import parameter_splits
 
     tp, pp = saved.tp, saved.pp
     naming = stage_naming(pp, model_cfg.n_blocks if pp > 1 else 0)
@@ -129,7 +130,7 @@ def as_lazy(tensor) -> Lazy:
 
 def _gather_lazily(pieces: list[dict[str, Lazy]], splits: dict | None) -> dict[str, Lazy]:
     """Each name's TP pieces joined (tp_splits.gather) when it is read; one piece is itself."""
-    from parallel.tp_splits import split_of
+    from strata.parallel.tensor.splits import split_of
 
     if len(pieces) == 1:
         return {name: lazy for name, lazy in pieces[0].items() if not name.endswith("_extra_state")}
@@ -145,7 +146,7 @@ def stage_naming(pp: int, n_blocks: int):
     ('3.mixer.in_proj.weight', 'tied_modules.embed.embed.weight') mapped back with pp > 1."""
     if pp == 1:
         return lambda name: name
-    from parallel.pipeline import model_parameter_name
+    from strata.parallel.pipeline.stages import model_parameter_name
 
     return lambda name: model_parameter_name(name, n_blocks)
 
@@ -251,12 +252,11 @@ def open_zero3(ckpt: Path, saved: Layout, mp: int = 0) -> Zero3Files:
 def _read_pipeline_modules(ckpt: Path, tp: int, n_blocks: int) -> list[dict[str, torch.Tensor]]:
     """pp > 1, ZeRO 0: per TP rank, every pipeline layer's module in Strata's names. DeepSpeed's
     pipeline writes one file per layer and TP rank (layer_XX-model_YY), renamed through
-    parallel/pipeline.py's layer_prefix."""
-    from parallel.pipeline import layer_prefix
+    parallel/pipeline/stages.py's layer_prefix."""
+    from strata.parallel.pipeline.stages import layer_prefix
 
     parts = [{} for _ in range(tp)]
-    for path in sorted(ckpt.glob("layer_*-model_*-model_states.pt")):
-        layer, rank = map(int, PIPELINE_LAYER.match(path.name).groups())
+    for layer, rank, path in pipeline_layer_files(ckpt):
         parts[rank].update({layer_prefix(layer, n_blocks) + k: v for k, v in safe_load(path).items()})
     if not all(parts):
         raise CheckpointError(f"checkpoint {ckpt} (tp={tp}) lacks pipeline layer files; "
@@ -325,8 +325,8 @@ def _this_rank(engine, model_cfg, tp_rank: int, tp: int, pp: int):
     """name_of: the engine's trained parameters -> their HybridLM names (in the module's order), and
     shard(p, full) -> this rank's TP slice of a full tensor of p, in the optimizer's dtype (fp32 for
     bf16 parameters' masters)."""
-    from model.hybrid import HybridLM
-    from parallel.tp_splits import parameter_splits, split_of
+    from strata.model.hybrid import HybridLM
+    from strata.parallel.tensor.splits import parameter_splits, split_of
 
     with torch.device("meta"):
         splits = parameter_splits(HybridLM(model_cfg), tp)

@@ -1,5 +1,5 @@
 """How every parameter of a HybridLM is split over tensor-parallel ranks: the one source
-of truth for building the TP model (parallel/tensor_parallel.py) and for checkpoints and
+of truth for building the TP model (parallel/tensor/blocks.py) and for checkpoints and
 export, which need both directions:
 
     splits = parameter_splits(model, tp)                  # model: HybridLM (meta is fine)
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.attention import Attention
-from model.mamba2 import Mamba2Mixer
-from model.structured import BlockDense, BlockShuffle, LowRank
+from strata.model.attention import Attention
+from strata.model.mamba2 import Mamba2Mixer
+from strata.model.structured import BlockDense, BlockShuffle, LowRank
 
 
 class Replicated:

@@ -5,7 +5,7 @@ parameters had never been there, and they hold no optimizer state afterwards.
 
 ZeRO stage 0 keeps torch's per-parameter state; stages 1 and 2 keep flat fp32 partitions,
 read and written per parameter through deepspeed.utils' safe_get/safe_set helpers (stage 3,
-written only by parallel/reshard.py, through safe_set_local_optimizer_state). With bf16
+written only by parallel/checkpoint/reshard.py, through safe_set_local_optimizer_state). With bf16
 parameters (DeepSpeed's bf16 mode) the fp32 master weights in those partitions are
 carried the same way: a fresh engine builds them from the bf16 module, rounded.
 """
@@ -16,8 +16,8 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
-from parallel.config import OptimizerConfig, ParallelConfig
-from parallel.engine import build_engine
+from strata.parallel.config import OptimizerConfig, ParallelConfig
+from strata.parallel.engine.build import build_engine
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -76,7 +76,7 @@ def zero3_local_part(p, full: torch.Tensor, zero) -> torch.Tensor:
 
 def restore_schedule(engine, lr_scheduler_state: dict | None, counters: dict) -> None:
     """The LR schedule where it was, each param group's lr with it, and DeepSpeed's step
-    counters, in a fresh engine (also parallel/reshard.py's)."""
+    counters, in a fresh engine (also parallel/checkpoint/reshard.py's)."""
     if lr_scheduler_state is not None:
         engine.lr_scheduler.load_state_dict(lr_scheduler_state)
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
@@ -104,7 +104,7 @@ def _read_states(engine, params, stage):
 
 
 def write_optimizer_states(engine, params, state_of, step, stage):
-    """Each parameter's AdamW state into a fresh engine (also parallel/reshard.py's way in):
+    """Each parameter's AdamW state into a fresh engine (also parallel/checkpoint/reshard.py's way in):
     state_of(p) gives exp_avg and exp_avg_sq (and, for stage 0, step), unpartitioned, or
     None for a parameter without state; it is called once per parameter, when needed."""
     if step is None:

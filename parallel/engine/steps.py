@@ -13,9 +13,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from parallel.guard import poison_non_finite
-from parallel.parallelize import pipeline_item
-from parallel.topology import Topology, model_parallel_grad_norm
+from strata.parallel.engine.parallelize import pipeline_item
+from strata.parallel.guard import poison_non_finite
+from strata.parallel.topology import Topology, model_parallel_grad_norm
 
 
 def train_micro_batches(engine, topo: Topology, batches: Iterable[dict],

@@ -2,7 +2,7 @@
 the structured linears (model/structured.py), each with its own split.
 
 Only shells are built here (shapes, no init); the weights are always copied in from the
-full model by parallel/tp_splits.py, which also documents each split. Column-side
+full model by parallel/tensor/splits.py, which also documents each split. Column-side
 linears produce this rank's share of the output features; row-side ones read this rank's
 share of the input features and leave the region (all-reduce, or reduce-scatter under SP).
 
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from kernels import ops
-from model.structured import BlockDense, BlockShuffle, LowRank, StructuredLinear
-from parallel.tp_mappings import TPContext, reduce_gradient
+from strata.kernels import ops
+from strata.model.structured import BlockDense, BlockShuffle, LowRank, StructuredLinear
+from strata.parallel.tensor.mappings import TPContext, reduce_gradient
 
 
 def _no_init(weight: torch.Tensor) -> None:

@@ -27,18 +27,18 @@ import torch
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
-from kernels import ops
-from model.attention import Attention
-from model.config import BlockSpec, ModelConfig
-from model.hybrid import HybridLM, document_index
-from model.linear import Projections
-from model.mamba2 import Mamba2Mixer
-from model.mlp import MLP
-from model.norm import RMSNorm
-from model.structured import carry_guidance
-from parallel.tp_linears import ColumnLinear, ReplicatedHead, RowLinear, _no_init, column_linear, row_linear
-from parallel.tp_mappings import TPContext
-from parallel.tp_splits import REPLICATED, kv_heads_split, parameter_splits, shard_state_dict, split_of
+from strata.kernels import ops
+from strata.model.attention import Attention
+from strata.model.config import BlockSpec, ModelConfig
+from strata.model.hybrid import HybridLM, document_index
+from strata.model.linear import Projections
+from strata.model.mamba2 import Mamba2Mixer
+from strata.model.mlp import MLP
+from strata.model.norm import RMSNorm
+from strata.model.structured import carry_guidance
+from strata.parallel.tensor.linears import ColumnLinear, ReplicatedHead, RowLinear, _no_init, column_linear, row_linear
+from strata.parallel.tensor.mappings import TPContext
+from strata.parallel.tensor.splits import REPLICATED, kv_heads_split, parameter_splits, shard_state_dict, split_of
 
 
 class TPProjections(Projections):
@@ -208,7 +208,7 @@ def _tp_mixer(block, cfg: ModelConfig, ctx: TPContext) -> nn.Module:
 
 class Sharder:
     """Turns the parts of a HybridLM (identical on every rank of the TP group) into this
-    rank's TP forms, weights copied in through parallel/tp_splits.py. Each part is
+    rank's TP forms, weights copied in through parallel/tensor/splits.py. Each part is
     converted on its own, so a pipeline stage shards only the blocks it holds."""
 
     def __init__(self, model: HybridLM, ctx: TPContext):

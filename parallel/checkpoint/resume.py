@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from model.config import ModelConfig
-from parallel import checkpoint as ckpt
-from parallel import consolidate, reshard
-from parallel.engine import apply_schedule_now
-from parallel.layout import Layout
-from parallel.rebuild import has_bf16_masters
-from parallel.topology import Topology
+from strata.model.config import ModelConfig
+from strata.parallel.checkpoint import consolidate, files as ckpt, reshard
+from strata.parallel.checkpoint.rebuild import has_bf16_masters
+from strata.parallel.engine.build import apply_schedule_now
+from strata.parallel.layout import Layout
+from strata.parallel.topology import Topology
 
 FRESH, WEIGHTS, AS_WRITTEN, RESHARDED = "fresh", "weights", "as_written", "resharded"
 

@@ -125,7 +125,7 @@ class TPContext:
 
     def megatron_config(self, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
         """Megatron's layers allocate on CPU and skip their own init: the weights are
-        always copied in from the full model (parallel/tp_splits.py)."""
+        always copied in from the full model (parallel/tensor/splits.py)."""
         return ModelParallelConfig(tensor_model_parallel_size=self.size, use_cpu_initialization=True,
                                    perform_initialization=False, params_dtype=dtype)
 

@@ -7,9 +7,9 @@ import math
 import deepspeed
 import torch
 
-from parallel.config import OptimizerConfig, ParallelConfig
-from parallel.guard import GuardedAdamW
-from parallel.parallelize import deepspeed_pipeline_section
+from strata.parallel.config import OptimizerConfig, ParallelConfig
+from strata.parallel.engine.parallelize import deepspeed_pipeline_section
+from strata.parallel.guard import GuardedAdamW
 
 
 def data_parallel_size(world_size: int, par: ParallelConfig) -> int:

@@ -23,14 +23,14 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 
-from kernels import ops
-from model.config import ModelConfig
-from model.counting import block_forward_flops
-from model.hybrid import Block, HybridLM, document_index
-from parallel.guard import poison_non_finite
-from parallel.tensor_parallel import Sharder, vocab_parallel_loss
-from parallel.topology import Topology
-from parallel.tp_mappings import TPContext
+from strata.kernels import ops
+from strata.model.config import ModelConfig
+from strata.model.counting import block_forward_flops
+from strata.model.hybrid import Block, HybridLM, document_index
+from strata.parallel.guard import poison_non_finite
+from strata.parallel.tensor.blocks import Sharder, vocab_parallel_loss
+from strata.parallel.tensor.mappings import TPContext
+from strata.parallel.topology import Topology
 
 
 def layer_costs(cfg: ModelConfig, seq_len: int) -> list[float]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from model.hybrid import Block
-from parallel.config import RECOMPUTE_MODES
-from parallel.topology import Topology
+from strata.model.hybrid import Block
+from strata.parallel.config import RECOMPUTE_MODES
+from strata.parallel.topology import Topology
 
 
 def parallel_model(model: nn.Module, topo: Topology, seq_len: int, sequence_parallel: bool = False,
@@ -23,12 +23,12 @@ def parallel_model(model: nn.Module, topo: Topology, seq_len: int, sequence_para
     with activation recompute per block as `recompute` says (see apply_recompute).
     `model` is a HybridLM built with the same seed on every rank."""
     if topo.pp > 1:
-        from parallel.pipeline import pipeline_model
+        from strata.parallel.pipeline.stages import pipeline_model
 
         model = pipeline_model(model, topo, seq_len, sequence_parallel)
     elif topo.tp > 1:
-        from parallel.tensor_parallel import tensor_parallel
-        from parallel.tp_mappings import TPContext
+        from strata.parallel.tensor.blocks import tensor_parallel
+        from strata.parallel.tensor.mappings import TPContext
 
         model = tensor_parallel(model, TPContext.from_parallel_state(sequence_parallel))
     return apply_recompute(model, recompute or [])

@@ -46,7 +46,7 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from parallel.layout import Layout
+from strata.parallel.layout import Layout
 
 # DeepSpeed's own plain records inside ZeRO optimizer shards: the only classes a load may build.
 DEEPSPEED_RECORDS = [fragment_address, LossScaler, ZeroStageEnum]
@@ -178,6 +178,12 @@ def zero_optim_file(layout: Layout, dp: int, mp: int) -> str:
     """The ZeRO optimizer shard of data-parallel rank dp and model-parallel index mp, as the
     layout (its parameter dtype) named it."""
     return (BF16_PREFIX if layout.param_dtype == "bf16" else "") + ZERO_OPTIM.format(dp=dp, mp=mp)
+
+
+def pipeline_layer_files(ckpt: Path) -> list[tuple[int, int, Path]]:
+    """(layer, tp_rank, path) of every per-layer module file DeepSpeed's pipeline wrote (pp > 1)."""
+    found = ((PIPELINE_LAYER.match(p.name), p) for p in ckpt.iterdir())
+    return sorted((int(m.group(1)), int(m.group(2)), p) for m, p in found if m)
 
 
 def read_manifest(ckpt: Path) -> dict:
@@ -504,7 +510,7 @@ def _raise_if_any_failed(error: str | None, root: Path, tmp: Path, step: int) ->
 
 def optimizer_param_names(engine) -> list[list[str]]:
     """Under ZeRO 0 torch's optimizer state is keyed by position in its param groups; these
-    names, in that order, let parallel/reshard.py read it on another layout. Empty under
+    names, in that order, let parallel/checkpoint/reshard.py read it on another layout. Empty under
     ZeRO 1-3, whose files name every parameter's fragment themselves."""
     if engine.zero_optimization_stage() > 0:
         return []
@@ -534,7 +540,7 @@ def write_weights_only(root: Path, state_dict: dict[str, torch.Tensor], step: in
 
 
 # ----------------------------------------------------------------------------------------
-# Loading (same layout; parallel/reshard.py reads another)
+# Loading (same layout; parallel/checkpoint/reshard.py reads another)
 # ----------------------------------------------------------------------------------------
 
 def load_checkpoint(engine, ckpt: Path, rank: int) -> dict:

@@ -2,15 +2,15 @@
 generate, a run started from `strata import`).
 
     ckpt = resolve_checkpoint("runs/tiny")          # a run dir, its checkpoints/ dir, or a step dir,
-                                                    # verified (parallel/checkpoint.py)
+                                                    # verified (parallel/checkpoint/files.py)
     model_cfg = load_run_config(ckpt).model         # launcher.config: the run's config.yaml
     state_dict = consolidate(ckpt, model_cfg)       # {name: full fp32 tensor}, Strata's names
 
-Training checkpoints are read by parallel/reshard.py, the one reader of DeepSpeed's files on any
+Training checkpoints are read by parallel/checkpoint/reshard.py, the one reader of DeepSpeed's files on any
 layout (ZeRO 0-3, TP, PP), weights only and lazily (memory-mapped, one parameter at a time); the
 model config is needed to merge tensor- or pipeline-parallel shards. A weights-only checkpoint
 (`strata import`) is model.safetensors beside its manifest. File names and safe loading come from
-parallel/checkpoint.py; loading never unpickles arbitrary objects.
+parallel/checkpoint/files.py; loading never unpickles arbitrary objects.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import WEIGHTS_FILE, CheckpointError, read_manifest, resolve_checkpoint, saved_layout
+from strata.parallel.checkpoint.files import (WEIGHTS_FILE, CheckpointError, read_manifest, resolve_checkpoint,
+                                              saved_layout)
 
 __all__ = ["CheckpointError", "consolidate", "resolve_checkpoint", "run_dir_of", "is_weights_only"]
 
@@ -43,10 +44,10 @@ def is_weights_only(ckpt: Path) -> bool:
 
 def consolidate(ckpt: Path, model_cfg=None) -> dict[str, torch.Tensor]:
     """The full state dict of a complete checkpoint, in Strata's parameter names: the fp32
-    weights as parallel/reshard.py reads them for a resume on any layout (the one reader of
+    weights as parallel/checkpoint/reshard.py reads them for a resume on any layout (the one reader of
     DeepSpeed's files). `model_cfg` (the run's ModelConfig) is needed to merge tensor /
     pipeline-parallel shards."""
-    from parallel.reshard import read_full_state
+    from strata.parallel.checkpoint.reshard import read_full_state
 
     ckpt = Path(ckpt)
     if is_weights_only(ckpt):

@@ -1,1 +1,0 @@
-"""The `strata` CLI, the training loop, config loading and run reporting."""

@@ -1,1 +1,0 @@
-"""Process groups, the DeepSpeed engine, parallel forms of the model, sharded checkpoints."""
