@@ -17,7 +17,7 @@ def blocks(kernel: str, chunk_size: int, headdim: int, dstate: int) -> dict:
     if interpreting():
         # Tiles of 64 at most: large shapes exercise the multi-tile paths, small ones stay quick.
         L, P, N = min(L, 64), min(P, 64), min(N, 64)
-    # GPU defaults: from a sweep on an H100 (bench/kernels.py --sweep), bf16, headdim 64, d_state 128, chunk 256.
+    # GPU defaults: from a sweep on an H100 (bench/kernel_speed.py --sweep), bf16, headdim 64, d_state 128, chunk 256.
     if kernel in ("state_fwd", "state_bwd"):
         cfg = dict(BLOCK_P=min(P, 64), BLOCK_N=min(N, 128), BLOCK_K=min(L, 64), num_warps=4, num_stages=3)
     elif kernel == "bmm":
