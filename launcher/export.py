@@ -179,7 +179,7 @@ def write_tokenizer(sp_model: Path, out: Path, max_len: int) -> None:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto", dtype: str = "float32",
                       tokenizer: str | None = None,
                       max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> tuple[Path, str, str | None]:
-    """Write the HF directory; returns (out, the arch written, a note for the user or None)."""
+    """Write the HF directory; returns (out, the arch written, the notes for the user)."""
     import sentencepiece as spm
 
     from strata.launcher.config import load_run_config
@@ -214,7 +214,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     if out.exists():
         out.rmdir()
     tmp.replace(out)
-    return out, arch, guided_note(ckpt, alpha, "exported the dense weights")
+    guided = guided_note(ckpt, alpha, "exported the dense weights")
+    return out, arch, [*([guided] if guided else []), *hf.export_notes(model_cfg, arch)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     from strata.parallel.checkpoint.consolidate import CheckpointError
 
     try:
-        out, arch, note = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,
+        out, arch, notes = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,
                                             int(args.max_shard_gb * 2**30))
     except (ImportError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if note:
+    for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"exported {args.checkpoint} as {hf.ARCHITECTURES[arch]} to {out}")
     return 0

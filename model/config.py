@@ -47,7 +47,7 @@ class MambaConfig:
     dt_limit: list[float] = field(default_factory=lambda: [0.0, math.inf])
     """[low, high]: every dt = softplus(dt + dt_bias) is clamped to it, in training, prompts and
     decoding alike (mamba_ssm's dt_limit, transformers' time_step_limit; NemotronH's is
-    [time_step_min, .inf]). [0.0, .inf] clamps nothing."""
+    [time_step_min, .inf] before transformers 5.25). [0.0, .inf] clamps nothing."""
     A_init_min: float = 1.0
     """Lower end of the uniform draw of -A at init (A = -exp(A_log))."""
     A_init_max: float = 16.0

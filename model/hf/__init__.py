@@ -18,9 +18,11 @@ Details checked against transformers' modeling files and matched exactly:
   rmsnorm(y * silu(z)) over groups of d_inner / ngroups channels (norm_before_gate=False);
 - in_proj's output layout is [z, xBC, dt], xBC = [x, B, C], conv over xBC with bias;
 - Mamba2 is token-for-token mamba_ssm: dt = clamp(softplus(dt + dt_bias), *dt_limit),
-  A = -exp(A_log), D skip. dt_limit is HF Mamba2's and Bamba's time_step_limit; HF NemotronH
-  clamps to [time_step_min, inf] and ignores its time_step_limit (imported with a note, exported
-  as (0, inf)); a model without a lower limit is written time_step_min = 1e-30, which clamps
+  A = -exp(A_log), D skip. dt_limit is HF Mamba2's and Bamba's time_step_limit, and NemotronH's
+  from transformers 5.25 on; before 5.25 NemotronH clamps to [time_step_min, inf] and ignores its
+  time_step_limit (config.py NEMOTRON_LIMIT_CLAMP_SINCE: import and export follow the installed
+  release, and name the clamp the other releases would read from the same file). Written for a
+  release before 5.25, a model without a lower limit is time_step_min = 1e-30, which clamps
   nothing and keeps log(time_step_min), which HF's init of dt_bias takes, finite. transformers
   and mamba_ssm clamp in their chunked (prompt) path but not in their one-token decoding step;
   Strata clamps on every path, so that its decoding equals its own (and their) full forward;
@@ -39,13 +41,13 @@ The package: config.py (what each target expresses, the config mapping), names.p
 names), files.py (config.json and safetensors). Its public names are imported here.
 """
 from strata.model.hf.config import (ARCHITECTURES, ARCHS, NEMOTRON_LAYER_TYPES, NO_CLAMP_TIME_STEP_MIN,
-                                    UnsupportedModel, choose_arch, hf_config_kwargs, import_notes, model_config_from_hf,
-                                    unsupported_features)
+                                    UnsupportedModel, choose_arch, export_notes, hf_config_kwargs, import_notes,
+                                    model_config_from_hf, nemotron_h_clamps_limit, unsupported_features)
 from strata.model.hf.files import (INSTALL_HINT, MAX_SHARD_BYTES, build_hf_config, load_weights, read_hf_config,
                                    require_transformers, save_weights)
 from strata.model.hf.names import from_hf_state_dict, name_prefixes, to_hf_state_dict
 
 __all__ = ["ARCHITECTURES", "ARCHS", "INSTALL_HINT", "MAX_SHARD_BYTES", "NEMOTRON_LAYER_TYPES", "NO_CLAMP_TIME_STEP_MIN",
-           "UnsupportedModel", "build_hf_config", "choose_arch", "from_hf_state_dict", "hf_config_kwargs",
-           "import_notes", "load_weights", "model_config_from_hf", "name_prefixes", "read_hf_config",
+           "UnsupportedModel", "build_hf_config", "choose_arch", "export_notes", "from_hf_state_dict",
+           "hf_config_kwargs", "import_notes", "nemotron_h_clamps_limit", "load_weights", "model_config_from_hf", "name_prefixes", "read_hf_config",
            "require_transformers", "save_weights", "to_hf_state_dict", "unsupported_features"]

@@ -2,6 +2,8 @@
 (transformers' config objects are read by attribute; model/hf/files.py builds them)."""
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
 
 from strata.model.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig
@@ -18,6 +20,57 @@ class UnsupportedModel(ValueError):
 
 
 # ----------------------------------------------------------------------------------------
+# NemotronH's dt clamp, which moved between transformers releases
+# ----------------------------------------------------------------------------------------
+
+OLDEST_TRANSFORMERS = (5, 23)
+"""pyproject.toml's hf extra starts here: before 5.23 Mamba2's and Bamba's gated RMSNorm norms over the
+whole width instead of per group, NemotronH spells its layer types and its embedding otherwise."""
+
+NEMOTRON_LIMIT_CLAMP_SINCE = (5, 25)
+"""Which field transformers' NemotronH clamps dt to, in its chunked scan (training and prompts):
+
+- 5.25 and later: `time_step_limit`, both ends, as Mamba2 and Bamba do (the mixer stores
+  config.time_step_limit; time_step_min, time_step_max and time_step_floor only seed dt_bias's init);
+- 5.15 to 5.24: [time_step_min, inf) (the mixer sets its own time_step_limit to that and never reads
+  config.time_step_limit on its PyTorch path).
+
+Strata's range starts at OLDEST_TRANSFORMERS. From 5.15 on no class clamps in its one-token decoding
+step; Strata clamps on every path, so that its decoding equals its (and their) full forward."""
+
+
+def release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string: '5.25.0' and '5.26.0.dev0' -> (5, 25), (5, 26)."""
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+@functools.cache
+def nemotron_h_clamps_limit() -> bool:
+    """True where the installed transformers clamps NemotronH's dt to time_step_limit (5.25 and later, or
+    no transformers at all: what a fresh install gets), False where to [time_step_min, inf)."""
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return release(version) >= NEMOTRON_LIMIT_CLAMP_SINCE
+
+
+def _installed_transformers() -> str:
+    try:
+        return f"transformers {importlib.metadata.version('transformers')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "no transformers installed"
+
+
+def _other_nemotron_clamp(time_step_min: float, time_step_limit: list[float]) -> tuple[str, list[float]]:
+    """(the releases, the clamp) that the NemotronH config fields mean where the installed release does not."""
+    if nemotron_h_clamps_limit():
+        low = time_step_min if time_step_min > NO_CLAMP_TIME_STEP_MIN else 0.0
+        return "before 5.25", [low, math.inf]
+    return "5.25 and later", list(time_step_limit)
+
+
+# ----------------------------------------------------------------------------------------
 # What each target can express
 # ----------------------------------------------------------------------------------------
 
@@ -25,9 +78,10 @@ def unsupported_features(cfg: ModelConfig, arch: str) -> list[str]:
     """The features of `cfg` that `arch` cannot express, each as a short phrase; [] if none."""
     has_attn, has_mlp = "*" in cfg.pattern, "-" in cfg.pattern
     problems = []
-    if arch == "nemotron_h" and "M" in cfg.pattern and math.isfinite(cfg.mamba.dt_limit[1]):
-        problems.append(f"mamba.dt_limit={cfg.mamba.dt_limit} has an upper bound (NemotronH clamps dt "
-                        "from below only)")
+    if (arch == "nemotron_h" and "M" in cfg.pattern and math.isfinite(cfg.mamba.dt_limit[1])
+            and not nemotron_h_clamps_limit()):
+        problems.append(f"mamba.dt_limit={cfg.mamba.dt_limit} has an upper bound (NemotronH clamps dt from below "
+                        f"only before transformers 5.25; {_installed_transformers()} is installed)")
     if arch == "bamba" and cfg.residual_in_fp32:
         problems.append("residual_in_fp32=true (Bamba keeps the residual stream in the weights' dtype)")
     if arch == "nemotron_h":
@@ -94,8 +148,7 @@ def hf_config_kwargs(cfg: ModelConfig, arch: str, special_ids: dict | None = Non
             intermediate_size=cfg.mlp.resolved_d_ff(cfg.d_model), mlp_hidden_act="relu2", mlp_bias=cfg.mlp.bias,
             ssm_state_size=m.d_state, mamba_num_heads=_mamba_nheads(cfg), mamba_head_dim=m.headdim,
             n_groups=m.ngroups, conv_kernel=m.d_conv, expand=m.expand, chunk_size=m.chunk_size,
-            time_step_min=m.dt_limit[0] or NO_CLAMP_TIME_STEP_MIN, time_step_max=m.dt_max,
-            time_step_floor=m.dt_init_floor, time_step_limit=[0.0, math.inf],
+            **_nemotron_h_time_steps(m),
             use_conv_bias=m.conv_bias, use_bias=m.proj_bias, mamba_proj_bias=m.proj_bias,
             layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=cfg.residual_in_fp32)
     if arch == "mamba2":
@@ -122,6 +175,30 @@ def hf_config_kwargs(cfg: ModelConfig, arch: str, special_ids: dict | None = Non
     raise ValueError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
 
 
+def _nemotron_h_time_steps(m: MambaConfig) -> dict:
+    """NemotronH's time_step_* fields that make the installed transformers clamp dt to m.dt_limit."""
+    if nemotron_h_clamps_limit():
+        return dict(time_step_min=m.dt_min, time_step_max=m.dt_max, time_step_floor=m.dt_init_floor,
+                    time_step_limit=list(m.dt_limit))
+    # before 5.25 the clamp is [time_step_min, inf); no lower limit is the marker, which keeps
+    # log(time_step_min) (dt_bias's init) finite
+    return dict(time_step_min=m.dt_limit[0] or NO_CLAMP_TIME_STEP_MIN, time_step_max=m.dt_max,
+                time_step_floor=m.dt_init_floor, time_step_limit=[0.0, math.inf])
+
+
+def export_notes(cfg: ModelConfig, arch: str) -> list[str]:
+    """What the user should know about an export: a NemotronH file whose dt clamp the releases of
+    transformers on the other side of 5.25 read differently (it is written for the installed one)."""
+    if arch != "nemotron_h" or "M" not in cfg.pattern:
+        return []
+    fields = _nemotron_h_time_steps(cfg.mamba)
+    releases, other = _other_nemotron_clamp(fields["time_step_min"], fields["time_step_limit"])
+    if other == list(cfg.mamba.dt_limit):
+        return []
+    return [f"written for {_installed_transformers()}, where NemotronH clamps dt to mamba.dt_limit="
+            f"{cfg.mamba.dt_limit}; transformers {releases} reads the same config.json as a clamp to {other}"]
+
+
 def model_config_from_hf(hf) -> tuple[ModelConfig, str]:
     """Strata's ModelConfig from a transformers config object (NemotronH, Mamba2 or Bamba).
 
@@ -140,16 +217,18 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, str]:
 
 
 def import_notes(hf) -> list[str]:
-    """What the user should know about an imported model: settings its transformers class ignores,
-    which Strata does not keep either (an export writes their defaults)."""
-    notes = []
-    if getattr(hf, "model_type", None) == "nemotron_h":
-        limit = list(getattr(hf, "time_step_limit", None) or (0.0, math.inf))
-        if limit != [0.0, math.inf]:
-            notes.append(f"time_step_limit={limit} is not used by transformers' NemotronH, which clamps dt to "
-                         f"[time_step_min, inf] = [{hf.time_step_min:g}, inf]; Strata does the same, and an export "
-                         "writes time_step_limit=[0, inf]")
-    return notes
+    """What the user should know about an imported model: a NemotronH whose dt clamp the releases of
+    transformers on the other side of 5.25 read differently (Strata clamps as the installed one does)."""
+    if getattr(hf, "model_type", None) != "nemotron_h":
+        return []
+    limit = [float(v) for v in (getattr(hf, "time_step_limit", None) or (0.0, math.inf))]
+    ours = _dt_limit(hf, "nemotron_h")
+    releases, other = _other_nemotron_clamp(getattr(hf, "time_step_min", 0.0) or 0.0, limit)
+    if other == ours:
+        return []
+    return [f"NemotronH clamps dt to {ours} in {_installed_transformers()}, and Strata does the same; "
+            f"transformers {releases} clamps this config.json to {other} (time_step_min="
+            f"{getattr(hf, 'time_step_min', 0.0):g}, time_step_limit={limit})"]
 
 
 def require(ok: bool, message: str) -> None:
@@ -167,16 +246,16 @@ def _expand(hf, arch: str, d_inner: int) -> int:
 def _mamba_from(hf, arch, d_state, headdim, nheads, ngroups, d_conv, conv_bias, proj_bias, chunk) -> MambaConfig:
     return MambaConfig(d_state=d_state, d_conv=d_conv, expand=_expand(hf, arch, nheads * headdim), headdim=headdim,
                        ngroups=ngroups, chunk_size=chunk, conv_bias=conv_bias, proj_bias=proj_bias,
-                       dt_min=_init_dt_min(hf),
+                       dt_min=_init_dt_min(hf, arch),
                        dt_max=getattr(hf, "time_step_max", MambaConfig.dt_max),
                        dt_init_floor=getattr(hf, "time_step_floor", MambaConfig.dt_init_floor),
                        dt_limit=_dt_limit(hf, arch))
 
 
 def _dt_limit(hf, arch: str) -> list[float]:
-    """The clamp the transformers class applies to dt: NemotronH's [time_step_min, inf] (a
-    time_step_min at or below the no-clamp marker clamps nothing), the others' time_step_limit."""
-    if arch == "nemotron_h":
+    """The clamp the installed transformers applies to dt: time_step_limit, except NemotronH's before 5.25,
+    [time_step_min, inf] (a time_step_min at or below the no-clamp marker clamps nothing)."""
+    if arch == "nemotron_h" and not nemotron_h_clamps_limit():
         t_min = getattr(hf, "time_step_min", 0.0) or 0.0
         return [float(t_min) if t_min > NO_CLAMP_TIME_STEP_MIN else 0.0, math.inf]
     limit = [float(v) for v in (getattr(hf, "time_step_limit", None) or (0.0, math.inf))]
@@ -185,9 +264,12 @@ def _dt_limit(hf, arch: str) -> list[float]:
     return limit
 
 
-def _init_dt_min(hf) -> float:
-    """time_step_min as an init setting; the no-clamp marker NemotronH exports carry is not one."""
+def _init_dt_min(hf, arch: str) -> float:
+    """time_step_min as an init setting; the no-clamp marker that NemotronH files exported for transformers
+    before 5.25 carry is not one (from 5.25 on it is kept, so that the file round-trips)."""
     t_min = getattr(hf, "time_step_min", 0.0) or 0.0
+    if arch == "nemotron_h" and nemotron_h_clamps_limit() and t_min > 0:
+        return float(t_min)
     return t_min if t_min > NO_CLAMP_TIME_STEP_MIN else MambaConfig.dt_min
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from strata.model.config import ModelConfig
-from strata.model.hf.config import ARCHITECTURES, ARCHS, UnsupportedModel, hf_config_kwargs, require
+from strata.model.hf.config import (ARCHITECTURES, ARCHS, OLDEST_TRANSFORMERS, UnsupportedModel, hf_config_kwargs,
+                                    release, require)
 
 # ----------------------------------------------------------------------------------------
 # Files: config.json and safetensors weights (transformers is imported only here, lazily)
 # ----------------------------------------------------------------------------------------
 
-INSTALL_HINT = "pip install 'strata[hf]' (or: pip install 'transformers>=5' safetensors)"
+INSTALL_HINT = "pip install 'strata[hf]' (or: pip install 'transformers>=5.23' safetensors)"
 MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -21,8 +22,9 @@ def require_transformers(action: str):
         import transformers
     except ImportError:
         raise ImportError(f"{action} needs Hugging Face transformers, which is not installed: {INSTALL_HINT}") from None
-    if int(transformers.__version__.split(".")[0]) < 5:
-        raise ImportError(f"{action} needs transformers >= 5 (found {transformers.__version__}): {INSTALL_HINT}")
+    if release(transformers.__version__) < OLDEST_TRANSFORMERS:
+        raise ImportError(f"{action} needs transformers >= {'.'.join(map(str, OLDEST_TRANSFORMERS))} "
+                          f"(found {transformers.__version__}): {INSTALL_HINT}")
     return transformers
 
 
