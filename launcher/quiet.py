@@ -14,6 +14,10 @@ import side effect, so what a command prints does not depend on import order). W
 - DeepSpeed's ZeRO calls torch.distributed functions that torch has deprecated, and each rank
   prints torch's FutureWarning about it on every run; a user can do nothing about it, so those
   deprecation warnings are ignored.
+- megatron-core warns at import, once per module that looks, that Transformer Engine and Apex are not
+  installed and it falls back to its own implementations. Strata uses megatron-core's process groups
+  and tensor-parallel layers only, none of what those libraries would accelerate, so the warning is
+  ignored (`strata export` printed it before its own first line).
 - ``stdout_is_output``: for the commands whose stdout is their result (``strata generate``'s text,
   ``strata export``'s summary), DeepSpeed's logger writes to stderr instead of stdout.
 """
@@ -41,6 +45,7 @@ def quiet_third_party(stdout_is_output: bool = False, env=os.environ) -> None:
             if not torch.cuda.is_available():  # DeepSpeed's own fallback, without its warning
                 env["DS_ACCELERATOR"] = "cpu"
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning)
     if stdout_is_output:
         import deepspeed.utils
 

@@ -57,6 +57,7 @@ def exported(trained, tmp_path_factory):
     proc = run_strata(["export", "--checkpoint", str(trained), "--format", "hf", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "BambaForCausalLM" in proc.stdout  # M-*- with RoPE and SwiGLU: only Bamba expresses it
+    assert proc.stderr == "" and proc.stdout.startswith("exported "), proc.stderr  # no library's line first
     return out
 
 
