@@ -15,7 +15,6 @@ max_relative_difference.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -40,13 +39,15 @@ def train_command(config: str, steps: int, run_dir: Path, overrides: list[str], 
 
 
 def read_records(run_dir: Path) -> list[dict]:
+    from strata.launcher.metrics import read_record
+
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            records.append(read_record(line))
         except ValueError:
             pass  # a line torn by a kill
     return records

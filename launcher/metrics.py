@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -84,6 +85,22 @@ def show_strata_logs(is_main: bool) -> None:
     logger.propagate = False
 
 
+NON_FINITE = ("nan", "inf", "-inf")
+
+
+def json_value(value):
+    """metrics.jsonl is strict JSON (RFC 8259 has no NaN or Infinity): a non-finite number is written as
+    the string "nan", "inf" or "-inf" (read_record turns them back into floats)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_record(line: str | bytes) -> dict:
+    """One metrics.jsonl record with its numbers as numbers, non-finite ones included."""
+    return {k: float(v) if isinstance(v, str) and v in NON_FINITE else v for k, v in json.loads(line).items()}
+
+
 class Reporter:
     def __init__(self, run_dir: Path, logging_cfg, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled
@@ -123,7 +140,8 @@ class Reporter:
         if self.writer:
             for name, value in values.items():
                 self.writer.add_scalar(f"{kind}/{name}", value, step)
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+        record = {"kind": kind, "step": step, "time": time.time(), **{k: json_value(v) for k, v in values.items()}}
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
 
     def expect_peak_memory(self, step: int, gib: float) -> None:

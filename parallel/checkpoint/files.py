@@ -6,13 +6,16 @@ Layout under <run_dir>/checkpoints:
         rank_00000.pt       this rank's RNG states (plain tensors and ints) and, under ZeRO 0,
                             the names of its optimizer's parameters in state order
         trainer.json        the manifest, written last: step, layout, data cursor, self-guided
-                            state, and every other file's size and CRC32
-    latest                  the name of the newest complete checkpoint
+                            state, every other file's size and CRC32, and its own CRC32 (of the
+                            rest of it, canonical JSON) under "manifest_crc32"
+    latest                  the name of the newest complete checkpoint, for people and tools: no
+                            reader trusts it (the newest is the highest complete step)
 Each checkpoint is written as step_XXXXXXXX.tmp and renamed once every rank has finished; `latest`
 is replaced atomically afterwards. A directory without trainer.json, or still named .tmp, is never
 loaded; a .tmp left by a kill is removed when the next run starts. Every reader verifies what it
-opens against the manifest (`verify`), so a damaged or missing file is one line naming it, never
-a silently wrong model.
+opens against the manifest (`verify`), and the manifest against its own checksum before trusting a
+byte of it (`read_manifest`), so a damaged or missing file, the manifest included, is one line naming
+it, never a silently wrong model or data position.
 
 DeepSpeed's file names, per model-parallel index mp (stage x tp + tp_rank) and data-parallel rank dp
 (deepspeed/runtime/engine.py: _get_ckpt_name, _get_zero_ckpt_name; pipe/module.py: ckpt_layer_path):
@@ -52,7 +55,8 @@ from strata.parallel.layout import Layout
 DEEPSPEED_RECORDS = [fragment_address, LossScaler, ZeroStageEnum]
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "trainer.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the manifest's own checksum (2: every other file's; 1: none)
+MANIFEST_CRC = "manifest_crc32"
 MODEL_STATES = "mp_rank_{mp:02d}_model_states.pt"
 ZERO_OPTIM = "zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
 BF16_PREFIX = "bf16_"  # DeepSpeed's prefix of ZeRO optimizer files in its bf16 mode (engine._get_zero_ckpt_prefix)
@@ -125,12 +129,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def newest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint: `latest` when it names one, else the highest step."""
-    latest = root / "latest"
-    if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if STEP_DIR.match(candidate.name) and (candidate / MANIFEST).is_file():
-            return candidate
+    """The newest complete checkpoint: the highest step (a damaged `latest` could name an older one)."""
     done = complete_checkpoints(root)
     return done[-1] if done else None
 
@@ -186,12 +185,33 @@ def pipeline_layer_files(ckpt: Path) -> list[tuple[int, int, Path]]:
     return sorted((int(m.group(1)), int(m.group(2)), p) for m, p in found if m)
 
 
+def manifest_text(manifest: dict) -> str:
+    """The manifest as written: the fields, then the CRC32 of their canonical JSON (sorted keys, no spaces),
+    which read_manifest checks before anything in it is trusted."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CRC}
+    return json.dumps({**body, MANIFEST_CRC: _canonical_crc32(body)}, indent=2)
+
+
+def _canonical_crc32(body: dict) -> int:
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
 def read_manifest(ckpt: Path) -> dict:
+    """The manifest's fields, checked against their own checksum (format 3 and later)."""
     try:
-        return json.loads((ckpt / MANIFEST).read_text())
+        manifest = json.loads((ckpt / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has no readable {MANIFEST} ({e.__class__.__name__}); "
                               "it is incomplete or damaged: delete it, or use an earlier complete checkpoint") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{MANIFEST} is not a manifest (a JSON {type(manifest).__name__})")
+    want = manifest.pop(MANIFEST_CRC, None)
+    if want is None and manifest.get("format", 0) >= 3:
+        raise CheckpointError(f"{MANIFEST} has lost its checksum ({MANIFEST_CRC})")
+    if want is not None and want != _canonical_crc32(manifest):
+        raise CheckpointError(f"{MANIFEST} fails its checksum (crc32 {_canonical_crc32(manifest)}, "
+                              f"recorded {want}): a field of it changed since it was written")
+    return manifest
 
 
 def saved_layout(manifest: dict) -> Layout:
@@ -463,7 +483,7 @@ def _every_file(tmp: Path, hashed_while_written: list[dict]) -> dict[str, dict]:
 
 
 def _commit(root: Path, tmp: Path, final: Path, manifest: dict, keep_last: int) -> None:
-    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write(tmp / MANIFEST, manifest_text(manifest))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -531,7 +551,7 @@ def write_weights_only(root: Path, state_dict: dict[str, torch.Tensor], step: in
     save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     manifest = {"step": step, "weights_only": True, "format": FORMAT_VERSION,
                 "files": digest_files(tmp, [WEIGHTS_FILE])}
-    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write(tmp / MANIFEST, manifest_text(manifest))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

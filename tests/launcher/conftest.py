@@ -58,11 +58,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metrics_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, read as a strict JSON parser would: NaN or Infinity, which Python's json writes and
+    reads by default but RFC 8259 does not allow, fail here."""
+    def refuse(constant: str):
+        raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """Step -> train loss; a step logged twice (before a kill and after the resume) keeps the last."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "train":
-            losses[record["step"]] = record["loss"]
-    return losses
+    return {r["step"]: float(r["loss"]) for r in metrics_records(run_dir) if r["kind"] == "train"}

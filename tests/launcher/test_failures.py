@@ -1,12 +1,15 @@
 """What a run does when things go wrong: each failure is one line naming the file or setting and
 the fix, a non-zero exit, and the complete checkpoints left intact."""
+import json
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from strata.parallel.checkpoint.files import complete_checkpoints, verify
-from tests.launcher.conftest import TINY, run_strata, train_losses
+from tests.launcher.conftest import TINY, metrics_records, run_strata, train_losses
 
 DIVERGED = 3
 
@@ -37,8 +40,11 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint_intact(tmp_path, co
     assert proc.returncode == DIVERGED, proc.stderr[-3000:]
     line = error_line(proc.stderr)
     assert says in line and str(good) in line and "train.lr" in line
+    records = metrics_records(run_dir)  # strict JSON, the non-finite steps included
     if every == 0:
         assert proc.stdout.count("non-finite loss or gradient: step skipped") == 3
+        skipped = [r for r in records if r["kind"] == "train" and r["step"] > 3]
+        assert len(skipped) == 3 and all(r["loss"] in ("nan", "inf", "-inf") for r in skipped), skipped
     written = complete_checkpoints(run_dir / "checkpoints")
     assert good in written and all(verify(c) == [] for c in written)
     import torch
@@ -107,16 +113,30 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk, c
     assert verify(ckpts / "step_00000002") == []
 
 
-@pytest.mark.parametrize("damage", ["delete the model shard", "truncate a rank file", "delete a rank file"])
+def flip_a_digit_of_the_data_cursor(manifest: Path) -> None:
+    """One digit of the manifest's data position changed, the JSON still valid: before the manifest had a
+    checksum of its own, this resumed "from step 4" on other data."""
+    text = manifest.read_text()
+    at = re.search(r'"cursor": (\d)', text)
+    digit = at.start(1)
+    manifest.write_text(text[:digit] + str((int(text[digit]) + 5) % 10) + text[digit + 1:])
+    assert json.loads(manifest.read_text())["data"] != json.loads(text)["data"]
+
+
+@pytest.mark.parametrize("damage", ["delete the model shard", "truncate a rank file", "delete a rank file",
+                                    "flip a digit of the manifest"])
 def test_a_damaged_or_missing_file_is_one_line_naming_it(tmp_path, corpus_overrides, damage):
     """Each of these was a traceback (DeepSpeed's bare AssertionError, OverflowError, OSError) or,
-    for a deleted RNG file, a silent resume without it."""
+    for a deleted RNG file or a changed manifest, a silent resume without it or from elsewhere."""
     run_dir = tmp_path / "run"
     ok = run_strata(args(run_dir, corpus_overrides, "train.max_steps=4", "checkpoint.every=2"))
     assert ok.returncode == 0, ok.stderr[-3000:]
     newest = run_dir / "checkpoints" / "step_00000004"
-    target = newest / ("mp_rank_00_model_states.pt" if "model" in damage else "rank_00000.pt")
-    if damage.startswith("truncate"):
+    target = newest / ("mp_rank_00_model_states.pt" if "model" in damage else
+                       "trainer.json" if "manifest" in damage else "rank_00000.pt")
+    if damage.startswith("flip"):
+        flip_a_digit_of_the_data_cursor(target)
+    elif damage.startswith("truncate"):
         target.write_bytes(target.read_bytes()[:100])
     else:
         target.unlink()

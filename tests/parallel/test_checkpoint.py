@@ -159,3 +159,41 @@ def test_the_engine_hashes_what_it_writes_and_memory_maps_it(tmp_path):
     engine.save({"w": torch.arange(1000.0)}, str(tmp_path / "f.pt"))
     assert engine.digests == {"f.pt": file_digest(tmp_path / "f.pt")}
     assert safe_load(tmp_path / "f.pt")["w"].sum() == 499500.0
+
+
+def test_a_manifest_changed_in_one_field_fails_its_own_checksum(tmp_path):
+    """Still valid JSON, one digit other: the step, the data position, a file's name or size. Before the
+    manifest carried its own checksum, each of these verified and resumed as if nothing had happened."""
+    root = make_run(tmp_path)
+    manifest = root / "step_00000006" / MANIFEST
+    manifest.write_text(manifest.read_text().replace('"step": 6', '"step": 5'))
+    assert read_manifest(root / "step_00000004")["step"] == 4
+    with pytest.raises(CheckpointError, match=f"{MANIFEST} fails its checksum"):
+        read_manifest(root / "step_00000006")
+    (problem,) = verify(root / "step_00000006")
+    assert problem.startswith(f"{MANIFEST} fails its checksum")
+    with pytest.raises(CheckpointError, match=f"step_00000006 is damaged: {MANIFEST} fails its checksum.*"
+                                              "the newest earlier checkpoint that verifies is step_00000004"):
+        checkpoint_to_resume(root, "fail", is_main=True)
+    assert checkpoint_to_resume(root, "previous", is_main=True)[0] == root / "step_00000004"
+
+
+def test_a_manifest_without_its_checksum_is_refused_unless_it_predates_it(tmp_path):
+    import json
+
+    root = make_run(tmp_path, steps=(2, 4))
+    for step, version in ((2, 2), (4, 3)):
+        manifest = root / f"step_{step:08d}" / MANIFEST
+        record = json.loads(manifest.read_text())
+        del record["manifest_crc32"]
+        manifest.write_text(json.dumps({**record, "format": version}))
+    assert read_manifest(root / "step_00000002")["format"] == 2  # written before manifests had one
+    with pytest.raises(CheckpointError, match="lost its checksum"):
+        read_manifest(root / "step_00000004")
+
+
+def test_a_damaged_latest_does_not_choose_the_checkpoint(tmp_path):
+    root = make_run(tmp_path)
+    (root / "latest").write_text("step_00000002\n")  # one flipped digit: an older, complete checkpoint
+    assert checkpoint_to_resume(root, "fail", is_main=True)[0] == root / "step_00000006"
+    assert resolve_checkpoint(root.parent) == root / "step_00000006"
