@@ -44,6 +44,7 @@ from strata.launcher.errors import (CONFIG_EXIT, PREEMPTED_EXIT, Diverged, descr
                                     leave_os_errors_to_the_main_thread, report_error_once)
 from strata.launcher.metrics import Reporter, hardware_metrics, peak_tflops, show_strata_logs
 from strata.launcher.plan import log_memory_plan
+from strata.launcher.run_dir import check_run_dir, check_same_model
 from strata.launcher.signals import Preempted, StopRequest
 from strata.model.counting import format_counts, training_flops_per_token
 from strata.model.generate import PromptTooLong, Sampling, generate
@@ -157,6 +158,7 @@ def resolve_config(cfg: Config, tokenizer_vocab: int) -> int:
 
 def setup(cfg: Config, info: DistInfo) -> Run:
     run_dir = Path(cfg.train.run_dir)
+    check_run_dir(run_dir)
     topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
     dp, dp_rank = topo.dp, topo.dp_rank
     corpus = open_data(cfg, info)
@@ -170,6 +172,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     newest, notes = None, []
     if cfg.checkpoint.resume:
         newest, notes = ckpt.checkpoint_to_resume(run_dir / "checkpoints", cfg.checkpoint.on_corrupt, info.is_main)
+        check_same_model(newest, cfg.model)
     plan = ResumePlan.decide(newest, cfg.model, layout_of(cfg, info))
     plan.prepare(model)
     model = parallel_model(model, topo, cfg.train.seq_len, cfg.parallel.sequence_parallel,
@@ -178,14 +181,14 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     engine = build_engine(model, cfg.train.optimizer(), cfg.parallel, info.world_size, mpu=topo.engine_mpu,
                           autocast=autocast_dtype(cfg, info.device))
     loader = TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
-                              dp_rank, dp, cfg.train.seed)
+                         dp_rank, dp, cfg.train.seed)
     step = 0
     state = plan.restore(engine, info.rank, topo, cfg.train.lr)
     if state is not None:
         loader.load_state_dict(state["data"])
         step = state["step"]
     evals = eval_batches(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
-                              cfg.train.eval_batches, dp_rank, dp)
+                         cfg.train.eval_batches, dp_rank, dp)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(resolved)

@@ -145,3 +145,28 @@ def test_a_damaged_or_missing_file_is_one_line_naming_it(tmp_path, corpus_overri
     line = error_line(proc.stderr)
     assert f"checkpoint {newest} is damaged: {target.name}" in line
     assert "the newest earlier checkpoint that verifies is step_00000002" in line
+
+
+def test_a_resume_with_a_model_its_checkpoint_does_not_fit_is_one_line_naming_the_keys(tmp_path, corpus_overrides):
+    """It was a 72-line state_dict error with 37 size mismatches."""
+    run_dir = tmp_path / "run"
+    ok = run_strata(args(run_dir, corpus_overrides, "train.max_steps=2", "checkpoint.every=2"))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    proc = run_strata(args(run_dir, corpus_overrides, "train.max_steps=4", "checkpoint.every=2", "model.d_model=96",
+                           "model.mamba.chunk_size=8"))
+    assert proc.returncode == 2
+    line = error_line(proc.stderr)
+    assert "model.d_model: 64 -> 96" in line and "model.mamba.chunk_size: 16 -> 8" in line
+    assert "step_00000002" in line and "new train.run_dir" in line
+    # a change that keeps every parameter's shape resumes as asked
+    same_shapes = run_strata(args(run_dir, corpus_overrides, "train.max_steps=4", "checkpoint.every=2",
+                                  "model.mamba.chunk_size=8"))
+    assert same_shapes.returncode == 0, same_shapes.stderr[-3000:]
+    assert "resumed from step_00000002" in same_shapes.stdout + same_shapes.stderr
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, corpus_overrides):
+    (tmp_path / "run").write_text("not a directory")
+    proc = run_strata(args(tmp_path / "run", corpus_overrides, "train.max_steps=2"))
+    assert proc.returncode == 2
+    assert f"train.run_dir: {tmp_path / 'run'} is a file, not a directory" in error_line(proc.stderr)
