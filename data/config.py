@@ -19,7 +19,8 @@ STDLIB = "stdlib"
 @dataclass
 class DataConfig:
     inputs: list[str] = field(default_factory=lambda: [STDLIB])
-    """Files, directories and globs of text, source files and JSONL (plain, .gz, .zst) to prepare.
+    """Files, directories and globs of text, source files, JSONL (plain, .gz, .zst), Parquet
+    (.parquet) and Arrow (.arrow; a directory `datasets`' save_to_disk wrote) to prepare.
     The single entry "stdlib" is the embedded default corpus: this Python's standard-library
     .py files (no site-packages, no test directories), sorted, capped at ``stdlib_max_mb``."""
 
@@ -38,7 +39,8 @@ class DataConfig:
     prepared corpus the run reads must have been tokenised with exactly this model (checksum)."""
 
     text_field: str = "text"
-    """JSONL only: the field of each record that holds the document text."""
+    """JSONL, Parquet and Arrow: the field of each record (the column of each row) that holds the
+    document text; its values must be strings (nulls are skipped)."""
 
     mixture: list[dict] = field(default_factory=list)
     """Optional weighted mixture of already prepared corpora, e.g.

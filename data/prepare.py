@@ -27,7 +27,7 @@ from .errors import DataError
 from .progress import Progress
 from .shards import (MANIFEST, PLAN, TMP_SUFFIX, TOKENIZER, check_shard_sizes, read_manifest,
                      token_dtype, verify_shard_checksums, write_atomic, write_json, write_shard)
-from .sources import InputFile, Piece, iter_documents, plan_pieces, resolve_inputs, sample_lines
+from .sources import InputFile, Piece, input_bytes, iter_documents, plan_pieces, resolve_inputs, sample_lines
 from .tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger("strata.data")
@@ -152,7 +152,7 @@ def _prepare(cfg: DataConfig, root: Path, files: list[InputFile], key: str, fing
         (root / sub).mkdir(parents=True, exist_ok=True)
     for stale in root.rglob(f"*{TMP_SUFFIX}"):
         stale.unlink()  # half-written files of an interrupted run
-    units = plan_pieces(files, _unit_bytes(cfg, files))
+    units = plan_pieces(files, _unit_bytes(cfg, files), cfg.text_field)
     write_json(root / PLAN, {"fingerprint": fingerprint, "key": key, "inputs": list(cfg.inputs),
                              "files": [[f.path, f.size] for f in files], "units": len(units)})
     tokenizer = _ensure_tokenizer(cfg, root, units)
@@ -160,7 +160,7 @@ def _prepare(cfg: DataConfig, root: Path, files: list[InputFile], key: str, fing
     manifest = _manifest(cfg, key, fingerprint, tokenizer, records)
     if manifest["totals"]["docs"] == 0:
         raise DataError(f"no documents found in {cfg.inputs} (all empty or blank): check the inputs, "
-                        "and --text-field for JSONL")
+                        "and --text-field for JSONL, Parquet and Arrow")
     write_json(root / MANIFEST, manifest)
     _report(root, manifest)
     return manifest
@@ -183,7 +183,7 @@ def _ensure_tokenizer(cfg: DataConfig, root: Path, units: list[list[Piece]]) -> 
         lines = sample_lines(units, cfg.text_field, int(cfg.tokenizer_sample_mb * 2**20))
         if not lines:
             raise DataError(f"no text found in {cfg.inputs} to train the tokenizer on: give non-empty inputs "
-                            "(and the right --text-field for JSONL)")
+                            "(and the right --text-field for JSONL, Parquet and Arrow)")
         log.info("training a %d-piece tokenizer on %d sample lines (%.1f MB)", cfg.vocab_size, len(lines),
                  sum(map(len, lines)) / 2**20)
         tmp = path.with_name(path.name + TMP_SUFFIX)
@@ -203,7 +203,7 @@ def _run_units(cfg: DataConfig, root: Path, units: list[list[Piece]], tokenizer:
     job = dict(root=str(root), tokenizer=tokenizer.path, text_field=cfg.text_field,
                val_fraction=cfg.val_fraction, max_shard_tokens=cfg.max_shard_tokens,
                dtype=token_dtype(tokenizer.vocab_size).str)
-    total_bytes = sum(p.file.size for i in todo for p in units[i])
+    total_bytes = sum(input_bytes(units[i]) for i in todo)
     workers = min(cfg.workers_or_cores(), len(todo))
     context = _process_context()  # before the progress bar, whose monitor thread would force spawn
     log.info("prepare %s: %d units (%d done before), %d workers", root, len(units), len(units) - len(todo), workers)
@@ -272,12 +272,11 @@ def encode_unit(index: int, pieces: list[Piece], *, root: str, tokenizer: str, t
     """Worker: tokenise one unit into shards (rolling over at ``max_shard_tokens``)."""
     tok = _worker_tokenizer(tokenizer)
     writer = _ShardWriter(Path(root), _unit_name(index), np.dtype(dtype), tok.eos_id, val_fraction, max_shard_tokens)
-    input_bytes = bad_docs = 0
+    bad_docs = 0
     bad_examples: list[str] = []
     batch: list[str] = []
     batch_chars = 0
     for piece in pieces:
-        input_bytes += (piece.end if piece.end >= 0 else piece.file.size) - piece.start
         for text, bad in iter_documents(piece, text_field):
             if bad:
                 bad_docs += 1
@@ -290,7 +289,7 @@ def encode_unit(index: int, pieces: list[Piece], *, root: str, tokenizer: str, t
                 batch, batch_chars = [], 0
     writer.add(tok.encode_arrays(batch))
     shards = writer.close()
-    record = {"unit": index, "dtype": dtype, "shards": shards, "input_bytes": input_bytes,
+    record = {"unit": index, "dtype": dtype, "shards": shards, "input_bytes": input_bytes(pieces),
               "tokens": sum(s["tokens"] for s in shards), "docs": sum(s["docs"] for s in shards),
               "invalid_utf8_docs": bad_docs, "invalid_utf8_examples": bad_examples}
     write_json(Path(root) / "units" / f"{_unit_name(index)}.json", record)

@@ -1,10 +1,17 @@
-"""Input discovery and document reading: files, directories, globs, JSONL (plain/.gz/.zst).
+"""Input discovery and document reading: files, directories, globs, JSONL (plain/.gz/.zst),
+Parquet and Arrow (data/tables.py, imported only when such an input is given).
 
 Policies (stated once, tested in tests/data):
 - Order: every input argument expands to its files in sorted path order; arguments keep their
   order; a file named twice is read once.
-- Documents: a text or source file is one document; a JSONL record's ``text_field`` is one.
-  Empty documents are skipped (they would only add an EOS).
+- Documents: a text or source file is one document; a JSONL record's ``text_field`` is one, and
+  so is a Parquet or Arrow row's ``text_field`` column. Empty documents (and null values) are
+  skipped (they would only add an EOS).
+- A directory as ``datasets``' ``save_to_disk`` writes it (``state.json`` and
+  ``dataset_info.json`` beside Arrow stream files) stands for the files its state.json lists in
+  ``_data_files``, in that order; nothing else in it is read.
+- Work is cut into pieces that each know their input bytes (``Piece.nbytes``): the pieces of a
+  file add up to its size, so progress and the manifest count every input byte once.
 - Invalid UTF-8: undecodable bytes become U+FFFD (Python's errors="replace"); the count of
   affected documents is recorded in the manifest and logged with the first file names.
 - Directories skip hidden entries and files that look binary (a NUL byte in the first 8 KiB
@@ -31,13 +38,16 @@ from .config import STDLIB
 from .errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}  # read by data/tables.py through pyarrow
+SAVE_TO_DISK_FILES = ("state.json", "dataset_info.json")  # a directory `datasets`' save_to_disk wrote
+TABLE_KINDS = set(TABLE_SUFFIXES.values())
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
 @dataclass(frozen=True)
 class InputFile:
     path: str
-    kind: str        # "text" (one document) or "jsonl" (one document per line)
+    kind: str        # "text" (one document), "jsonl" (one per line), "parquet" or "arrow" (one per row)
     codec: str       # "", "gz" or "zst"
     size: int
     mtime_ns: int
@@ -46,15 +56,25 @@ class InputFile:
 
 @dataclass(frozen=True)
 class Piece:
-    """Part of a work unit: a file, or a byte range of an uncompressed JSONL file."""
+    """Part of a work unit: a file, a byte range of an uncompressed JSONL file, or a range of a
+    Parquet file's row groups or an Arrow file's record batches."""
     file: InputFile
-    start: int = 0
-    end: int = -1    # -1: to the end of the file
+    start: int       # byte offset (JSONL), first row group / record batch (Parquet, Arrow), else 0
+    end: int         # end of the range, exclusive; -1: to the end of the file (text, JSONL)
+    nbytes: int      # the input bytes it stands for; a file's pieces add up to its size
+
+
+def input_bytes(pieces: list[Piece]) -> int:
+    """The input bytes of a unit: what progress and the manifest count, each input byte once."""
+    return sum(p.nbytes for p in pieces)
 
 
 def classify(path: str) -> tuple[str, str]:
     name = path.lower()
     codec = ""
+    for suffix, kind in TABLE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind, codec
     for suffix, c in ((".gz", "gz"), (".zst", "zst"), (".zstd", "zst")):
         if name.endswith(suffix):
             codec, name = c, name[: -len(suffix)]
@@ -94,9 +114,30 @@ def _expand(arg: str) -> list[tuple[str, bool]]:
 def _walk(root: str) -> list[tuple[str, bool]]:
     out: list[tuple[str, bool]] = []
     for dirpath, dirnames, filenames in os.walk(root):
+        if all(name in filenames for name in SAVE_TO_DISK_FILES):
+            dirnames[:] = []
+            out.extend((path, True) for path in saved_dataset_files(dirpath))
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend((os.path.join(dirpath, name), True) for name in sorted(filenames) if not name.startswith("."))
     return out
+
+
+def saved_dataset_files(directory: str) -> list[str]:
+    """The Arrow files of a directory ``datasets``' ``save_to_disk`` wrote, in its state.json's order."""
+    state = os.path.join(directory, "state.json")
+    try:
+        with open(state, encoding="utf-8") as f:
+            names = [entry["filename"] for entry in json.load(f)["_data_files"]]
+        if not all(isinstance(n, str) and n and not os.path.isabs(n) for n in names):
+            raise ValueError("a filename is not a relative path")
+    except OSError as exc:
+        raise DataError(f"cannot read {state}: {exc.strerror}; fix the file or drop {directory} from --input") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{state} does not list the dataset's files as datasets' save_to_disk writes them "
+                        f"(_data_files: [{{filename}}, ...]; {exc}); save the dataset again, or give its .arrow "
+                        "files to --input") from exc
+    return [os.path.join(directory, name) for name in names]
 
 
 def stdlib_files(max_bytes: int) -> list[str]:
@@ -145,6 +186,9 @@ def decode_text(data: bytes) -> tuple[str, bool]:
 def iter_documents(piece: Piece, text_field: str) -> Iterator[tuple[str, bool]]:
     """Yield (text, had_invalid_utf8) for each non-empty document of ``piece``."""
     path = piece.file.path
+    if piece.file.kind in TABLE_KINDS:
+        yield from _tables(path).iter_texts(path, piece.file.kind, piece.start, piece.end, text_field)
+        return
     try:
         with open_bytes(piece.file) as stream:
             if piece.file.kind == "text":
@@ -195,28 +239,28 @@ def _record_text(line: str, text_field: str, piece: Piece, line_no: int) -> str:
     return value
 
 
-def plan_pieces(files: list[InputFile], unit_bytes: int) -> list[list[Piece]]:
+def plan_pieces(files: list[InputFile], unit_bytes: int, text_field: str = "text") -> list[list[Piece]]:
     """Group files into work units of about ``unit_bytes`` input, independent of worker count.
 
     Small files are packed together; an uncompressed JSONL file larger than a unit is split at
-    byte ranges (lines are assigned to the range their first byte lies in); a compressed JSONL
-    file cannot be split without reading it, so it is one unit (its shards roll over by size).
+    byte ranges (lines are assigned to the range their first byte lies in); a Parquet or Arrow
+    file larger than a unit is split into ranges of row groups or record batches (its footer
+    and schema are read here, so a damaged file or a missing ``text_field`` column is refused
+    before any work); a compressed JSONL file cannot be split without reading it, so it is one
+    unit (its shards roll over by size).
     """
     units: list[list[Piece]] = []
     pack: list[Piece] = []
     pack_bytes = 0
     for f in files:
-        splittable = f.kind == "jsonl" and not f.codec and f.size > unit_bytes
-        if splittable or (f.kind == "jsonl" and f.codec):
+        pieces = _file_pieces(f, unit_bytes, text_field)
+        if len(pieces) > 1 or (f.kind == "jsonl" and f.codec):
             if pack:
                 units.append(pack)
                 pack, pack_bytes = [], 0
-            if splittable:
-                units.extend([Piece(f, s, min(s + unit_bytes, f.size))] for s in range(0, f.size, unit_bytes))
-            else:
-                units.append([Piece(f)])
+            units.extend([p] for p in pieces)
             continue
-        pack.append(Piece(f))
+        pack.extend(pieces)
         pack_bytes += f.size
         if pack_bytes >= unit_bytes:
             units.append(pack)
@@ -224,6 +268,50 @@ def plan_pieces(files: list[InputFile], unit_bytes: int) -> list[list[Piece]]:
     if pack:
         units.append(pack)
     return units
+
+
+def _file_pieces(f: InputFile, unit_bytes: int, text_field: str) -> list[Piece]:
+    """A file cut into pieces of about ``unit_bytes`` where its format allows; their nbytes add up to its size."""
+    if f.kind in TABLE_KINDS:
+        parts = _share_out(f.size, _tables(f.path).part_sizes(f.path, f.kind, text_field))
+        ranges, start, taken = [], 0, 0
+        for i, nbytes in enumerate(parts):
+            taken += nbytes
+            if taken >= unit_bytes or i == len(parts) - 1:
+                ranges.append(Piece(f, start, i + 1, taken))
+                start, taken = i + 1, 0
+        return ranges or [Piece(f, 0, 0, f.size)]
+    if f.kind == "jsonl" and not f.codec and f.size > unit_bytes:
+        return [Piece(f, s, min(s + unit_bytes, f.size), min(s + unit_bytes, f.size) - s)
+                for s in range(0, f.size, unit_bytes)]
+    return [Piece(f, 0, -1, f.size)]
+
+
+def _share_out(total: int, weights: list[int]) -> list[int]:
+    """``total`` bytes shared out in proportion to ``weights`` (integers that add up to ``total``):
+    a row group or record batch counts the file bytes its share of the data stands for, headers
+    and footer included, so the pieces of a file add up to its size."""
+    if not weights:
+        return []
+    weights = weights if sum(weights) > 0 else [1] * len(weights)
+    whole, cumulative, out = sum(weights), 0, []
+    for w in weights:
+        before = total * cumulative // whole
+        cumulative += w
+        out.append(total * cumulative // whole - before)
+    return out
+
+
+def _tables(path: str):
+    """data/tables.py, imported on first use so that text and JSONL inputs never import pyarrow."""
+    try:
+        from . import tables
+    except ImportError as exc:
+        if exc.name != "pyarrow" and not str(exc.name).startswith("pyarrow."):
+            raise
+        raise DataError(f"reading {path} needs pyarrow, which is not installed: pip install pyarrow, "
+                        "or drop the file from --input") from exc
+    return tables
 
 
 def sample_lines(units: list[list[Piece]], text_field: str, budget_bytes: int) -> list[str]:

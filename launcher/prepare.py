@@ -1,4 +1,4 @@
-"""``strata prepare``: tokenise text/JSONL inputs into a prepared corpus (see data/prepare.py)."""
+"""``strata prepare``: tokenise text/JSONL/Parquet/Arrow inputs into a prepared corpus (see data/prepare.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from strata.data.errors import DataError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="strata prepare", description=(
-        "Tokenise text, source files and JSONL (plain, .gz, .zst) into memory-mapped token shards. "
+        "Tokenise text, source files, JSONL (plain, .gz, .zst), Parquet and Arrow (datasets' save_to_disk "
+        "directories) into memory-mapped token shards. "
         "Re-running resumes an interrupted run, or verifies a finished one and rebuilds damaged shards."))
     p.add_argument("--input", nargs="+", metavar="PATH", default=None,
                    help="files, directories or globs; 'stdlib' is the embedded default corpus")
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default="", metavar="MODEL", help="existing sentencepiece .model to use")
     tok.add_argument("--vocab-size", type=int, default=4096, metavar="N", help="train a tokenizer of this size (default 4096)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--text-field", default="text",
+                   help="JSONL field / Parquet or Arrow column holding the text (default: text)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     p.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction,
                    help=f"fraction of documents held out for validation (default {DataConfig.val_fraction})")
