@@ -23,18 +23,28 @@ class KVCache:
     """Positions filled so far."""
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos and sin for positions (b, l) or (l,): (..., l, head_dim), in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, rotary_dim: int = 0):
+    """cos and sin for positions (b, l) or (l,): (..., l, head_dim), in fp32. Partial RoPE (rotary_dim <
+    head_dim, transformers' partial_rotary_factor): the frequencies theta^(-2i / rotary_dim) span the first
+    rotary_dim channels, and the others get cos 1 and sin 0, which leave them exactly as they are."""
+    rotary = rotary_dim or head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary, 2, device=positions.device, dtype=torch.float32) / rotary))
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    if rotary < head_dim:
+        rest = angles.new_zeros(*angles.shape[:-1], head_dim - rotary)
+        cos, sin = torch.cat([cos, rest + 1.0], dim=-1), torch.cat([sin, rest], dim=-1)
+    return cos, sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, h, l, d); the rotate-half convention of GPT-NeoX / Llama / Bamba."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int = 0) -> torch.Tensor:
+    """x (b, h, l, d); the rotate-half convention of GPT-NeoX / Llama / Bamba within the first rotary_dim
+    channels (all by default); the tables of rope_tables pass the others through. One expression over the
+    whole head, so the result keeps x's memory layout (and SDPA's output then needs no copy for o_proj)."""
+    rotary = rotary_dim or x.shape[-1]
+    half = rotary // 2
+    rotated = torch.cat([-x[..., half:rotary], x[..., :half], x[..., rotary:]], dim=-1)
     if cos.dim() == 3:  # per-sample positions (b, l, d)
         cos, sin = cos[:, None], sin[:, None]
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -50,6 +60,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.head_dim = cfg.resolved_head_dim(d_model)
+        self.rotary_dim = cfg.rotary_dim(d_model)
         self.n_heads = cfg.n_heads // projections.ranks
         full_width = cfg.n_heads * self.head_dim
         self.q_proj = projections.column(d_model, full_width, cfg.qkv_bias)
@@ -80,8 +91,8 @@ class Attention(nn.Module):
         if self.cfg.rope:
             if position_ids is None:
                 position_ids = torch.arange(start, start + l, device=q.device)
-            cos, sin = rope_tables(position_ids, self.head_dim, self.cfg.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cos, sin = rope_tables(position_ids, self.head_dim, self.cfg.rope_theta, self.rotary_dim)
+            q, k = apply_rope(q, cos, sin, self.rotary_dim), apply_rope(k, cos, sin, self.rotary_dim)
         if cache is not None:
             cache.k[:, :, start:start + l] = k
             cache.v[:, :, start:start + l] = v

@@ -110,6 +110,10 @@ class AttentionConfig:
     """Rotary position embeddings on queries and keys (hybrids often drop them)."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    rope_fraction: float = 1.0
+    """Share of each head's channels that RoPE rotates (transformers' partial_rotary_factor; Bamba-9B
+    uses 0.5): the first int(head_dim * rope_fraction) channels, rotate-half within them and
+    frequencies theta^(-2i / rotary channels); the rest pass unrotated. Must give an even number > 0."""
     qkv_bias: bool = False
     """Bias in the q, k, v projections."""
 
@@ -118,6 +122,11 @@ class AttentionConfig:
 
     def resolved_head_dim(self, d_model: int) -> int:
         return self.head_dim or d_model // self.n_heads
+
+    def rotary_dim(self, d_model: int) -> int:
+        """Channels RoPE rotates in each head: the first int(head_dim * rope_fraction), as transformers
+        truncates; 0 without RoPE."""
+        return int(self.resolved_head_dim(d_model) * self.rope_fraction) if self.rope else 0
 
     def validate(self, d_model: int) -> None:
         if self.n_heads < 1:
@@ -128,8 +137,14 @@ class AttentionConfig:
         if self.n_heads % self.resolved_kv_heads():
             raise ValueError(f"n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}; "
                              f"try n_kv_heads={_nearest_divisor(self.n_heads, self.n_kv_heads)}")
-        if self.rope and self.resolved_head_dim(d_model) % 2:
-            raise ValueError(f"head_dim: RoPE needs an even head_dim, got {self.resolved_head_dim(d_model)}")
+        head_dim = self.resolved_head_dim(d_model)
+        if self.rope and self.rope_fraction == 1.0 and head_dim % 2:
+            raise ValueError(f"head_dim: RoPE needs an even head_dim, got {head_dim}")
+        rotary = self.rotary_dim(d_model)
+        if self.rope and not (0 < self.rope_fraction <= 1 and rotary > 0 and rotary % 2 == 0):
+            near = min(max(2, 2 * round(head_dim * self.rope_fraction / 2)), head_dim - head_dim % 2)
+            raise ValueError(f"rope_fraction: {self.rope_fraction} of head_dim {head_dim} rotates {rotary} "
+                             f"channels; RoPE needs an even number > 0; try rope_fraction={near / head_dim:g}")
 
 
 STRUCTURES = ("dense", "lowrank", "blockdense", "blockshuffle")

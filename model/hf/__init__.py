@@ -10,7 +10,7 @@ this order):
 | ----------- | ------------------------------------- | --------------------- | ---------------- |
 | mamba2      | only M                                | -                     | -                |
 | nemotron_h  | any string of M, *, - (the same letters) | no RoPE, no qkv bias | relu2 (up, down) |
-| bamba       | pairs: (M or *) then -                | full-head RoPE        | SwiGLU           |
+| bamba       | pairs: (M or *) then -                | RoPE, full or partial | SwiGLU           |
 
 Details checked against transformers' modeling files and matched exactly:
 - every block is pre-norm residual with its own RMSNorm; one eps for all norms, the gated
@@ -26,8 +26,10 @@ Details checked against transformers' modeling files and matched exactly:
   nothing and keeps log(time_step_min), which HF's init of dt_bias takes, finite. transformers
   and mamba_ssm clamp in their chunked (prompt) path but not in their one-token decoding step;
   Strata clamps on every path, so that its decoding equals its own (and their) full forward;
-- RoPE is the rotate-half (GPT-NeoX / Llama) convention; Bamba hardcodes
-  partial_rotary_factor = 0.5 unless rope_parameters says otherwise: we write 1.0;
+- RoPE is the rotate-half (GPT-NeoX / Llama) convention on the first int(head_dim *
+  partial_rotary_factor) channels of each head, frequencies over those channels only, the rest
+  unrotated: Strata's attention.rope_fraction, written to and read from rope_parameters (Bamba's
+  config class sets 0.5, Bamba-9B's, where a file names none);
 - HF NemotronH never ties lm_head to the embedding (its _tied_weights_keys is empty):
   a tied model is written with lm_head a copy and tie_word_embeddings = true as a note;
 - Bamba's attention_bias puts a bias on o_proj too: exported as zeros, imported only if zero;

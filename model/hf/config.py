@@ -13,6 +13,26 @@ ARCHS = ("mamba2", "nemotron_h", "bamba")
 """In the order --arch auto tries them: the most specific class first."""
 ARCHITECTURES = {"nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM"}
 NEMOTRON_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+_MAMBA1 = "Mamba1 mixers (x_proj and dt_proj around a selective scan), not Mamba2's SSD"
+NOT_EXPRESSIBLE = {
+    "mamba": _MAMBA1,
+    "falcon_mamba": _MAMBA1,
+    "jamba": f"{_MAMBA1}, and mixture-of-experts MLPs",
+    "zamba": f"{_MAMBA1}, and one attention block shared across depth, fed [hidden, embedding]",
+    "zamba2": "attention blocks shared across depth, fed [hidden, embedding] and adapted per use by LoRA",
+    "falcon_h1": "attention and Mamba2 side by side in every layer (their outputs summed), under muP multipliers",
+    "granitemoehybrid": "embedding, attention, residual and logits multipliers (muP), and mixture-of-experts MLPs "
+                        "unless num_local_experts is 0",
+    "lfm2": "gated short convolutions, not Mamba2",
+    "qwen3_next": "gated DeltaNet linear attention, not Mamba2, and mixture-of-experts MLPs",
+}
+"""transformers' other hybrid (and SSM) classes, and what in each Strata's model cannot express."""
+
+
+def unsupported_type(model_type) -> str:
+    """Why import refuses `model_type`, naming what the class has where it is a hybrid we know."""
+    reason = f" ({NOT_EXPRESSIBLE[model_type]})" if model_type in NOT_EXPRESSIBLE else ""
+    return f"model_type {model_type!r}{reason} is not supported; import takes {', '.join(ARCHS)}"
 
 
 class UnsupportedModel(ValueError):
@@ -166,7 +186,8 @@ def hf_config_kwargs(cfg: ModelConfig, arch: str, special_ids: dict | None = Non
             num_attention_heads=a.n_heads, num_key_value_heads=a.resolved_kv_heads(),
             **({"head_dim": a.head_dim} if a.head_dim else {}),  # unset: hidden_size / heads, as Strata's 0
             max_position_embeddings=cfg.max_seq_len, attention_bias=a.qkv_bias,
-            rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": 1.0},
+            rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta,
+                             "partial_rotary_factor": a.rope_fraction},
             intermediate_size=cfg.mlp.resolved_d_ff(cfg.d_model), hidden_act="silu", mlp_bias=cfg.mlp.bias,
             rms_norm_eps=cfg.norm_eps, mamba_n_heads=_mamba_nheads(cfg), mamba_d_head=m.headdim,
             mamba_n_groups=m.ngroups, mamba_d_state=m.d_state, mamba_d_conv=m.d_conv, mamba_expand=m.expand,
@@ -206,7 +227,7 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, str]:
     """
     arch = getattr(hf, "model_type", None)
     if arch not in ARCHS:
-        raise UnsupportedModel(f"model_type {arch!r} is not supported; import takes {', '.join(ARCHS)}")
+        raise UnsupportedModel(unsupported_type(arch))
     readers = {"nemotron_h": _from_nemotron_h, "mamba2": _from_mamba2, "bamba": _from_bamba}
     cfg = readers[arch](hf)
     try:
@@ -312,20 +333,25 @@ def _from_bamba(hf) -> ModelConfig:
     rope = dict(hf.rope_parameters or {})
     require(rope.get("rope_type", "default") == "default",
              f"bamba: rope_type={rope.get('rope_type')}; Strata's RoPE is the default (unscaled) one")
-    factor = rope.get("partial_rotary_factor", 1.0)
-    require(factor == 1.0, f"bamba: partial_rotary_factor={factor} rotates part of each head; Strata rotates all")
+    # transformers' Bamba rotates the first int(head_dim * factor) channels of each head: rope_parameters'
+    # factor, which its config class sets to 0.5 unless the file names one
+    factor = float(rope.get("partial_rotary_factor", 1.0))
+    resolved = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    rotary = int(resolved * factor)
+    require(0 < factor <= 1 and rotary > 0 and rotary % 2 == 0,
+            f"bamba: partial_rotary_factor={factor} rotates {rotary} of each head's {resolved} channels; "
+            f"Strata's RoPE (attention.rope_fraction) needs an even number > 0")
     require(hf.hidden_act in ("silu", "swish"), f"bamba: hidden_act={hf.hidden_act}; Strata's gated MLP is SwiGLU")
     mamba = _mamba_from(hf, "bamba", hf.mamba_d_state, hf.mamba_d_head, hf.mamba_n_heads, hf.mamba_n_groups,
                         hf.mamba_d_conv, hf.mamba_conv_bias, hf.mamba_proj_bias, hf.mamba_chunk_size)
     pattern = "".join("*-" if t == "full_attention" else "M-" for t in hf.layers_block_type)
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    if not getattr(hf, "head_dim", None) and hf.hidden_size % hf.num_attention_heads == 0:
-        head_dim = 0  # unset (hidden_size / heads) is Strata's 0, and an export leaves it unset again
+    # unset (hidden_size / heads) is Strata's 0, and an export leaves it unset again
+    head_dim = resolved if getattr(hf, "head_dim", None) or hf.hidden_size % hf.num_attention_heads else 0
     return ModelConfig(
         pattern=pattern, d_model=hf.hidden_size, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
         norm_eps=hf.rms_norm_eps, tie_embeddings=bool(hf.tie_word_embeddings), init_std=hf.initializer_range,
         mamba=mamba,
         attention=AttentionConfig(n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
                                   head_dim=head_dim, rope=True, rope_theta=rope.get("rope_theta", 10000.0),
-                                  qkv_bias=bool(hf.attention_bias)),
+                                  rope_fraction=factor, qkv_bias=bool(hf.attention_bias)),
         mlp=MLPConfig(d_ff=hf.intermediate_size, activation="swiglu", bias=hf.mlp_bias))

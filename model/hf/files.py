@@ -6,7 +6,7 @@ import torch
 
 from strata.model.config import ModelConfig
 from strata.model.hf.config import (ARCHITECTURES, ARCHS, OLDEST_TRANSFORMERS, UnsupportedModel, hf_config_kwargs,
-                                    release, require)
+                                    release, require, unsupported_type)
 
 # ----------------------------------------------------------------------------------------
 # Files: config.json and safetensors weights (transformers is imported only here, lazily)
@@ -122,7 +122,7 @@ def read_hf_config(hf_dir):
         raise UnsupportedModel(f"{path} has no model_type: not a transformers model directory "
                                f"(strata import takes {', '.join(ARCHS)})")
     if model_type not in ARCHS:
-        raise UnsupportedModel(f"{hf_dir} holds a {model_type!r} model; strata import takes {', '.join(ARCHS)}")
+        raise UnsupportedModel(f"{hf_dir}: {unsupported_type(model_type)}")
     transformers = require_transformers("strata import")
     try:
         return transformers.AutoConfig.from_pretrained(hf_dir)

@@ -12,11 +12,12 @@ from strata.model.hybrid import HybridLM
 CHUNK = 8
 
 
-def tiny_model(pattern="M-*-M*-", rope=True, seed=0, max_seq_len=96) -> HybridLM:
+def tiny_model(pattern="M-*-M*-", rope=True, seed=0, max_seq_len=96, rope_fraction=1.0) -> HybridLM:
     torch.manual_seed(seed)
     cfg = ModelConfig(pattern=pattern, d_model=64, vocab_size=101, max_seq_len=max_seq_len, tie_embeddings=False,
                       mamba=MambaConfig(d_state=16, headdim=16, ngroups=2, chunk_size=CHUNK),
-                      attention=AttentionConfig(n_heads=4, n_kv_heads=2, rope=rope), mlp=MLPConfig(d_ff=96))
+                      attention=AttentionConfig(n_heads=4, n_kv_heads=2, rope=rope, rope_fraction=rope_fraction),
+                      mlp=MLPConfig(d_ff=96))
     model = HybridLM(cfg).eval()
     with torch.no_grad():  # larger weights: states and attention far from uniform
         for name, p in model.named_parameters():
@@ -25,9 +26,10 @@ def tiny_model(pattern="M-*-M*-", rope=True, seed=0, max_seq_len=96) -> HybridLM
     return model
 
 
-@pytest.mark.parametrize("prompt_len,rope,temperature", [(13, True, 0.0), (5, False, 0.0), (1, True, 0.9)])
-def test_cached_generation_equals_full_recompute_every_step(prompt_len, rope, temperature):
-    model = tiny_model(rope=rope)
+@pytest.mark.parametrize("prompt_len,rope,temperature,rope_fraction",
+                         [(13, True, 0.0, 1.0), (5, False, 0.0, 1.0), (1, True, 0.9, 1.0), (9, True, 0.0, 0.25)])
+def test_cached_generation_equals_full_recompute_every_step(prompt_len, rope, temperature, rope_fraction):
+    model = tiny_model(rope=rope, rope_fraction=rope_fraction)  # 0.25: RoPE on 4 of each head's 16 channels
     prompt = torch.randint(0, 101, (2, prompt_len), generator=torch.Generator().manual_seed(3))
     new = 4 * CHUNK + 3  # the sequence crosses several chunk boundaries during decoding
     out = generate(model, prompt, Sampling(max_new_tokens=new, temperature=temperature, top_k=20, seed=1),

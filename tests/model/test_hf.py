@@ -76,6 +76,10 @@ CASES = {
         pattern="*-M-", d_model=64, vocab_size=VOCAB, tie_embeddings=True,
         mamba=MambaConfig(d_state=128, headdim=64, chunk_size=8),
         attention=AttentionConfig(n_heads=4, head_dim=32, rope_theta=500.0), mlp=MLPConfig(bias=True)), 19),
+    "bamba-partial-rope-gqa": ("bamba", ModelConfig(  # RoPE on the first 8 of each head's 16 channels, as Bamba-9B
+        pattern="*-M-*-", d_model=64, vocab_size=VOCAB, tie_embeddings=False,
+        mamba=MambaConfig(d_state=16, headdim=32, chunk_size=16),
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2, rope_fraction=0.5), mlp=MLPConfig(d_ff=128)), 33),
     # dt limits: NemotronH's lower one (time_step_min), Mamba2's and Bamba's time_step_limit
     "nemotron_h-dt_limit-time_step_min": ("nemotron_h", ModelConfig(
         pattern="M-M*", d_model=64, vocab_size=VOCAB, tie_embeddings=False,
@@ -215,14 +219,23 @@ HF_MODELS = {
                                   mamba_d_state=16, mamba_chunk_size=16, time_step_limit=(2e-3, 0.3),
                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 1.0}, tie_word_embeddings=False),
+    # Bamba with its config class's own RoPE: partial_rotary_factor 0.5 (the first 8 of each head's 16 channels)
+    "bamba-partial_rotary_factor": dict(model_type="bamba", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
+                                        attn_layer_indices=[0, 2], num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=96, mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=2,
+                                        mamba_d_state=16, mamba_chunk_size=16, tie_word_embeddings=False),
 }
 
 
 def hf_model_dir(kind: str, tmp_path):
     kwargs = dict(HF_MODELS[kind])
-    config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return save_hf_model(transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs), tmp_path)
+
+
+def save_hf_model(config, tmp_path):
+    """transformers' model of `config`, initialised by transformers and perturbed, saved to tmp_path."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # published: bf16
     with torch.no_grad():  # activations far from transformers' near-zero init, so that every convention shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
@@ -275,19 +288,25 @@ def test_imported_limits_and_residual_in_fp32_are_transformers_own():
         assert cfg.mamba.dt_limit == limit and cfg.residual_in_fp32 is residual_in_fp32, kind
 
 
-@pytest.mark.parametrize("kind", list(HF_MODELS))
-def test_import_then_export_returns_the_config_and_weights_exactly(kind, tmp_path):
-    hf_model_dir(kind, tmp_path / "in")
-    original = hf.load_weights(tmp_path / "in")
-    cfg, arch, state = import_hf(tmp_path / "in")
+def export_after_import(hf_dir, out_dir) -> tuple[dict, dict]:
+    """Import hf_dir and export it to out_dir; checks that every tensor comes back bit for bit and returns
+    (hf_dir's config.json, out_dir's), as dicts."""
+    original = hf.load_weights(hf_dir)
+    cfg, arch, state = import_hf(hf_dir)
     back = hf.to_hf_state_dict(state, cfg, arch)
     assert sorted(back) == sorted(original)
     for name, tensor in original.items():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
-    written = json.loads((tmp_path / "in" / "config.json").read_text())
+    written = json.loads((hf_dir / "config.json").read_text())
     ids = {k: written[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    hf.build_hf_config(cfg, arch, ids).save_pretrained(tmp_path / "out")
-    back = json.loads((tmp_path / "out" / "config.json").read_text())
+    hf.build_hf_config(cfg, arch, ids).save_pretrained(out_dir)
+    return written, json.loads((out_dir / "config.json").read_text())
+
+
+@pytest.mark.parametrize("kind", list(HF_MODELS))
+def test_import_then_export_returns_the_config_and_weights_exactly(kind, tmp_path):
+    hf_model_dir(kind, tmp_path / "in")
+    written, back = export_after_import(tmp_path / "in", tmp_path / "out")
     if kind == "nemotron_h-time_step_limit" and not hf.nemotron_h_clamps_limit():
         # before 5.25 transformers reads no path of time_step_limit: the import says so and drops it
         assert list(hf.read_hf_config(tmp_path / "out").time_step_limit) == [0.0, math.inf]
@@ -348,9 +367,12 @@ def test_auto_picks_a_target_that_fits():
 
 
 def test_hf_features_strata_cannot_express_are_refused_on_import():
-    partial_rope = transformers.AutoConfig.for_model("bamba", hidden_size=64, mamba_n_heads=4, num_attention_heads=4)
-    with pytest.raises(hf.UnsupportedModel, match="partial_rotary_factor"):
-        hf.model_config_from_hf(partial_rope)  # Bamba's own default rotates half of each head
+    odd_rope = transformers.AutoConfig.for_model(
+        "bamba", hidden_size=64, mamba_n_heads=4, num_attention_heads=4, num_key_value_heads=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1875})
+    with pytest.raises(hf.UnsupportedModel, match=r"partial_rotary_factor=0.1875 rotates 3 of each head's 16") as e:
+        hf.model_config_from_hf(odd_rope)
+    assert "\n" not in str(e.value)
     moe = transformers.AutoConfig.for_model("nemotron_h", hidden_size=64, layers_block_type=["linear_attention", "moe"],
                                             mamba_num_heads=4, mamba_head_dim=32)
     with pytest.raises(hf.UnsupportedModel, match="MoE"):

@@ -29,7 +29,15 @@ def mha_relu2() -> ModelConfig:
     return cfg
 
 
-CONFIGS = {"gqa-rope-swiglu": gqa_rope, "mha-relu2": mha_relu2}
+def gqa_partial_rope() -> ModelConfig:
+    """RoPE on 4 of each head's 10 channels: the tables hold the rotated channels only."""
+    cfg = gqa_rope()
+    cfg.attention.rope_fraction = 0.4
+    cfg.validate()
+    return cfg
+
+
+CONFIGS = {"gqa-rope-swiglu": gqa_rope, "gqa-partial-rope": gqa_partial_rope, "mha-relu2": mha_relu2}
 
 
 def set_recompute(block, mode: str) -> None:

@@ -19,11 +19,12 @@ LAYOUTS = {
 }
 
 
-def model_of(pattern: str, **mamba) -> HybridLM:
+def model_of(pattern: str, rope_fraction: float = 1.0, **mamba) -> HybridLM:
     torch.manual_seed(0)
     cfg = ModelConfig(pattern=pattern, d_model=32, vocab_size=VOCAB, max_seq_len=64, tie_embeddings=False,
                       mamba=MambaConfig(d_state=8, headdim=16, ngroups=2, chunk_size=CHUNK, **mamba),
-                      attention=AttentionConfig(n_heads=4, n_kv_heads=2), mlp=MLPConfig(d_ff=64))
+                      attention=AttentionConfig(n_heads=4, n_kv_heads=2, rope_fraction=rope_fraction),
+                      mlp=MLPConfig(d_ff=64))
     model = HybridLM(cfg).double()
     with torch.no_grad():  # larger weights: states and attention far from uniform
         for p in model.parameters():
@@ -76,6 +77,12 @@ def assert_isolated(model, rows):
 def test_packed_documents_equal_documents_alone(layout, monkeypatch):
     monkeypatch.setenv("STRATA_KERNELS", "reference")
     assert_isolated(model_of("M*-M"), LAYOUTS[layout])
+
+
+def test_packed_documents_with_partial_rope(monkeypatch):
+    """RoPE on half of each head's channels: the rotated ones restart with each document's positions."""
+    monkeypatch.setenv("STRATA_KERNELS", "reference")
+    assert_isolated(model_of("M*-M", rope_fraction=0.5), LAYOUTS["several_per_chunk"])
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])

@@ -39,6 +39,7 @@ CASES = {
     "attention_kv_split": dict(pattern="**"),
     "attention_kv_replicated": dict(pattern="**", attention__n_kv_heads=1, attention__qkv_bias=True),
     "attention_kv_2": dict(pattern="*", attention__n_kv_heads=2, attention__rope=False),
+    "attention_partial_rope": dict(pattern="**", attention__rope_fraction=0.5, attention__rope_theta=500.0),
     "mlp_swiglu": dict(pattern="--", mlp__bias=True),
     "mlp_relu2": dict(pattern="-", mlp__activation="relu2"),
     "mlp_lowrank": dict(pattern="-", mlp__structure="lowrank", mlp__rank=24, mlp__bias=True),
@@ -53,8 +54,8 @@ CASES = {
 }
 # Under SP the replicated parameters outside the regions (norms, row biases, LowRank's and
 # BlockDense's replicated factors) see 1/tp of the tokens: these cases hold all of them.
-SEQUENCE_PARALLEL_CASES = ("hybrid", "mamba_biases_untied", "attention_kv_replicated", "mlp_lowrank_guided",
-                           "mlp_blockdense_guided", "mlp_blockshuffle_guided")
+SEQUENCE_PARALLEL_CASES = ("hybrid", "mamba_biases_untied", "attention_kv_replicated", "attention_partial_rope",
+                           "mlp_lowrank_guided", "mlp_blockdense_guided", "mlp_blockshuffle_guided")
 
 
 def build_reference(cfg: ModelConfig) -> HybridLM:
