@@ -74,7 +74,10 @@ def spawned_results(tmp_path_factory, name: str, worker, world_size: int) -> lis
     return read_results(out, world_size)
 
 
-def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want|: one number per tensor, scale-free."""
-    scale = want.abs().max().item()
+def rel_error(got: torch.Tensor, want: torch.Tensor, whole: torch.Tensor | None = None) -> float:
+    """max |got - want| / max |want|: one number per tensor, scale-free. A shard is measured against its
+    whole tensor's scale (`whole`): a shard that happens to hold only small values would otherwise turn
+    fp32 rounding of its summation order into a large relative error (1.1e-5 for a Mamba2 shard at TP=4
+    on this project's 2-core Xeon, where the gathered tensor's error is 1.1e-6)."""
+    scale = (want if whole is None else whole).abs().max().item()
     return (got - want).abs().max().item() / (scale if scale > 0 else 1.0)

@@ -102,7 +102,7 @@ def compare_case(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> dict:
     return {
         "logits": rel_error(logits, ref_logits),
         "loss": rel_error(loss.detach(), ref_loss.detach()),
-        "local_grads": max(rel_error(local_grads[n], want_local[n]) for n in want_local),
+        "local_grads": max(rel_error(local_grads[n], want_local[n], ref_grads[n]) for n in want_local),
         "gathered_grads": max(rel_error(gathered[n], ref_grads[n]) for n in ref_grads),
     }
 
