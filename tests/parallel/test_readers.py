@@ -26,8 +26,8 @@ from strata.model.hybrid import HybridLM
 from strata.parallel.checkpoint.consolidate import consolidate, is_weights_only
 from strata.parallel.checkpoint.files import (MANIFEST, MODEL_STATES, RANK_FILE, WEIGHTS_FILE, ZERO3_MODEL, ZERO_OPTIM,
                                               CheckpointError, checkpoint_to_resume, load_checkpoint,
-                                              load_trainer_state, read_manifest, resolve_checkpoint, save_checkpoint,
-                                              saved_layout, verify, write_weights_only)
+                                              load_trainer_state, manifest_text, read_manifest, resolve_checkpoint,
+                                              save_checkpoint, saved_layout, verify, write_weights_only)
 from strata.parallel.checkpoint.reshard import read_full_state
 from strata.parallel.config import ParallelConfig
 from strata.parallel.engine.build import build_engine
@@ -272,7 +272,7 @@ def test_a_split_checkpoint_needs_the_model_config(runs, tmp_path):
     ckpt = runs[0].copy(tmp_path) / "step_00000004"
     manifest = read_manifest(ckpt)
     manifest["layout"] = Layout(2, 1, 1, 0).record()
-    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    (ckpt / MANIFEST).write_text(manifest_text(manifest))  # a manifest as a tp=2 save writes it
     with pytest.raises(CheckpointError, match="split tp=2 pp=1; merging it needs the run's model config"):
         consolidate(ckpt)
 
@@ -350,10 +350,9 @@ def test_readers_take_the_newest_complete_checkpoint_and_leave_unfinished_saves_
     for incomplete in ("step_00000006.tmp", "step_00000008"):
         with pytest.raises(CheckpointError, match="is incomplete"):
             resolve_checkpoint(root / incomplete)
-    (root / "latest").write_text("step_00000002\n")  # `latest` names the newest complete one...
-    assert resolve_checkpoint(root) == root / "step_00000002"
-    (root / "latest").write_text("step_00000009\n")  # ...and when it names none, the highest step wins
-    assert resolve_checkpoint(root) == newest
+    for latest in ("step_00000002\n", "step_00000009\n"):  # an older complete one, one that does not exist:
+        (root / "latest").write_text(latest)               # the highest complete step wins, whatever `latest` says
+        assert resolve_checkpoint(root) == newest
     (root / "latest").unlink()
     assert resolve_checkpoint(root) == newest
 
