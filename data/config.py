@@ -35,8 +35,11 @@ class DataConfig:
     vocabulary (``--vocab-size``), or it is refused; with ``tokenizer`` set it is not used."""
 
     tokenizer: str = ""
-    """Path of an existing sentencepiece .model to use instead of training one. When set, every
-    prepared corpus the run reads must have been tokenised with exactly this model (checksum)."""
+    """Path of an existing tokenizer to use instead of training one: a sentencepiece .model, a
+    Hugging Face tokenizer.json (with the tokenizer_config.json / special_tokens_map.json beside
+    it, which name its special tokens), or a Hugging Face model directory holding them (its
+    sentencepiece tokenizer.model when it has one). When set, every prepared corpus the run reads
+    must have been tokenised with exactly this tokenizer (checksum of its files)."""
 
     text_field: str = "text"
     """JSONL, Parquet and Arrow: the field of each record (the column of each row) that holds the
@@ -94,8 +97,14 @@ class DataConfig:
         if self.vocab_size < 300 and not self.tokenizer:
             raise ValueError(f"vocab_size: {self.vocab_size} is too small for 256 byte-fallback "
                              "pieces plus specials; use at least 300")
-        if self.tokenizer and not Path(self.tokenizer).is_file():
-            raise ValueError(f"tokenizer: {self.tokenizer} is not a file; give a sentencepiece .model or leave it empty")
+        if self.tokenizer:
+            from .errors import DataError
+            from .tokenizer import tokenizer_files
+
+            try:
+                tokenizer_files(self.tokenizer)
+            except DataError as exc:
+                raise ValueError(f"tokenizer: {exc}, or leave it empty") from None
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: {self.val_fraction} not in [0, 1); use e.g. 0.01")
         if self.workers < 0:
@@ -125,7 +134,9 @@ class DataConfig:
 
     def prepare_key(self) -> str:
         """Hash of every setting that changes what prepare writes (not the file listing)."""
-        tokenizer_sha = file_sha256(self.tokenizer) if self.tokenizer else ""
+        from .tokenizer import tokenizer_sha256
+
+        tokenizer_sha = tokenizer_sha256(self.tokenizer) if self.tokenizer else ""
         settings = {
             "version": FORMAT_VERSION, "inputs": list(self.inputs), "text_field": self.text_field,
             "vocab_size": 0 if tokenizer_sha else self.vocab_size, "tokenizer_sha256": tokenizer_sha,

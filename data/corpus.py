@@ -110,7 +110,7 @@ def open_corpus(cfg: DataConfig) -> Corpus:
 def _run_tokenizer(cfg: DataConfig, root: Path, manifest: dict) -> Tokenizer:
     if cfg.tokenizer:
         return Tokenizer(cfg.tokenizer)
-    path = root / TOKENIZER
+    path = root / manifest["tokenizer"].get("file", TOKENIZER)  # tokenizer.model, or tokenizer.json (+ configs)
     if not path.is_file():
         raise DataError(f"tokenizer {path} is missing: rebuild the corpus with {prepare_command(manifest, root)}")
     return Tokenizer(path)
@@ -146,7 +146,7 @@ def _check_tokenizer(root: Path, manifest: dict, tokenizer: Tokenizer, cfg: Data
         return
     hint = f"re-prepare it with {prepare_command(manifest, root, tokenizer=tokenizer.path)} --force"
     if cfg.tokenizer:
-        hint += f", or set data.tokenizer to {root / TOKENIZER}"
+        hint += f", or set data.tokenizer to {root / recorded.get('file', TOKENIZER)}"
     raise DataError(f"{root / 'manifest.json'} was prepared with another tokenizer (sha256 {recorded['sha256'][:12]}, "
                     f"vocab {recorded['vocab_size']}) than this run's {tokenizer.path} (sha256 {tokenizer.sha256[:12]}, "
                     f"vocab {tokenizer.vocab_size}): {hint}")

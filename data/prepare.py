@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FORMAT_VERSION, DataConfig, file_sha256
+from .config import FORMAT_VERSION, DataConfig
 from .errors import DataError
 from .progress import Progress
 from .shards import (MANIFEST, PLAN, TMP_SUFFIX, TOKENIZER, check_shard_sizes, read_manifest,
-                     token_dtype, verify_shard_checksums, write_atomic, write_json, write_shard)
+                     token_dtype, verify_shard_checksums, write_json, write_shard)
 from .sources import InputFile, Piece, input_bytes, iter_documents, plan_pieces, resolve_inputs, sample_lines
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer, copy_tokenizer, tokenizer_files, tokenizer_sha256, train_tokenizer
 
 log = logging.getLogger("strata.data")
 ENCODE_BATCH_CHARS = 1 << 20  # documents are encoded in batches of about this much text
@@ -124,8 +124,8 @@ def _reuse_or_reset(root: Path, fingerprint: str, force: bool) -> dict | None:
 def _drop_damaged_units(root: Path, manifest: dict) -> bool:
     """Verify the tokenizer and all shards; delete the manifest and the records of units that
     fail (of every unit when the tokenizer is missing or not the recorded one). True if any."""
-    tokenizer = root / TOKENIZER
-    if not tokenizer.is_file() or file_sha256(tokenizer) != manifest["tokenizer"]["sha256"]:
+    tokenizer = root / manifest["tokenizer"].get("file", TOKENIZER)
+    if not tokenizer.is_file() or tokenizer_sha256(tokenizer) != manifest["tokenizer"]["sha256"]:
         log.warning("%s is missing or is not the tokenizer %s records; rebuilding the corpus", tokenizer, MANIFEST)
         tokenizer.unlink(missing_ok=True)
         shutil.rmtree(root / "units", ignore_errors=True)
@@ -176,8 +176,7 @@ def _unit_bytes(cfg: DataConfig, files: list[InputFile]) -> int:
 def _ensure_tokenizer(cfg: DataConfig, root: Path, units: list[list[Piece]]) -> Tokenizer:
     path = root / TOKENIZER
     if cfg.tokenizer:
-        if not path.is_file() or file_sha256(path) != file_sha256(cfg.tokenizer):
-            write_atomic(path, Path(cfg.tokenizer).read_bytes())
+        path = copy_tokenizer(cfg.tokenizer, root)  # tokenizer.model, or tokenizer.json and its configs
     elif not path.is_file():
         started = time.perf_counter()
         lines = sample_lines(units, cfg.text_field, int(cfg.tokenizer_sample_mb * 2**20))
@@ -296,13 +295,16 @@ def encode_unit(index: int, pieces: list[Piece], *, root: str, tokenizer: str, t
     return record
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}
+_TOKENIZERS: dict[tuple, Tokenizer] = {}
 
 
 def _worker_tokenizer(path: str) -> Tokenizer:
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer(path)
-    return _TOKENIZERS[path]
+    # Keyed by its files' identity on disk too: a directory prepared again with another tokenizer in this
+    # process (or in a worker forked from it) must not get the previous one.
+    key = (path, *((s.st_ino, s.st_mtime_ns, s.st_size) for s in (f.stat() for f in tokenizer_files(path).values())))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = Tokenizer(path)
+    return _TOKENIZERS[key]
 
 
 class _ShardWriter:

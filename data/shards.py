@@ -1,7 +1,9 @@
 """On-disk layout of a prepared corpus, atomic writes, the manifest, and checked shard access.
 
     DIR/plan.json              settings + input file list; written first (resume checks it)
-    DIR/tokenizer.model        the sentencepiece model every shard was encoded with
+    DIR/tokenizer.model        the tokenizer every shard was encoded with: a sentencepiece model, or
+    DIR/tokenizer.json         a Hugging Face one (+ its tokenizer_config.json, special_tokens_map.json
+                               when it has them); the manifest's tokenizer.file names which
     DIR/shards/<name>.tok      tokens, uint16 or uint32, each document followed by EOS
     DIR/shards/<name>.idx      uint64 document start offsets into .tok, plus the end (docs + 1)
     DIR/units/<unit>.json      a unit's completion record (its shards, counts, checksums)
@@ -34,7 +36,7 @@ from .errors import DataError
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # a trained one; a given one is copied under its own kind's names
 TMP_SUFFIX = ".tmp"
 
 

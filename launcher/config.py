@@ -292,7 +292,7 @@ def load_run_config(ckpt: str | Path) -> Config:
 
     Read from any directory: a data.tokenizer that does not resolve from here (a relative path of
     the directory training started in, a file since deleted) becomes the run directory's copy of
-    the tokenizer (data/tokenizer.py, RUN_TOKENIZER), or empty when there is none."""
+    the tokenizer (data/tokenizer.py: tokenizer.model, or tokenizer.json), or empty when there is none."""
     path = Path(ckpt).parent.parent / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"checkpoint {ckpt} has no {path}; the run's config.yaml must sit beside "
@@ -304,16 +304,20 @@ def load_run_config(ckpt: str | Path) -> Config:
 
 
 def _tokenizer_from_here(path: Path) -> list[str]:
-    from strata.data.tokenizer import RUN_TOKENIZER
+    from strata.data.errors import DataError
+    from strata.data.tokenizer import tokenizer_copy, tokenizer_files
 
     try:
         tokenizer = ((parse_yaml(path.read_text()) or {}).get("data") or {}).get("tokenizer")
     except (yaml.YAMLError, AttributeError):
         return []  # load_config says what is wrong
-    if not isinstance(tokenizer, str) or not tokenizer or Path(tokenizer).is_file():
+    if not isinstance(tokenizer, str) or not tokenizer:
         return []
-    copy = path.parent / RUN_TOKENIZER
-    return [f"data.tokenizer={copy if copy.is_file() else ''}"]
+    try:
+        tokenizer_files(tokenizer)
+        return []
+    except DataError:  # not from here (or no longer a tokenizer): the run's copy
+        return [f"data.tokenizer={tokenizer_copy(path.parent) or ''}"]
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -5,12 +5,16 @@
 
 The directory loads with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained:
 config.json (NemotronH, Mamba2 or Bamba: --arch auto picks the first that expresses the
-model, see model/hf/), safetensors weights, generation_config.json, and the tokenizer as
-tokenizer.json (a fast tokenizer built from the sentencepiece model) with tokenizer.model
-beside it. The checkpoint is read shard by shard (parallel/checkpoint/consolidate.py), whatever its
-parallel layout; structured MLPs are pre-merged into dense weights. A checkpoint of the
-self-guided phase is written as the model training evaluates at that step: each dense path W and
-structure S frozen into a W + (1 - a) S with the step's a (a note names the step and a).
+model, see model/hf/), safetensors weights, generation_config.json, and the run's tokenizer: a
+Hugging Face one as its tokenizer.json, a sentencepiece one as tokenizer.json (a fast tokenizer
+built from the model) with tokenizer.model beside it, and either way a tokenizer_config.json that
+names the special tokens Strata uses and adds none to a prompt, so that transformers' tokenizer
+gives the ids `strata generate` feeds the model (a special token's string inside the text aside:
+Strata encodes it as text). The checkpoint is read shard by shard
+(parallel/checkpoint/consolidate.py), whatever its parallel layout; structured MLPs are pre-merged
+into dense weights. A checkpoint of the self-guided phase is written as the model training
+evaluates at that step: each dense path W and structure S frozen into a W + (1 - a) S with the
+step's a (a note names the step and a).
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--arch", default="auto", choices=("auto",) + hf.ARCHS, help="transformers model class")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the written weights")
     p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece .model, for a run without its copy (default: <run_dir>/tokenizer.model)")
+                   help="the run's tokenizer (sentencepiece .model, tokenizer.json or HF model directory), for a run "
+                        "without its copy (default: the copy in the run directory)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
     return p.parse_args(argv)
 
@@ -47,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------
 
 def find_tokenizer(ckpt: Path, override: str | None) -> Path:
-    """The run's sentencepiece model: the copy training put in its run directory (from any
+    """The run's tokenizer (its main file): the copy training put in its run directory (from any
     working directory, with or without the prepared corpus), or --tokenizer for a run without one."""
     from strata.data.tokenizer import run_tokenizer_path
     from strata.parallel.checkpoint.consolidate import run_dir_of
@@ -102,9 +107,9 @@ def premerge_structured(state: dict, cfg, alpha: float | None = None) -> tuple[d
     return model.state_dict(), dense_mlp_config(cfg)
 
 
-def special_ids(sp) -> dict:
-    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
-    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+def special_ids(tok) -> dict:
+    """config.json's special ids: those the tokenizer names, None for one it has not."""
+    return {f"{role}_id": tok.special_ids.get(role) for role in ("bos_token", "eos_token", "pad_token")}
 
 
 def fast_tokenizer(sp_model: Path):
@@ -158,21 +163,30 @@ def fast_tokenizer(sp_model: Path):
     return tok
 
 
-def write_tokenizer(sp_model: Path, out: Path, max_len: int) -> None:
-    import sentencepiece as spm
+def write_tokenizer(tok, out: Path, max_len: int) -> None:
+    """tokenizer.json (+ tokenizer.model for sentencepiece) and a tokenizer_config.json for
+    transformers' PreTrainedTokenizerFast: the special tokens of ``tok`` (a data.Tokenizer), no
+    BOS/EOS added to an input (Strata's encode adds none: an HF tokenizer.json whose post-processor
+    adds some is written without it, otherwise as the run holds it), decode without space clean-up;
+    an HF tokenizer's own settings (chat template, added tokens...) kept, its custom code (auto_map) not."""
+    from tokenizers import Tokenizer as Fast
 
-    sp = spm.SentencePieceProcessor()
-    sp.load(str(sp_model))
-    fast_tokenizer(sp_model).save(str(out / "tokenizer.json"))
-    shutil.copyfile(sp_model, out / "tokenizer.model")
+    from strata.data.tokenizer import ROLES, SENTENCEPIECE, special_tokens_config
 
-    def piece(i):
-        return sp.id_to_piece(i) if i >= 0 else None
-
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-              "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
-              "pad_token": piece(sp.pad_id()), "add_bos_token": False, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False}
+    if tok.kind == SENTENCEPIECE:
+        fast_tokenizer(Path(tok.path)).save(str(out / "tokenizer.json"))
+        shutil.copyfile(tok.path, out / "tokenizer.model")
+        config = {}
+    else:
+        text = Path(tok.path).read_text(encoding="utf-8")
+        post = Fast.from_str(text).post_processor
+        if post is not None and post.num_special_tokens_to_add(False):  # a template that adds BOS/EOS
+            text = json.dumps({**json.loads(text), "post_processor": None}, ensure_ascii=False, indent=2)
+        (out / "tokenizer.json").write_text(text, encoding="utf-8")
+        config = {k: v for k, v in special_tokens_config(tok.files).items() if k != "auto_map"}
+    specials = {role: tok.token(tok.special_ids[role]) if role in tok.special_ids else None for role in ROLES}
+    config.update({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, **specials,
+                   "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False})
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -180,8 +194,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
                       tokenizer: str | None = None,
                       max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> tuple[Path, str, str | None]:
     """Write the HF directory; returns (out, the arch written, the notes for the user)."""
-    import sentencepiece as spm
-
+    from strata.data.tokenizer import Tokenizer
     from strata.launcher.config import load_run_config
     from strata.parallel.checkpoint.consolidate import consolidate, resolve_checkpoint
 
@@ -192,15 +205,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_run_config(ckpt)
     arch = hf.choose_arch(dense_mlp_config(cfg.model), arch)  # refuse before reading any weights
-    sp_model = find_tokenizer(ckpt, tokenizer)
+    tok = Tokenizer(find_tokenizer(ckpt, tokenizer))
     state = consolidate(ckpt, cfg.model)
     alpha = self_guided_alpha(ckpt, state)
     state, model_cfg = premerge_structured(state, cfg.model, alpha)
     tensors = {k: v.to(DTYPES[dtype]) for k, v in hf.to_hf_state_dict(state, model_cfg, arch).items()}
     del state
-    sp = spm.SentencePieceProcessor()
-    sp.load(str(sp_model))
-    ids = special_ids(sp)
+    ids = special_ids(tok)
     config = hf.build_hf_config(model_cfg, arch, ids, dtype)
 
     tmp = out.with_name(out.name + ".tmp")
@@ -208,7 +219,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     tmp.mkdir(parents=True)
     config.save_pretrained(tmp)
     hf.save_weights(tmp, tensors, max_shard_bytes)
-    write_tokenizer(sp_model, tmp, model_cfg.max_seq_len)
+    write_tokenizer(tok, tmp, model_cfg.max_seq_len)
     generation = {k: v for k, v in ids.items() if v is not None}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if out.exists():

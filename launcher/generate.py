@@ -32,7 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 keeps all tokens")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling draws (default 0)")
     p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece .model, for a run without its copy (default: <run_dir>/tokenizer.model)")
+                   help="the run's tokenizer (sentencepiece .model, tokenizer.json or HF model directory), for a run "
+                        "without its copy (default: the copy in the run directory)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help=">= 1; a longer prompt goes through the model this many tokens at a time "
                         f"(chunked prefill: same logits, bounded memory; default {DEFAULT_PREFILL_CHUNK})")

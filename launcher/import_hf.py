@@ -7,10 +7,12 @@
 Writes <out>/config.yaml (the model section derived from the HF config, the rest from
 --config and the overrides, train.run_dir = <out>) and a weights-only checkpoint
 <out>/checkpoints/step_00000000 that `strata train` starts from with a fresh optimizer,
-schedule and data order. A sentencepiece tokenizer.model in the HF directory is copied to
-<out>/tokenizer.model (with its checksum, <out>/tokenizer.sha256, as training keeps them) and
-becomes data.tokenizer; `strata generate` and `strata export` read that copy from anywhere.
-Without one, set data.tokenizer yourself (training then copies it there).
+schedule and data order. The tokenizer the HF directory holds is copied into <out> as training
+keeps one (with the checksums of its files, <out>/tokenizer.sha256) and becomes data.tokenizer:
+its tokenizer.json with tokenizer_config.json / special_tokens_map.json, or its sentencepiece
+tokenizer.model when it has one (the original a tokenizer.json beside it was converted from);
+`strata generate` and `strata export` read that copy from anywhere. Without one, set
+data.tokenizer yourself (training then copies it there).
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def run_config_text(model_cfg, out: Path, base: str | None, overrides: list[str]
 def import_checkpoint(source: str | Path, out: str | Path, base: str | None = None,
                       overrides: list[str] = ()) -> tuple[Path, str, str | None]:
     """Create the run; returns (checkpoint dir, arch, a note for the user or None)."""
-    from strata.data.tokenizer import install_run_tokenizer
+    from strata.data.tokenizer import MAIN_FILES, Tokenizer, install_run_tokenizer
     from strata.launcher.config import ConfigError
     from strata.parallel.checkpoint.files import write_weights_only
 
@@ -113,13 +115,19 @@ def import_checkpoint(source: str | Path, out: str | Path, base: str | None = No
     if (out / "checkpoints").exists():
         raise FileExistsError(f"--out {out} already holds a run (checkpoints/); give a new run directory")
     cfg, arch, state = read_hf_model(source)
+    has_one = any((source / name).is_file() for name in MAIN_FILES)
+    held = Tokenizer(source) if has_one else None  # loaded: a damaged one is refused here, not at training
+    if held is not None and held.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{held.path} has {held.vocab_size} tokens, more than the model's vocabulary of "
+                         f"{cfg.vocab_size} ({source / 'config.json'}): it is not this model's tokenizer; "
+                         "fix the directory")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, note = None, None
-    if (source / "tokenizer.model").is_file():  # the run's copy and checksum, as training writes them
-        tokenizer = install_run_tokenizer(source / "tokenizer.model", out)
+    if held is not None:  # the run's copy and checksums, as training writes them
+        tokenizer = install_run_tokenizer(held, out)
     else:
-        note = (f"{source} has no sentencepiece tokenizer.model: set data.tokenizer in {out}/config.yaml to "
-                "the model's sentencepiece model before training")
+        note = (f"{source} has no tokenizer (tokenizer.json or a sentencepiece tokenizer.model): set data.tokenizer "
+                f"in {out}/config.yaml to the model's tokenizer before training")
     try:
         text = run_config_text(cfg, out, base, list(overrides), tokenizer)
     except ConfigError as e:

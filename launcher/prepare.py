@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files, directories or globs; 'stdlib' is the embedded default corpus")
     p.add_argument("--out", required=True, metavar="DIR", help="directory of the prepared corpus")
     tok = p.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", default="", metavar="MODEL", help="existing sentencepiece .model to use")
+    tok.add_argument("--tokenizer", default="", metavar="PATH", help="existing tokenizer to use: a sentencepiece "
+                     ".model, a Hugging Face tokenizer.json, or a Hugging Face model directory holding one")
     tok.add_argument("--vocab-size", type=int, default=4096, metavar="N", help="train a tokenizer of this size (default 4096)")
     p.add_argument("--text-field", default="text",
                    help="JSONL field / Parquet or Arrow column holding the text (default: text)")

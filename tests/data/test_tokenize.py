@@ -8,14 +8,10 @@ import json
 
 import sentencepiece as spm
 import zstandard
-from data_helpers import WORDS, make_documents, prepared_config
+from data_helpers import UNUSUAL, WORDS, make_documents, prepared_config
 
 from strata.data.corpus import open_corpus
 from strata.data.tokenizer import Tokenizer
-
-UNUSUAL = ["", " ", "  lead and trail  ", "\t\tx\t", "a\r\nb\rc\n\n\n", "▁", "▁▁ ▁", "x\u2581\u2581y", "\x00\x01\x7f",
-           "\ufeffBOM", "e\u0301 vs é", "ﬁ Å K", "🙂👩‍💻🏳️‍🌈", "日本語とEnglish", "\u200b\u2028\u2029", "مرحبا بالعالم",
-           "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "</s><s><unk><pad>", "<0x41>", "\\n literal", "\U0010ffff", "def f(x):\n    return x  # ok\n"]
 
 
 def test_strings_round_trip(tokenizer_path):
