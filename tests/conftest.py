@@ -5,7 +5,7 @@ import importlib.metadata
 import sys
 
 TESTED = ("torch", "transformers", "deepspeed", "megatron-core", "triton", "sentencepiece", "tensorboard",
-          "safetensors", "numpy", "pyarrow", "kernels")
+          "safetensors", "numpy", "pyarrow", "tokenizers", "kernels")
 
 
 def installed_versions() -> str:
