@@ -65,21 +65,24 @@ def release(version: str) -> tuple[int, ...]:
 
 
 @functools.cache
+def installed_transformers() -> str | None:
+    """The installed transformers' version, read without importing it; None where it is absent."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def nemotron_h_clamps_limit() -> bool:
     """True where the installed transformers clamps NemotronH's dt to time_step_limit (5.25 and later, or
     no transformers at all: what a fresh install gets), False where to [time_step_min, inf)."""
-    try:
-        version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return True
-    return release(version) >= NEMOTRON_LIMIT_CLAMP_SINCE
+    version = installed_transformers()
+    return version is None or release(version) >= NEMOTRON_LIMIT_CLAMP_SINCE
 
 
 def _installed_transformers() -> str:
-    try:
-        return f"transformers {importlib.metadata.version('transformers')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "no transformers installed"
+    version = installed_transformers()
+    return f"transformers {version}" if version else "no transformers installed"
 
 
 def _other_nemotron_clamp(time_step_min: float, time_step_limit: list[float]) -> tuple[str, list[float]]:
