@@ -521,11 +521,22 @@ def _raise_if_any_failed(error: str | None, root: Path, tmp: Path, step: int) ->
     dist.barrier()
     previous = newest_checkpoint(root)
     kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-    fix = ("free disk space (or lower checkpoint.keep_last; docs/OPERATIONS.md sizes it)"
-           if first == "no space left on device" else "check the file system")
+    fix = _room_to_make(root, previous) if first == "no space left on device" else "check the file system"
     free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0.0
     raise CheckpointError(f"cannot write checkpoint {step_name(step)} under {root}: {first} "
                           f"({free:.0f} MiB free); {fix}, then run the same command again: {kept}")
+
+
+def _room_to_make(root: Path, previous: Path | None) -> str:
+    """What frees enough disk for the next save. Not a lower checkpoint.keep_last: old checkpoints are
+    deleted only after a new one is complete, so it frees nothing before the save that failed."""
+    if previous is None:
+        return "free disk space, or give train.run_dir a larger disk"
+    need = sum(f.stat().st_size for f in previous.iterdir() if f.is_file()) / 2**20
+    older = [p.name for p in complete_checkpoints(root)[:-1]]
+    spare = f"remove {', '.join(older)} (older than {previous.name}) from {root}, or " if older else ""
+    return f"free at least {need:.0f} MiB (what {previous.name} takes): {spare}free space elsewhere on that disk, " \
+           "or give train.run_dir a larger disk"
 
 
 def optimizer_param_names(engine) -> list[list[str]]:
