@@ -89,5 +89,7 @@ class ResumePlan:
         """For the run's first log line."""
         if self.kind == FRESH:
             return f"fresh start at step {step}"
+        if self.kind == WEIGHTS:  # strata import: weights only, a fresh optimizer
+            return f"started from the weights of {self.checkpoint.name} (imported), fresh optimizer, at step {step}"
         resharded = f" (resharded from {self.full.layout.describe()})" if self.kind == RESHARDED else ""
         return f"resumed from {self.checkpoint.name} at step {step}{resharded}"

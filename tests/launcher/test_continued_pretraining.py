@@ -224,7 +224,7 @@ def test_a_stopped_run_saves_and_the_same_command_resumes_it(guide):
     step = int(match.group(1))
     assert KILL_AFTER_STEP <= step < 12 and match.group(2) == f"step_{step:08d}"
     assert f"step_{step:08d}" in guide.stopped_checkpoints
-    assert "resumed from step_00000000 at step 0" in guide.stopped  # the imported weights
+    assert "started from the weights of step_00000000 (imported), fresh optimizer, at step 0" in guide.stopped
     resumed = guide.ran["train"].stdout
     assert f"resumed from step_{step:08d} at step {step}" in resumed, resumed[-3000:]
     assert sorted(train_losses(guide.root / "runs/cpt")) == list(range(1, 13))
