@@ -50,8 +50,6 @@ SSD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("b,l,h,p,g,n,chunk,opts", SSD_CASES)
-@pytest.mark.parametrize("final", [True, False], ids=["final", "no-final"])
 # The two orders of summation agree to ~1e-16 in a process of their own; in two full-suite runs on a loaded
 # machine (2026-12-07) the outputs differed by 3.0e-10 and 3.6e-10 relative, which no run of this file
 # alone, loaded or not, reproduced. 1e-9 keeps that flake out while any error of the algorithm (or an fp32
@@ -59,6 +57,8 @@ SSD_CASES = [
 FP64_TOL = 1e-9
 
 
+@pytest.mark.parametrize("b,l,h,p,g,n,chunk,opts", SSD_CASES)
+@pytest.mark.parametrize("final", [True, False], ids=["final", "no-final"])
 def test_ssd_cpu_equals_reference_in_fp64(b, l, h, p, g, n, chunk, opts, final):
     inputs = ssd_inputs(b, l, h, p, g, n, **opts)
     outs, got = run_ssd("cpu", inputs, chunk, torch.float64, final)
