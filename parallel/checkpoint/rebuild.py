@@ -103,6 +103,15 @@ def _read_states(engine, params, stage):
     return {p: {k: safe_get_full_optimizer_state(p, k) for k in ADAM_STATES} for p in params}, step
 
 
+def placed_step(optimizer: torch.optim.Optimizer, param: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """AdamW's `step` where torch's own Optimizer.load_state_dict puts it: for a fused or capturable
+    group, an fp32 tensor on the parameter's device (a CPU step beside CUDA parameters fails fused AdamW);
+    otherwise as saved. The state written here skips load_state_dict, so it applies the rule itself."""
+    if optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"):  # one AdamW: every group alike
+        return step.to(device=param.device, dtype=torch.float32, copy=True)
+    return step.clone()
+
+
 def write_optimizer_states(engine, params, state_of, step, stage):
     """Each parameter's AdamW state into a fresh engine (also parallel/checkpoint/reshard.py's way in):
     state_of(p) gives exp_avg and exp_avg_sq (and, for stage 0, step), unpartitioned, or
@@ -114,7 +123,7 @@ def write_optimizer_states(engine, params, state_of, step, stage):
         for p in params:
             state = state_of(p)
             if state is not None:
-                inner.state[p] = state
+                inner.state[p] = {**state, "step": placed_step(inner, p, state["step"])}
         return
     zero = engine.optimizer
     if stage == 3:
@@ -123,7 +132,7 @@ def write_optimizer_states(engine, params, state_of, step, stage):
     # ZeRO links per-parameter views into its flat state only after a first step; create
     # the flat state now (the values are overwritten below) and link it.
     for flat in zero.single_partition_of_fp32_groups:
-        inner.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
+        inner.state[flat] = {"step": placed_step(inner, flat, step), **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
     _relink(zero)
     for p in params:
         state = state_of(p)
@@ -135,7 +144,8 @@ def _write_zero3_states(zero, params, state_of, step) -> None:
     """ZeRO-3 creates AdamW's state per flat sub-group at the first step: create it, then copy
     each parameter's partition of its state in."""
     for flat in zero.fp32_partitioned_groups_flat:
-        zero.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
+        zero.optimizer.state[flat] = {"step": placed_step(zero.optimizer, flat, step),
+                                      **{k: torch.zeros_like(flat) for k in ADAM_STATES}}
     for p in params:
         state = state_of(p)
         for k in ADAM_STATES:

@@ -126,3 +126,29 @@ def test_imported_weights_are_the_masters_of_a_bf16_parameter_engine(one_rank, t
     for name, p in engine.module.named_parameters():
         assert p.dtype == torch.bfloat16
         assert torch.equal(safe_get_full_fp32_param(p), weights[name]), name
+
+
+@pytest.mark.parametrize("flags", [dict(capturable=True), dict(fused=False), dict()])
+def test_a_written_adamw_step_sits_where_torchs_own_load_puts_it(flags):
+    """The state written into a fresh engine skips Optimizer.load_state_dict, which puts a fused or
+    capturable AdamW's `step` on the parameter's device as fp32: a CPU step beside CUDA parameters (a
+    resharded resume on a GPU, the fused AdamW the engine picks there) fails the step. A parameter on the
+    meta device stands in for the GPU here."""
+    from types import SimpleNamespace
+
+    from strata.parallel.checkpoint.rebuild import write_optimizer_states
+
+    def adamw():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, device="meta"))], **flags)
+
+    saved_step = torch.tensor(7.0)  # as read from a checkpoint: on the CPU
+    ours = adamw()
+    (param,) = ours.param_groups[0]["params"]
+    state = {"step": saved_step, "exp_avg": torch.zeros(3, device="meta"), "exp_avg_sq": torch.zeros(3, device="meta")}
+    write_optimizer_states(SimpleNamespace(optimizer=ours), [param], lambda p: state, saved_step, 0)
+    torchs = adamw()
+    torchs.load_state_dict({"state": {0: dict(state)}, "param_groups": torchs.state_dict()["param_groups"]})
+    want = torchs.state[torchs.param_groups[0]["params"][0]]["step"]
+    got = ours.state[param]["step"]
+    assert (got.device, got.dtype) == (want.device, want.dtype)
+    assert got.device == (param.device if flags.get("capturable") else torch.device("cpu"))
