@@ -250,11 +250,10 @@ def train_step(run: Run) -> tuple[dict, bool]:
     lr = engine.get_lr()[0]
     skipped_before = engine.skipped_steps
     waits = []
-    losses, own_norm = train_micro_batches(engine, run.topo, micro_batches(run, waits), gate=run.spikes.gate,
+    losses = train_micro_batches(engine, run.topo, micro_batches(run, waits), gate=run.spikes.gate,
                                            autocast=lambda: autocast(cfg, device))
     data_wait = sum(waits)
-    grad_norm = engine.get_global_grad_norm()
-    grad_norm = own_norm if grad_norm is None else float(grad_norm)
+    grad_norm = float(engine.get_global_grad_norm())  # before clipping, over every stage's parameters
     loss, stop = mean_loss_and_stop(losses, run.stop.requested, device)
     elapsed = time.perf_counter() - start
     tokens = cfg.train.global_batch_size * cfg.train.seq_len

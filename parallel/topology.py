@@ -143,20 +143,3 @@ def destroy_topology() -> None:
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-
-
-def model_parallel_grad_norm(module: torch.nn.Module, topo: Topology) -> float:
-    """The global L2 norm of the gradients (for logging), each parameter counted once: a
-    TP-split one on every TP rank, a replicated one on TP rank 0, a pipeline stage's copy of
-    a tied weight (ds_pipe_replicated) not at all; summed over TP x PP. Data-parallel ranks
-    hold the same (all-reduced) gradients. Collective over the model-parallel group."""
-    params = [p for p in module.parameters() if p.grad is not None]
-    total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
-    for p in params:
-        if getattr(p, "ds_pipe_replicated", False):
-            continue
-        if getattr(p, "tensor_model_parallel", False) or topo.tp_rank == 0:
-            total += p.grad.detach().double().pow(2).sum()
-    if topo.model_parallel:
-        dist.all_reduce(total, group=topo.get_model_parallel_group())
-    return total.sqrt().item()

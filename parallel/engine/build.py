@@ -6,6 +6,7 @@ import math
 
 import deepspeed
 import torch
+from deepspeed.runtime.utils import clip_grad_norm_
 
 from strata.parallel.config import OptimizerConfig, ParallelConfig
 from strata.parallel.engine.parallelize import deepspeed_pipeline_section
@@ -50,7 +51,7 @@ def deepspeed_config(optim: OptimizerConfig, par: ParallelConfig, dp: int,
         "train_batch_size": optim.global_batch_size,
         "train_micro_batch_size_per_gpu": par.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": optim.grad_clip,
+        "gradient_clipping": zero0_clip_threshold(optim.grad_clip) if par.zero_stage == 0 else optim.grad_clip,
         "zero_optimization": {"stage": par.zero_stage},
         # Our AdamW is torch's (it runs on CPU and GPU alike); ZeRO partitions its states.
         "zero_allow_untested_optimizer": True,
@@ -59,6 +60,25 @@ def deepspeed_config(optim: OptimizerConfig, par: ParallelConfig, dp: int,
         **pipeline,
         **(bf16_params_section() if optim.param_dtype == "bf16" else autocast_section(autocast)),
     }
+
+
+def zero0_clip_threshold(grad_clip: float) -> float:
+    """ZeRO 0 measures the gradient norm only where it clips (record_grad_norm), so no clipping
+    (train.grad_clip 0) is an infinite threshold there: the norm is measured and every gradient kept
+    (the clip coefficient is min(1, inf) = 1, exact)."""
+    return grad_clip if grad_clip > 0 else math.inf
+
+
+def record_grad_norm(engine) -> None:
+    """At ZeRO 0 with fp32 parameters DeepSpeed clips with clip_grad_norm_ (runtime/utils.py) and
+    drops the norm it measured, so get_global_grad_norm() said nothing; ZeRO 1-3 and the bf16
+    optimizer record theirs. Same call, same arguments, its norm kept: the norm before clipping,
+    over every pipeline stage's and tensor-parallel rank's parameters, each counted once
+    (pipeline.stages.count_once_in_zero0_clipping marks them for it)."""
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    engine.clip_fp32_gradients = clip_and_record
 
 
 def no_decay(param: torch.Tensor) -> bool:
@@ -105,6 +125,7 @@ def build_engine(model: torch.nn.Module, optim: OptimizerConfig, par: ParallelCo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, optim))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(optim, par, dp, autocast), mpu=mpu)
+    record_grad_norm(engine)
     return engine
 
 

@@ -67,6 +67,11 @@ def metrics_records(run_dir: Path) -> list[dict]:
     return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_grad_norms(run_dir: Path) -> dict[int, float | None]:
+    """Step -> the gradient norm before clipping (null where it was not finite)."""
+    return {r["step"]: r["grad_norm"] for r in metrics_records(run_dir) if r["kind"] == "train"}
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """Step -> train loss; a step logged twice (before a kill and after the resume) keeps the last."""
     return {r["step"]: float(r["loss"]) for r in metrics_records(run_dir) if r["kind"] == "train"}

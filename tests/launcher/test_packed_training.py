@@ -1,4 +1,5 @@
-"""Training on packed documents (data.doc_boundaries: true) logs the same losses on 1 rank, on 2
+"""Training on packed documents (data.doc_boundaries: true) logs the same losses and gradient norms
+(over every stage's parameters, before clipping, at ZeRO 0) on 1 rank, on 2
 (PP2: the loader's position ids travel between the stages, and every block keeps the documents
 apart) and on 4 (TP2 with sequence parallelism x PP2: each rank holds part of a row's tokens and
 of its heads). tests/parallel/test_packed.py proves each layout equal to the documents run alone.
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher.conftest import TINY, run_strata, train_losses
+from tests.launcher.conftest import TINY, run_strata, train_grad_norms, train_losses
 
 STEPS = 3
 
@@ -45,3 +46,9 @@ def test_packed_training_same_losses_on_one_two_and_four_ranks(tmp_path):
     for run in ("two", "four"):
         got = train_losses(tmp_path / run)
         assert [got[s] for s in sorted(want)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-5), run
+    want_norms = train_grad_norms(tmp_path / "one")
+    assert all(norm > 0 for norm in want_norms.values()), want_norms
+    for run in ("two", "four"):
+        got = train_grad_norms(tmp_path / run)
+        assert [got[s] for s in sorted(want_norms)] == pytest.approx([want_norms[s] for s in sorted(want_norms)],
+                                                                     rel=1e-6), run
