@@ -13,8 +13,8 @@ Predicted: parallel/plan.py for the same config, layout and rank (its pipeline s
 `strata plan` and the training log use. The step delta (peak - held at the step's start) isolates
 activations, transients and the gradients made: recompute shows there.
 
-DeepSpeed's 1.86 GiB reduce bucket is allocated whole whatever the model's size: at ZeRO 1-2 in
-every step (the delta columns leave it out), at ZeRO-3 once at start. The TP and PP cases on gloo
+DeepSpeed's reduce bucket (reduce_bucket_size: 5e8 fp32 elements, or the rank's parameters where
+fewer: parallel/plan.py reduce_bucket_elements) is allocated whole: at ZeRO 1-2 in every step (the delta columns leave it out), at ZeRO-3 once at start. The TP and PP cases on gloo
 keep a few of the previous step's collective and pipe buffers alive into the next step (held when
 it begins, so the peaks differ more than the deltas); the plan does not count them.
 """

@@ -41,6 +41,15 @@ def hardware_metrics(tokens_per_s_per_rank: float, flops_per_token: float, peak:
     return out
 
 
+def process_rss_bytes(device: torch.device) -> float:
+    """On CPU, the peak RSS so far (interpreter, torch, DeepSpeed, the corpus's maps, what the model holds):
+    the measured peak (ru_maxrss) holds it all, the memory plan only the training state. 0 on GPU, where
+    torch's own allocations are measured."""
+    if device.type == "cuda":
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
 def cut_metrics(path: Path, start_step: int) -> None:
     """Drop the records of ``path`` past ``start_step`` before a run (re)starting there appends.
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 from strata.launcher.config import Config, ConfigError, load_config
 from strata.model.counting import KIND_NAMES
 from strata.parallel.layout import Layout, LayoutError, check_layout
-from strata.parallel.plan import ASSUMED_MFU, GIB, Hardware, Plan, RunSpec, plan_layout, plan_layouts, total_parameters
+from strata.parallel.plan import ASSUMED_MFU, BASELINE, GIB, Hardware, held_at_engine_start, Plan, RunSpec, plan_layout, plan_layouts, total_parameters
 
 NOTHING_FITS = 1
 RECOMPUTE_ORDER = ("none", "selective", "full")
@@ -65,22 +65,28 @@ def predicted_peak(cfg: Config, world_size: int, device_type: str, stage: int = 
     return plan_layout(run_spec(cfg, device_type), layout, cuda=device_type == "cuda", stage=stage)
 
 
-def log_memory_plan(reporter, cfg: Config, world_size: int, device, stage: int, step: int) -> None:
+def log_memory_plan(reporter, cfg: Config, world_size: int, device, stage: int, step: int,
+                    rss_with_engine: float = 0.0) -> None:
     """A run's start (launcher/train.py): the plan's predicted peak for this rank's layout and pipeline
     stage, in the log and as memory/predicted_peak_gib; the reporter then records the measured peak
-    beside it at every step, so every run checks the plan."""
+    beside it at every step, so every run checks the plan. `rss_with_engine`: on CPU, the process's peak
+    RSS once the engine was built (launcher.metrics.process_rss_bytes); less what the plan counts of that
+    moment (the weights, ZeRO's partitions), it is the process's baseline (interpreter, torch, DeepSpeed's
+    set-up, the corpus), which the measured peak RSS holds too. On GPU torch's allocations alone are
+    measured: 0."""
     try:
         plan = predicted_peak(cfg, world_size, device.type, stage)
     except (ValueError, RuntimeError, NotImplementedError) as e:  # a plan must never stop a run
         reporter.log(f"memory: no plan for this run ({e})")
         return
-    top = ", ".join(f"{name} {size(v)}" for name, v in sorted(plan.terms.items(), key=lambda kv: -kv[1])[:3])
+    baseline = max(0.0, rss_with_engine - held_at_engine_start(plan)) if rss_with_engine else 0.0
+    terms = {**plan.terms, BASELINE: baseline} if baseline else plan.terms
+    top = ", ".join(f"{name} {size(v)}" for name, v in sorted(terms.items(), key=lambda kv: -kv[1])[:3])
     measured = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                "the process's peak RSS (interpreter and libraries included; bench/memory.py counts torch's "
-                "allocations)")
-    reporter.log(f"memory: predicted peak {size(plan.peak)} per rank (stage {plan.stage}: {top}); measured: "
-                 f"{measured}")
-    reporter.expect_peak_memory(step, plan.peak / GIB)
+                "the process's peak RSS (bench/memory.py counts torch's allocations alone)")
+    reporter.log(f"memory: predicted peak {size(plan.peak + baseline)} per rank (stage {plan.stage}: {top}); "
+                 f"measured: {measured}")
+    reporter.expect_peak_memory(step, (plan.peak + baseline) / GIB)
 
 
 def human(n: float) -> str:

@@ -42,7 +42,7 @@ from strata.data.tokenizer import install_run_tokenizer
 from strata.launcher.config import Config, ConfigError, dump_yaml, load_config
 from strata.launcher.errors import (CONFIG_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error, exit_code_of,
                                     leave_os_errors_to_the_main_thread, report_error_once)
-from strata.launcher.metrics import Reporter, hardware_metrics, peak_tflops, show_strata_logs
+from strata.launcher.metrics import Reporter, hardware_metrics, peak_tflops, process_rss_bytes, show_strata_logs
 from strata.launcher.plan import log_memory_plan
 from strata.launcher.run_dir import check_run_dir, check_same_model
 from strata.launcher.signals import Preempted, StopRequest
@@ -180,6 +180,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     guidance = start_guidance(cfg, model, newest if plan.continues_training else None, asked_steps)
     engine = build_engine(model, cfg.train.optimizer(), cfg.parallel, info.world_size, mpu=topo.engine_mpu,
                           autocast=autocast_dtype(cfg, info.device))
+    rss_with_engine = process_rss_bytes(info.device)
     loader = TrainLoader(corpus, cfg.data, cfg.train.seq_len, cfg.parallel.micro_batch_size,
                          dp_rank, dp, cfg.train.seed)
     step = 0
@@ -200,7 +201,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
                  f"tp={topo.tp} pp={topo.pp} | {plan.describe(step)}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
-    log_memory_plan(reporter, cfg, info.world_size, info.device, topo.pp_rank, step)  # checked at every step
+    log_memory_plan(reporter, cfg, info.world_size, info.device, topo.pp_rank, step, rss_with_engine)  # and measured
     if describe_structure(cfg.model):
         reporter.log(describe_structure(cfg.model))
     flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)

@@ -21,8 +21,9 @@ model/memory.py. What a rank holds (fp32 weights, torch AdamW, DeepSpeed 0.19's 
   backward: the peak holds only those made by then.
 - optimizer: AdamW's two fp32 moments, 8 bytes per parameter (ZeRO >= 1: 1/dp), and from ZeRO 1 on
   DeepSpeed's fp32 master copy of the rank's partition (4 bytes / dp), even of fp32 weights.
-- DeepSpeed's buffers: at ZeRO 1-3 its reduce bucket, allocated whole (reduce_bucket_size, 5e8
-  elements of fp32 gradients: 1.86 GiB) whatever the model's size; at ZeRO-0 the flattened gradients
+- DeepSpeed's buffers: at ZeRO 1-3 its reduce bucket, allocated whole (reduce_bucket_size elements
+  of fp32 gradients, which parallel/engine/build.py sets to reduce_bucket_elements: DeepSpeed's 5e8,
+  1.86 GiB, or the rank's parameters where fewer); at ZeRO-0 the flattened gradients
   of its all-reduce; ZeRO-3's gathered parameters of the running layers (two blocks); under PP the
   pipe buffers (each micro-batch's output until its backward, the gradient received).
 - activations: model/memory.py's tensors of this stage's blocks for one micro-batch, times the
@@ -51,8 +52,11 @@ from strata.parallel.layout import Layout, layout_problems, valid_layouts
 
 GIB = 2**30
 REDUCE_BUCKET_ELEMENTS = 500_000_000
-"""DeepSpeed's default zero_optimization.reduce_bucket_size (parallel/engine/build.py leaves it unset)."""
+"""DeepSpeed's default zero_optimization.reduce_bucket_size: the most Strata asks for (reduce_bucket_elements)."""
 BUCKET = "ZeRO reduce bucket (reduce_bucket_size x fp32)"
+BASELINE = "process baseline (CPU: interpreter, libraries, data, DeepSpeed's set-up)"
+AT_ENGINE_START = ("weights", "optimizer: fp32 master partition", "ZeRO-3 gradient partition")
+"""The plan's terms a rank already holds once its engine is built (AdamW's moments come at the first step)."""
 ZERO3_PERSISTENCE_THRESHOLD = 100_000
 """DeepSpeed's stage3_param_persistence_threshold: smaller parameters stay whole on every rank."""
 ASSUMED_MFU = 0.45
@@ -230,6 +234,19 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, seq_len: int) -> list
 # Memory
 # ----------------------------------------------------------------------------------------
 
+def held_at_engine_start(plan: "Plan") -> float:
+    """What of the plan exists as soon as the engine is built: the process's size then, less these, is the
+    part of a CPU process's RSS that the plan does not model (launcher/plan.py log_memory_plan)."""
+    return sum(v for k, v in plan.terms.items() if k.startswith(AT_ENGINE_START))
+
+
+def reduce_bucket_elements(local_params: int) -> int:
+    """The reduce_bucket_size Strata gives DeepSpeed: its default, or the rank's own parameters where they are
+    fewer. ZeRO 1-3 allocate the bucket whole at their first backward whatever the model's size (1.86 GiB
+    of fp32 for a 4M-parameter model); a bucket larger than every gradient of the rank is never filled."""
+    return max(1, min(REDUCE_BUCKET_ELEMENTS, int(local_params)))
+
+
 def optimizer_terms(info: dict, spec: RunSpec, layout: Layout, cuda: bool, gathered: int,
                     accumulation: int) -> tuple[dict[str, float], dict[str, float], float]:
     """(held through the step, gradients at the backward's peak, extra at the optimizer step) for a
@@ -247,7 +264,7 @@ def optimizer_terms(info: dict, spec: RunSpec, layout: Layout, cuda: bool, gathe
     held["optimizer: AdamW moments (fp32)"] = 2 * FP32 * (part if z >= 1 else params)
     if z >= 1:
         held["optimizer: fp32 master partition (DeepSpeed ZeRO)"] = FP32 * part
-        held[BUCKET] = FP32 * REDUCE_BUCKET_ELEMENTS  # communication_data_type fp32, bf16 parameters too
+        held[BUCKET] = FP32 * reduce_bucket_elements(params)  # communication_data_type fp32, bf16 parameters too
     if z == 3:  # its partitioned gradients and the optimizer's gradient buffer: flat, held throughout
         if bf16_params:  # its bf16 gradient partition and the optimizer's fp32 copy
             held["ZeRO-3 gradient partition (bf16) and the optimizer's copy (fp32)"] = (2 + FP32) * part

@@ -11,6 +11,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from strata.parallel.config import OptimizerConfig, ParallelConfig
 from strata.parallel.engine.parallelize import deepspeed_pipeline_section
 from strata.parallel.guard import GuardedAdamW
+from strata.parallel.plan import REDUCE_BUCKET_ELEMENTS, reduce_bucket_elements
 
 
 def data_parallel_size(world_size: int, par: ParallelConfig) -> int:
@@ -44,7 +45,9 @@ def bf16_params_section() -> dict:
 
 
 def deepspeed_config(optim: OptimizerConfig, par: ParallelConfig, dp: int,
-                     autocast: torch.dtype | None = None) -> dict:
+                     autocast: torch.dtype | None = None, local_params: int = REDUCE_BUCKET_ELEMENTS) -> dict:
+    """`local_params`: the rank's parameters (its TP shard, its pipeline stage), which cap ZeRO's
+    reduce bucket (plan.reduce_bucket_elements, what the memory plan counts)."""
     gas = grad_accumulation_steps(optim.global_batch_size, par, dp)
     pipeline = {"pipeline": deepspeed_pipeline_section(par.sequence_parallel)} if par.pp > 1 else {}
     return {
@@ -52,7 +55,7 @@ def deepspeed_config(optim: OptimizerConfig, par: ParallelConfig, dp: int,
         "train_micro_batch_size_per_gpu": par.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": zero0_clip_threshold(optim.grad_clip) if par.zero_stage == 0 else optim.grad_clip,
-        "zero_optimization": {"stage": par.zero_stage},
+        "zero_optimization": {"stage": par.zero_stage, "reduce_bucket_size": reduce_bucket_elements(local_params)},
         # Our AdamW is torch's (it runs on CPU and GPU alike); ZeRO partitions its states.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
@@ -115,6 +118,7 @@ def build_engine(model: torch.nn.Module, optim: OptimizerConfig, par: ParallelCo
     """`autocast`: the dtype the engine's forward computes its matmuls in (None: the parameters';
     with optim.param_dtype bf16 the engine casts the module to bf16 itself)."""
     dp = data_parallel_size(world_size, par)
+    local_params = sum(p.numel() for p in model.parameters())
     # ZeRO 1-3 skip a non-finite step themselves; at stage 0 the engine calls AdamW directly.
     adamw = GuardedAdamW if par.zero_stage == 0 else torch.optim.AdamW
     # torch's fused AdamW does foreach's arithmetic in one kernel per parameter group (CUDA) or one
@@ -124,7 +128,7 @@ def build_engine(model: torch.nn.Module, optim: OptimizerConfig, par: ParallelCo
                       betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fusable or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, optim))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(optim, par, dp, autocast), mpu=mpu)
+                                           config=deepspeed_config(optim, par, dp, autocast, local_params), mpu=mpu)
     record_grad_norm(engine)
     return engine
 

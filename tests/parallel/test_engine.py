@@ -15,7 +15,18 @@ def test_deepspeed_config_is_derived_from_ours():
     assert cfg["train_micro_batch_size_per_gpu"] == 4
     assert cfg["gradient_accumulation_steps"] == 2
     assert cfg["gradient_clipping"] == 0.5
-    assert cfg["zero_optimization"] == {"stage": 2}
+    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 500_000_000}
+
+
+def test_reduce_bucket_is_no_larger_than_the_ranks_parameters():
+    """ZeRO allocates the bucket whole: DeepSpeed's 5e8 fp32 elements (1.86 GiB) for a 4M-parameter
+    rank would be 1.85 GiB allocated and never filled; the memory plan counts the same size."""
+    from strata.parallel.plan import reduce_bucket_elements
+
+    par = ParallelConfig(micro_batch_size=4, zero_stage=1)
+    cfg = deepspeed_config(TrainConfig(global_batch_size=64).optimizer(), par, dp=8, local_params=3_700_000)
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 3_700_000 == reduce_bucket_elements(3_700_000)
+    assert reduce_bucket_elements(8_000_000_000) == 500_000_000
 
 
 def test_batch_that_does_not_divide_names_the_fix():
