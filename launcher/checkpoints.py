@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from strata.launcher.errors import FAILURE_EXIT
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="strata checkpoint", description=__doc__,
@@ -41,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.path)
     if not path.is_dir():
         print(f"error: {path} is not a directory; give a run directory or a checkpoint step directory", file=sys.stderr)
-        return 2
+        return FAILURE_EXIT
     complete, others = checkpoints_under(path)
     if not complete:
         print(f"error: {path} holds no complete checkpoint", file=sys.stderr)
-        return 1
+        return FAILURE_EXIT
     damaged = 0
     for ckpt in complete:
         problems = verify(ckpt)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             "unfinished save (removed when the run next starts)"
         print(f"{other}: {what}")
     print(f"{len(complete) - damaged} of {len(complete)} checkpoints verify")
-    return 1 if damaged else 0
+    return FAILURE_EXIT if damaged else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""How a rank of a job ends when something is wrong: one line naming the problem and the fix,
-said once (by rank 0), and an exit code that says what kind of end it was (docs/OPERATIONS.md,
-"Exit codes")."""
+"""How a command ends when something is wrong: one line naming the problem and the fix (said once,
+by rank 0, in a job), and an exit code that says what kind of end it was, the same for every
+command (docs/OPERATIONS.md, "Exit codes")."""
 from __future__ import annotations
 
 import errno
@@ -10,8 +10,8 @@ import time
 
 from strata.launcher.config import ConfigError
 
-FAILURE_EXIT = 1  # a damaged checkpoint, a data error, a full disk: the line says which
-CONFIG_EXIT = 2  # a bad config key, value, flag or layout: nothing was started
+FAILURE_EXIT = 1  # what the command read or wrote failed: a missing or damaged file, a data error, a full disk
+CONFIG_EXIT = 2  # what was asked cannot be done as asked: a bad config key, value, flag or layout; nothing was started
 DIVERGED_EXIT = 3  # too many non-finite steps in a row: the last good checkpoint is intact
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL, "try again later": a checkpoint was saved; the same command resumes
 
@@ -33,11 +33,25 @@ def report_error_once(message: str, is_main: bool) -> None:
         time.sleep(REPORT_GRACE_S)
 
 
+# What the user asked for cannot run as asked, whatever the files hold: a config key or value (ConfigError), a
+# flag, a layout, a model or architecture Strata cannot express (ValueError), an output that exists already, an
+# optional dependency not installed.
+REQUEST_ERRORS = (ValueError, FileExistsError, ImportError)
+
+
 def exit_code_of(e: Exception) -> int:
-    """docs/OPERATIONS.md, "Exit codes": 2 a bad config, 3 diverged, 75 preempted, 1 anything else."""
-    if isinstance(e, ConfigError):
-        return CONFIG_EXIT
-    return DIVERGED_EXIT if isinstance(e, Diverged) else FAILURE_EXIT
+    """docs/OPERATIONS.md, "Exit codes", for every command: 2 the request, 3 diverged, 1 anything the
+    command read or wrote (a missing, incomplete or damaged checkpoint, a data error, a full disk)."""
+    if isinstance(e, Diverged):
+        return DIVERGED_EXIT
+    return CONFIG_EXIT if isinstance(e, (ConfigError, *REQUEST_ERRORS)) else FAILURE_EXIT
+
+
+def report_and_exit_code(e: Exception) -> int:
+    """A single-process command's end (export, import, generate, prepare): the line, and its code."""
+    system = isinstance(e, OSError) and e.errno is not None  # from the OS, not a message of ours
+    print(f"error: {describe_os_error(e) if system else e}", file=sys.stderr)
+    return exit_code_of(e)
 
 
 def leave_os_errors_to_the_main_thread(args) -> None:

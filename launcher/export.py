@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from strata.launcher.errors import report_and_exit_code
 from strata.model import hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -237,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out, arch, notes = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.tokenizer,
                                             int(args.max_shard_gb * 2**30))
-    except (ImportError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ImportError, ValueError, OSError, CheckpointError, DataError) as e:
+        return report_and_exit_code(e)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"exported {args.checkpoint} as {hf.ARCHITECTURES[arch]} to {out}")

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from strata.model.generate import DEFAULT_PREFILL_CHUNK, PromptTooLong, Sampling, generate
+from strata.launcher.errors import report_and_exit_code
+from strata.model.generate import DEFAULT_PREFILL_CHUNK, Sampling, generate
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -118,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         out = generate(model, prompt, sampling, allowed_vocab=tokenizer.vocab_size,  # never a padded id
                        prefill_chunk=args.prefill_chunk)
-    except (CheckpointError, DataError, PromptTooLong, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, DataError, OSError, ValueError) as e:  # PromptTooLong is a ValueError
+        return report_and_exit_code(e)
     elapsed = time.perf_counter() - start
     new = out.new_tokens[0].tolist()
     if out.stopped == "eos":

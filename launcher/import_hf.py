@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from strata.launcher.errors import report_and_exit_code
 from strata.model import hf
 
 
@@ -143,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ckpt, arch, note = import_checkpoint(args.source, args.out, args.config, args.overrides)
-    except (ImportError, ValueError, FileExistsError, OSError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ImportError, ValueError, OSError, DataError) as e:
+        return report_and_exit_code(e)
     print(f"imported {hf.ARCHITECTURES[arch]} from {args.source} into {ckpt}; "
           f"train with: strata train --config {Path(args.out) / 'config.yaml'}")
     if note:

@@ -23,7 +23,8 @@ from dataclasses import replace
 from strata.launcher.config import Config, ConfigError, load_config
 from strata.model.counting import KIND_NAMES
 from strata.parallel.layout import Layout, LayoutError, check_layout
-from strata.parallel.plan import ASSUMED_MFU, BASELINE, GIB, Hardware, held_at_engine_start, Plan, RunSpec, plan_layout, plan_layouts, total_parameters
+from strata.parallel.plan import (ASSUMED_MFU, BASELINE, GIB, Hardware, Plan, RunSpec, held_at_engine_start,
+                                  plan_layout, plan_layouts, total_parameters)
 
 NOTHING_FITS = 1
 RECOMPUTE_ORDER = ("none", "selective", "full")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from strata.data.config import DataConfig
 from strata.data.errors import DataError
+from strata.launcher.errors import report_and_exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.input is None:
             if not args.verify:
-                raise DataError("nothing to do: give --input PATH... to prepare, or --verify to check --out")
+                raise ValueError("nothing to do: give --input PATH... to prepare, or --verify to check --out")
             return _verify(Path(args.out))
         cfg = DataConfig(inputs=args.input, prepared_dir=args.out, vocab_size=args.vocab_size,
                          tokenizer=args.tokenizer, text_field=args.text_field, workers=args.workers,
@@ -59,9 +60,8 @@ def main(argv: list[str]) -> int:
         from strata.data.prepare import prepare_corpus
         prepare_corpus(cfg, args.out, force=args.force)
         return 0
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (DataError, ValueError, OSError) as exc:
+        return report_and_exit_code(exc)
 
 
 def _verify(root: Path) -> int:

@@ -45,7 +45,7 @@ def test_shard_failing_its_checksum_is_caught_on_first_read_and_by_verify(corpus
             corpus.train[c].window(s, 16)
     message = one_line(exc)
     assert str(shard) in message and "checksum" in message and "strata prepare --input" in message
-    assert prepare_main(["--verify", "--out", str(root)]) == 2
+    assert prepare_main(["--verify", "--out", str(root)]) == 1  # a damaged file (docs/OPERATIONS.md, exit codes)
     err = capsys.readouterr().err
     assert err.startswith("error: shard ") and err.count("\n") == 1 and str(shard) in err
     with pytest.raises(DataError, match="checksum"):
@@ -129,10 +129,12 @@ def test_broken_symlink_and_bad_jsonl_are_named(tmp_path, tokenizer_path):
     assert "bad.jsonl:2" in one_line(exc) and "--text-field" in one_line(exc)
 
 
-def test_cli_prints_one_error_line_and_returns_2(tmp_path, capsys):
-    assert prepare_main(["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+def test_cli_prints_one_error_line_and_returns_1_for_a_missing_input(tmp_path, capsys):
+    assert prepare_main(["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: input ") and "missing.txt" in err
+    assert prepare_main(["--out", str(tmp_path / "o")]) == 2  # a request that cannot run as asked
+    assert capsys.readouterr().err.startswith("error: nothing to do: give --input")
 
 
 def test_missing_corpus_and_too_short_corpus(tmp_path, small_corpus):

@@ -40,9 +40,11 @@ def strata_tokenizer(run_dir):
     return Tokenizer(export_cli.find_tokenizer(ckpt, None))
 
 
-def one_error_line(proc) -> str:
+def one_error_line(proc, code: int = 2) -> str:
+    """The one line a mistake gets, and its exit code (docs/OPERATIONS.md: 2 a request that cannot run as
+    asked, 1 a file that is missing or damaged)."""
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     return lines[0]
 
 
@@ -143,7 +145,8 @@ def test_generate_cli_prints_the_greedy_continuation(trained):
 # ----------------------------------------------------------------------------------------
 
 def test_a_missing_checkpoint_is_one_error_line(tmp_path):
-    line = one_error_line(run_strata(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]))
+    line = one_error_line(run_strata(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]),
+                          code=1)
     assert "does not exist" in line
 
 
@@ -151,9 +154,9 @@ def test_a_partial_checkpoint_is_one_error_line(trained, tmp_path):
     partial = tmp_path / "run" / "checkpoints" / "step_00000002"
     shutil.copytree(resolve_checkpoint(trained), partial)
     (partial / "trainer.json").unlink()  # what a save killed midway leaves
-    line = one_error_line(run_strata(["export", "--checkpoint", str(partial), "--out", str(tmp_path / "o")]))
+    line = one_error_line(run_strata(["export", "--checkpoint", str(partial), "--out", str(tmp_path / "o")]), code=1)
     assert "incomplete" in line
-    line = one_error_line(run_strata(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x"]))
+    line = one_error_line(run_strata(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x"]), code=1)
     assert "no complete checkpoint" in line
 
 

@@ -171,3 +171,25 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, corpus_overrides):
     proc = run_strata(args(tmp_path / "run", corpus_overrides, "train.max_steps=2"))
     assert proc.returncode == 2
     assert f"train.run_dir: {tmp_path / 'run'} is a file, not a directory" in error_line(proc.stderr)
+
+
+def test_checkpoint_verify_exits_like_every_command(tmp_path, capsys):
+    """`strata checkpoint verify`: 0 when every checkpoint verifies, 1 (a file problem, docs/OPERATIONS.md's
+    one exit-code table) for a damaged one, a path that is not a directory, or no complete checkpoint."""
+    import torch
+
+    from strata.launcher.checkpoints import main as verify_main
+    from strata.parallel.checkpoint.files import write_weights_only
+
+    ckpt = write_weights_only(tmp_path / "run" / "checkpoints", {"w": torch.arange(64.0)})
+    assert verify_main(["verify", str(tmp_path / "run")]) == 0
+    assert "1 of 1 checkpoints verify" in capsys.readouterr().out
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    assert verify_main(["verify", str(tmp_path / "run")]) == 1
+    assert "DAMAGED: model.safetensors fails its checksum" in capsys.readouterr().out
+    assert verify_main(["verify", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    assert verify_main(["verify", str(tmp_path / "empty")]) == 1

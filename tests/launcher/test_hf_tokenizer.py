@@ -135,14 +135,14 @@ def test_a_damaged_tokenizer_json_or_a_directory_without_one_is_one_line(hf, exp
     (damaged / "tokenizer.json").write_text(text[: len(text) // 3])
     (tmp_path / "doc.txt").write_text(TEXT * 20)
     line = one_error_line(strata_from(tmp_path, ["prepare", "--input", "doc.txt", "--out", "prepared",
-                                                 "--tokenizer", str(damaged / "tokenizer.json")]))
+                                                 "--tokenizer", str(damaged / "tokenizer.json")]), code=1)
     assert f"{damaged / 'tokenizer.json'} is not a tokenizer.json" in line and "replace it" in line
-    line = one_error_line(strata_from(tmp_path, ["import", "--from", str(damaged), "--out", "run"]))
+    line = one_error_line(strata_from(tmp_path, ["import", "--from", str(damaged), "--out", "run"]), code=1)
     assert f"{damaged / 'tokenizer.json'} is not a tokenizer.json" in line
     assert not (tmp_path / "run").exists()
     (tmp_path / "empty").mkdir()
     line = one_error_line(strata_from(tmp_path, ["prepare", "--input", "doc.txt", "--out", "prepared",
-                                                 "--tokenizer", "empty"]))
+                                                 "--tokenizer", "empty"]), code=1)
     assert "data.tokenizer: empty holds no tokenizer (tokenizer.json or a sentencepiece tokenizer.model)" in line
 
 

@@ -106,7 +106,7 @@ def test_an_imported_run_generates_and_exports_from_another_directory(exported, 
 def test_a_run_without_its_copy_says_to_pass_tokenizer_and_works_with_it(run, tmp_path):
     old = tmp_path / "old_run"  # a run written before runs kept their tokenizer
     shutil.copytree(run, old, ignore=shutil.ignore_patterns(RUN_TOKENIZER, RUN_TOKENIZER_SHA256))
-    line = one_error_line(strata_from(tmp_path, ["generate", "--checkpoint", str(old), "--prompt", TEXT]))
+    line = one_error_line(strata_from(tmp_path, ["generate", "--checkpoint", str(old), "--prompt", TEXT]), code=1)
     assert str(old / RUN_TOKENIZER) in line and "--tokenizer PATH" in line
     proc = strata_from(tmp_path, ["generate", "--checkpoint", str(old), "--prompt", TEXT, "--max-new-tokens", "4",
                                   "--tokenizer", str(run / RUN_TOKENIZER)])
