@@ -269,10 +269,27 @@ class Config:
         return 0 if self.data.tokenizer else self.data.vocab_size
 
 
+def config_path(given: str | Path | None) -> Path:
+    """The YAML a --config names, wherever the command runs: the path as given (absolute, or relative to
+    the invoking directory) where that is a file, else the same relative path under the repository
+    (`configs/tiny.yaml` from any directory), else a name in its configs/ (`hybrid-1b3` or
+    `hybrid-1b3.yaml`). Absolute, so that what records it (a SLURM script) reads the same file."""
+    if not given:
+        return DEFAULT_CONFIG
+    path = Path(given).expanduser()
+    candidates = [path]
+    if not path.is_absolute():
+        candidates += [CONFIG_DIR.parent / path, CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {given} not found (looked in {Path.cwd()} and {CONFIG_DIR}); pass an "
+                          f"existing YAML, or one of Strata's configs by name: {names}")
+    return found.resolve()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. {DEFAULT_CONFIG}")
+    path = config_path(path)
     try:
         raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:

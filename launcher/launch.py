@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from strata.launcher.config import ConfigError, load_config
+from strata.launcher.config import ConfigError, config_path, load_config
 from strata.launcher.errors import PREEMPTED_EXIT
 from strata.parallel.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
@@ -101,7 +101,7 @@ def train_command(args: argparse.Namespace) -> str:
     --shutdown-timeout, which ends STOP_MARGIN_S before the time limit."""
     rendezvous = (f'--rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "$SLURM_JOB_ID" '
                   f"--shutdown-timeout {args.signal_seconds - STOP_MARGIN_S}")
-    train = " ".join(shlex.quote(a) for a in ["--config", args.config, *args.overrides])
+    train = " ".join(shlex.quote(a) for a in ["--config", str(config_path(args.config)), *args.overrides])
     return (f'torchrun --nnodes "$SLURM_NNODES" --nproc-per-node {args.gpus_per_node} \\\n'
             f"        {rendezvous} \\\n"
             f"        -m strata.launcher.train {train}")

@@ -152,6 +152,28 @@ def test_bad_config_or_flag_is_one_line_exit_2(tmp_path, monkeypatch, capsys, ex
     assert not list(tmp_path.rglob("launch.sbatch"))
 
 
+@pytest.mark.parametrize("given", ["configs/tiny.yaml", "tiny", "tiny.yaml"])
+def test_a_repository_config_is_found_from_any_directory(tmp_path, monkeypatch, given):
+    """`--config configs/tiny.yaml` worked only from the repository root; the script names the file it
+    read by its absolute path, so the job reads the same one whatever --chdir is."""
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--config", given]) == 0
+    script = (tmp_path / "runs" / "tiny" / "launch.sbatch").read_text()
+    assert f"--config {REPO / 'configs' / 'tiny.yaml'}" in script
+
+
+def test_a_config_found_nowhere_is_one_line_naming_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text((REPO / "configs" / "tiny.yaml").read_text())
+    assert launch.main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--config", "mine.yaml"]) == 0
+    assert f"--config {tmp_path / 'mine.yaml'}" in (tmp_path / "runs" / "tiny" / "launch.sbatch").read_text()
+    capsys.readouterr()
+    assert launch.main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--config", "nope.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config file nope.yaml not found (looked in ") and "hybrid-1b3" in err
+    assert err.count("\n") == 1
+
+
 def write_exe(path: Path, text: str) -> None:
     path.write_text("#!/bin/bash\n" + text)
     path.chmod(0o755)
