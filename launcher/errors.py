@@ -23,14 +23,19 @@ class Diverged(Exception):
     """Too many consecutive non-finite steps, or non-finite weights; str() is one line."""
 
 
-def report_error_once(message: str, is_main: bool) -> None:
-    """Every rank finds the same problem; rank 0 says it. The others wait before they exit:
-    torchrun and the deepspeed launcher stop every rank as soon as one exits with an error,
-    and rank 0 must have printed by then (rank 0's own exit ends the wait for them)."""
+def report_error_once(message: str, is_main: bool, rank: int = 0, every_rank_has_it: bool = False) -> None:
+    """Most problems every rank finds alike (a config, a checkpoint all of them verified, a decision they
+    shared: parallel.distributed.on_every_rank); rank 0 says it at once. Another rank waits first:
+    torchrun and the deepspeed launcher stop every rank as soon as one exits with an error, so when rank 0
+    had it too, this rank is stopped before it repeats the line. A problem of this rank alone (a shard
+    only it read) is said after the wait, under its rank, and its exit then ends the others' wait."""
     if is_main:
         print(f"error: {message}", file=sys.stderr, flush=True)
-    else:
-        time.sleep(REPORT_GRACE_S)
+        return
+    time.sleep(REPORT_GRACE_S)
+    if not every_rank_has_it:
+        said_by = "" if message.startswith("rank ") else f"rank {rank}: "  # on_every_rank named the rank
+        print(f"error: {said_by}{message}", file=sys.stderr, flush=True)
 
 
 # What the user asked for cannot run as asked, whatever the files hold: a config key or value (ConfigError), a

@@ -26,6 +26,7 @@ from strata.parallel.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 SIGNAL_SECONDS = 180  # default warning before the time limit
 STOP_MARGIN_S = 30  # torchrun SIGKILLs workers still saving this long before the time limit
+MAX_RESTARTS = 3  # torchrun's restarts in place when a rank dies (a lost node waits for SLURM's requeue)
 CPUS_PER_GPU = 8  # default --cpus-per-task = this x --gpus-per-node
 
 
@@ -57,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--signal-seconds", type=int, default=SIGNAL_SECONDS,
                    help="how long before the time limit SLURM warns the job to save and requeue "
                         f"(default {SIGNAL_SECONDS})")
+    p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
+                   help="times torchrun restarts the job in place, from its newest checkpoint, when a rank dies "
+                        f"(default {MAX_RESTARTS}; 0: the job ends, and SLURM's requeue is the only restart)")
     p.add_argument("--out", default=None, help="where to write the script (default: <run_dir>/launch.sbatch)")
     p.add_argument("--submit", action="store_true", help="submit the script with sbatch")
     return p.parse_intermixed_args(argv)
@@ -84,6 +88,8 @@ def time_limit_seconds(text: str) -> float:
 
 
 def check_flags(args: argparse.Namespace) -> None:
+    if args.max_restarts < 0:
+        raise ValueError(f"--max-restarts {args.max_restarts} is negative; use 0 (no restart in place) or more")
     if args.port is not None and args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port; use one below 65536")
     if args.signal_seconds < 2 * STOP_MARGIN_S:
@@ -100,7 +106,7 @@ def train_command(args: argparse.Namespace) -> str:
     torchrun forwards SIGTERM to its workers and SIGKILLs those still running after
     --shutdown-timeout, which ends STOP_MARGIN_S before the time limit."""
     rendezvous = (f'--rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "$SLURM_JOB_ID" '
-                  f"--shutdown-timeout {args.signal_seconds - STOP_MARGIN_S}")
+                  f"--max-restarts {args.max_restarts} --shutdown-timeout {args.signal_seconds - STOP_MARGIN_S}")
     train = " ".join(shlex.quote(a) for a in ["--config", str(config_path(args.config)), *args.overrides])
     return (f'torchrun --nnodes "$SLURM_NNODES" --nproc-per-node {args.gpus_per_node} \\\n'
             f"        {rendezvous} \\\n"
@@ -138,6 +144,9 @@ SCRIPT = """#!/bin/bash
 
 set -u
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the c10d rendezvous host
+# A fresh rendezvous store for each of torchrun's restarts: with the shared one a restarted job reads the
+# previous attempt's addresses and hangs (pytorch/pytorch#135712; parallel/distributed.py restart_hazard).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 PORT={port}
 echo "strata: job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, $SLURM_NNODES nodes, rendezvous $HEAD:$PORT"
 

@@ -37,6 +37,11 @@ class StopRequest:
         for name, handler in getattr(self, "_previous", {}).items():
             signal.signal(getattr(signal, name), handler)
 
+    def ignore(self) -> None:
+        """While a rank reports why the job ends: a launcher's stop signal must not cut the line off."""
+        for name in self.names:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
     def _handle(self, signum, frame) -> None:
         first = self.signal is None
         if first:

@@ -40,11 +40,11 @@ from strata.data.loader import TrainLoader, eval_batches
 from strata.data.prepare import ensure_prepared
 from strata.data.tokenizer import install_run_tokenizer
 from strata.launcher.config import Config, ConfigError, dump_yaml, load_config
-from strata.launcher.errors import (CONFIG_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error, exit_code_of,
-                                    leave_os_errors_to_the_main_thread, report_error_once)
+from strata.launcher.errors import (CONFIG_EXIT, FAILURE_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error,
+                                    exit_code_of, leave_os_errors_to_the_main_thread, report_error_once)
 from strata.launcher.metrics import Reporter, hardware_metrics, peak_tflops, process_rss_bytes, show_strata_logs
 from strata.launcher.plan import log_memory_plan
-from strata.launcher.run_dir import check_run_dir, check_same_model
+from strata.launcher.run_dir import check_run_dir, check_same_model, check_shared_run_dir
 from strata.launcher.signals import Preempted, StopRequest
 from strata.model.counting import format_counts, training_flops_per_token
 from strata.model.generate import PromptTooLong, Sampling, generate
@@ -54,7 +54,8 @@ from strata.model.mlp import describe_structure
 from strata.parallel.checkpoint import files as ckpt
 from strata.parallel.checkpoint.rebuild import rebuild_engine, supports_rebuild
 from strata.parallel.checkpoint.resume import ResumePlan
-from strata.parallel.distributed import DistInfo, init_distributed, rank_environment, shutdown
+from strata.parallel.distributed import (DistInfo, a_rank_left, decided_by_rank0, init_distributed, on_every_rank,
+                                         rank_environment, ranks_still_here, restart_hazard, shutdown)
 from strata.parallel.engine.build import build_engine, data_parallel_size, grad_accumulation_steps
 from strata.parallel.engine.parallelize import parallel_model
 from strata.parallel.engine.steps import eval_loss, train_micro_batches
@@ -129,10 +130,11 @@ def any_rank_asked_to_stop(stop: StopRequest, device: torch.device) -> bool:
 
 
 def open_data(cfg: Config, info: DistInfo):
-    if info.is_main:
-        ensure_prepared(cfg.data)
-    dist.barrier()
-    return open_corpus(cfg.data)
+    """Rank 0 prepares the corpus while the others wait on the long-wait group (preparing a real corpus can
+    take longer than parallel.timeout_s); its error, or a rank that cannot open what it prepared (a
+    node-local data.prepared_dir), is one line on every rank."""
+    decided_by_rank0(lambda: ensure_prepared(cfg.data))
+    return on_every_rank(lambda: open_corpus(cfg.data))
 
 
 def resolve_config(cfg: Config, tokenizer_vocab: int) -> int:
@@ -158,7 +160,8 @@ def resolve_config(cfg: Config, tokenizer_vocab: int) -> int:
 
 def setup(cfg: Config, info: DistInfo) -> Run:
     run_dir = Path(cfg.train.run_dir)
-    check_run_dir(run_dir)
+    on_every_rank(lambda: check_run_dir(run_dir))
+    check_shared_run_dir(run_dir, info.is_main)
     topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
     dp, dp_rank = topo.dp, topo.dp_rank
     corpus = open_data(cfg, info)
@@ -449,14 +452,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_layout(cfg, rank_environment()[1])
     except ConfigError as e:
-        report_error_once(str(e), is_main)
+        report_error_once(str(e), is_main, every_rank_has_it=True)  # the same config and world size
         return CONFIG_EXIT
     show_strata_logs(is_main)
+    hazard = restart_hazard()
+    if hazard and is_main:
+        print(f"strata: warning: {hazard}", file=sys.stderr, flush=True)
     stop = StopRequest(cfg.train.preempt_signal)
     stop.install()
     threading.excepthook = leave_os_errors_to_the_main_thread
     try:
-        info = init_distributed(cfg.parallel.backend)
+        info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, cfg.parallel.long_timeout_s)
         train(cfg, info, stop)
         return 0
     except (Preempted, Diverged, ConfigError, ckpt.CheckpointError, DataError, OSError) as e:
@@ -465,11 +471,50 @@ def main(argv: list[str] | None = None) -> int:
             if is_main:
                 print(f"strata: {e}", file=sys.stderr, flush=True)
             return PREEMPTED_EXIT
-        report_error_once(describe_os_error(e) if isinstance(e, OSError) else str(e), is_main)
+        report_error_once(describe_os_error(e) if isinstance(e, OSError) else str(e), is_main,
+                          rank_environment()[0])
         return exit_code_of(e)
+    except RuntimeError as e:  # a collective's error: another rank went away, or a bug (its traceback)
+        if not a_rank_left(e):
+            raise
+        report_rank_left(cfg, stop)
+        return FAILURE_EXIT
     finally:
         stop.restore()
         shutdown()
+
+
+def report_rank_left(cfg: Config, stop: StopRequest) -> None:
+    """A collective failed because another rank went away (kill -9, a node lost, its own error): one line,
+    by the lowest rank still running, instead of gloo's or NCCL's traceback. A launcher's SIGTERM (torchrun
+    stops the survivors at once) is held off for the few seconds this takes."""
+    stop.ignore()
+    here = ranks_still_here()
+    rank, world, _ = rank_environment()
+    if here is not None and rank != min(here):
+        return
+    if here is not None and len(here) == world:
+        print(f"strata: rank {rank}: a collective waited longer than parallel.timeout_s={cfg.parallel.timeout_s} s "
+              "while every rank was still running (one was slower: raise parallel.timeout_s); every rank stops. "
+              f"{restart_advice()}", file=sys.stderr, flush=True)
+        return
+    left = "rank 0 (which held the rendezvous store)" if here is None else \
+        f"rank{'s' if world - len(here) > 1 else ''} {', '.join(str(r) for r in range(world) if r not in here)}"
+    newest = ckpt.newest_checkpoint(Path(cfg.train.run_dir) / "checkpoints")
+    where = f"the newest checkpoint, {newest.name}" if newest is not None else "the start (no checkpoint yet)"
+    print(f"strata: rank {rank}: {left} left the job (killed, or stopped by an error its own line names); "
+          f"every rank stops. {restart_advice()}: the run goes on from {where}", file=sys.stderr, flush=True)
+
+
+def restart_advice() -> str:
+    """What happens next: torchrun --max-restarts starts the job again by itself while restarts are left."""
+    allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    done = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if done < allowed:
+        return f"torchrun restarts it in place (restart {done + 1} of {allowed})"
+    if allowed:
+        return f"torchrun has used its {allowed} restart(s): run the same command again"
+    return "Run the same command again (or launch with torchrun --max-restarts N to restart by itself)"
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -49,9 +49,16 @@ class ParallelConfig:
     """With tp > 1: split norms and residuals along the sequence between tensor-parallel
     regions (all-gather in, reduce-scatter out, as Megatron), dividing their activation
     memory by tp. Needs train.seq_len divisible by tp; no effect at tp = 1."""
+    timeout_s: int = 1800
+    """Seconds a collective may wait for the other ranks before the job stops (init_process_group's
+    timeout; NCCL's own default is 600, gloo's 1800). Covers every step's collectives and DeepSpeed's
+    checkpoint save and load, whose slowest rank writes a whole optimizer state at ZeRO 0."""
+    long_timeout_s: int = 86400
+    """Seconds for the waits that are meant to be long, on a separate gloo group: every rank waiting
+    for rank 0 to prepare the corpus, and for rank 0 to commit a checkpoint (rename, rotation)."""
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "micro_batch_size"):
+        for name in ("tp", "pp", "micro_batch_size", "timeout_s", "long_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1, 2, 3):

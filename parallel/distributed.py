@@ -12,8 +12,11 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -120,7 +123,28 @@ def slurm_master(env: Mapping[str, str]) -> dict[str, str]:
     return missing
 
 
-def init_distributed(backend: str = "auto") -> DistInfo:
+T = TypeVar("T")
+_LONG_WAIT: dist.ProcessGroup | None = None
+"""Every rank, on gloo, with parallel.long_timeout_s: for the waits that are meant to be long (init_distributed)."""
+
+
+def restart_hazard() -> str | None:
+    """Under torchrun --max-restarts N the restarted ranks read the rendezvous store the launcher shares
+    with the job (TORCHELASTIC_USE_AGENT_STORE), where the previous attempt's process-group addresses still
+    stand: they connect to dead ranks and hang (pytorch/pytorch#135712, #167288; reproduced with torch 2.13
+    and gloo). torchrun's own switch, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, gives every attempt a fresh
+    store; it must be set where torchrun starts, so a rank can only say so."""
+    env = os.environ
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun --max-restarts shares its rendezvous store with the job, and a restarted job would hang "
+                "connecting to the dead ranks' addresses (pytorch/pytorch#135712): export "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (strata launch slurm's script does)")
+    return None
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 1800, long_timeout_s: int = 86400) -> DistInfo:
+    """`timeout_s`: how long any collective may wait (parallel.timeout_s); `long_timeout_s`: the separate
+    group for the waits meant to be long (long_wait_group)."""
     rank, world_size, local_rank = rank_environment()
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
@@ -137,8 +161,11 @@ def init_distributed(backend: str = "auto") -> DistInfo:
             raise RuntimeError("MASTER_PORT is not set for a multi-process job; launch with torchrun, "
                                "the deepspeed launcher or srun, or set MASTER_ADDR/MASTER_PORT")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if use_cuda else None)
+    global _LONG_WAIT
+    if world_size > 1:  # on gloo whatever the backend: object collectives, and no NCCL watchdog over the wait
+        _LONG_WAIT = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout_s))
     if not use_cuda:
         skip_deepspeed_shm_build()
     return DistInfo(rank, world_size, local_rank, device, backend)
@@ -154,5 +181,102 @@ def skip_deepspeed_shm_build() -> None:
 
 
 def shutdown() -> None:
+    global _LONG_WAIT
+    _LONG_WAIT = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------
+# Decisions every rank shares
+# ----------------------------------------------------------------------------------------
+# What decides which collectives run next (which checkpoint to resume, whether the corpus is ready,
+# whether the run directory is shared) is decided once and shared, and an error on one rank is an error
+# on every rank: a rank that went its own way would enter other collectives than the rest, a hang until
+# the watchdog (NCCL, 10 minutes by default) or a collective paired with the wrong one.
+
+def long_wait_group() -> dist.ProcessGroup | None:
+    """The gloo group whose timeout is parallel.long_timeout_s (None in a single process)."""
+    return _LONG_WAIT if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def on_every_rank(action: Callable[[], T]) -> T:
+    """Collective (on the long-wait group): this rank's action(), once every rank has run its own. When it
+    raised anywhere, it raises everywhere: the rank's own exception where it failed, elsewhere one of the same
+    type whose message names the first rank that failed ("rank 3: ..."), so each rank ends with one line
+    and the same exit code."""
+    try:
+        result, failure = action(), None
+    except Exception as e:  # anything: one rank left out of the next collective would hang the others
+        result, failure = None, e
+    group = long_wait_group()
+    if group is None:
+        if failure is not None:
+            raise failure
+        return result
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, None if failure is None else (type(failure), str(failure)), group=group)
+    if failure is not None:
+        raise failure
+    failed = next(((rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None), None)
+    if failed is not None:
+        raise _as_raised_by(*failed)
+    return result
+
+
+def _as_raised_by(rank: int, outcome: tuple[type, str]) -> Exception:
+    kind, message = outcome
+    try:
+        return kind(f"rank {rank}: {message}")
+    except Exception:  # a type that takes other arguments
+        return RuntimeError(f"rank {rank}: {kind.__name__}: {message}")
+
+
+def decided_by_rank0(decide: Callable[[], T]) -> T:
+    """Collective: rank 0's decide() (picklable) on every rank; the other ranks wait for it on the
+    long-wait group however long it takes, and rank 0's error is every rank's (on_every_rank)."""
+    value = on_every_rank(decide if dist.get_rank() == 0 or long_wait_group() is None else (lambda: None))
+    group = long_wait_group()
+    if group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------
+# A rank that left
+# ----------------------------------------------------------------------------------------
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited", "ProcessGroupNCCL's watchdog", "Timed out waiting", "timed out")
+
+
+def a_rank_left(e: BaseException) -> bool:
+    """Whether a collective failed because another rank of the job went away (killed, or ended by its own
+    error: gloo says "Connection closed by peer", NCCL aborts its communicator) or did not come within
+    parallel.timeout_s."""
+    gone = isinstance(e, (dist.DistNetworkError, dist.DistBackendError))
+    return gone or (isinstance(e, RuntimeError) and any(sign in str(e) for sign in PEER_GONE))
+
+
+def ranks_still_here(grace_s: float = 3.0) -> list[int] | None:
+    """After a_rank_left: the ranks that say, through the rendezvous store (torchrun's agent holds it, and
+    outlives its workers), that they are still running, `grace_s` after this one said so; None when the
+    store is gone too (it lived in rank 0, which left). No collective: the process group is broken."""
+    if not dist.is_initialized():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        key = lambda rank: f"strata/here/{attempt}/{rank}"  # noqa: E731
+        store.set(key(dist.get_rank()), "1")
+        world = dist.get_world_size()
+        deadline = time.monotonic() + grace_s
+        while True:
+            here = [rank for rank in range(world) if store.check([key(rank)])]
+            if len(here) == world or time.monotonic() > deadline:
+                return here
+            time.sleep(0.1)
+    except Exception:  # the store's host is gone: nothing can be learnt
+        return None

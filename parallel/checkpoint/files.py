@@ -49,6 +49,7 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from strata.parallel.distributed import decided_by_rank0, long_wait_group, on_every_rank
 from strata.parallel.layout import Layout
 
 # DeepSpeed's own plain records inside ZeRO optimizer shards: the only classes a load may build.
@@ -299,15 +300,15 @@ def checkpoint_to_resume(root: Path, on_corrupt: str, is_main: bool) -> tuple[Pa
     """Collective. The newest complete checkpoint that verifies, and what was done on the way
     (stale partial saves removed; with on_corrupt='previous', damaged ones set aside as
     step_XXXXXXXX.damaged). With on_corrupt='fail' a damaged newest checkpoint stops the run in
-    one line naming the file and the newest earlier one that verifies."""
+    one line naming the file and the newest earlier one that verifies. Rank 0 decides which checkpoint
+    is newest and every rank checks that it sees it: ranks that chose from their own view of the disk
+    (node-local or stale storage) would enter different collectives."""
     notes, set_aside_names = [], set()
     if is_main:
         stale = remove_stale_partials(root)
         if stale:
             notes.append(f"removed {len(stale)} unfinished save(s) left by an interrupted run: {', '.join(stale)}")
-    if dist.is_initialized():
-        dist.barrier()
-    ckpt = newest_checkpoint(root)
+    ckpt = newest_seen_by_every_rank(root)
     while ckpt is not None:
         problems = verify_collective(ckpt)
         if not problems:
@@ -315,18 +316,34 @@ def checkpoint_to_resume(root: Path, on_corrupt: str, is_main: bool) -> tuple[Pa
         if on_corrupt == "fail":
             raise CheckpointError(damaged_message(ckpt, problems, newest_verified_before(ckpt, verify_collective),
                                                   "on_corrupt"))
-        if ckpt.name in set_aside_names:  # renamed by the main rank, yet this rank still sees it
-            raise CheckpointError(f"checkpoint {ckpt.name} was set aside by rank 0 but is still in {root} here; "
+        if ckpt.name in set_aside_names:  # renamed by the main rank, yet rank 0 still sees it
+            raise CheckpointError(f"checkpoint {ckpt.name} was set aside but is still in {root}; "
                                   "put the run directory on a filesystem every node shares")
         notes.append(f"checkpoint {ckpt.name} is damaged ({problems[0]}): set aside as "
                      f"{ckpt.name}{DAMAGED_SUFFIX}; trying the one before it")
         set_aside(ckpt, is_main)
         set_aside_names.add(ckpt.name)
-        ckpt = newest_checkpoint(root)
+        ckpt = newest_seen_by_every_rank(root)
     if set_aside_names:
         raise CheckpointError(f"no checkpoint under {root} verifies ({notes[-1]}); restore the files from a "
                               "copy, or move the run directory away to start anew")
     return None, notes
+
+
+def newest_seen_by_every_rank(root: Path) -> Path | None:
+    """Collective: the newest complete checkpoint as rank 0 sees it, on every rank; one that another rank
+    cannot see stops every rank in one line naming it and that rank (on_every_rank)."""
+    name = decided_by_rank0(lambda: getattr(newest_checkpoint(root), "name", None))
+    if name is None:
+        return None
+
+    def visible() -> Path:
+        if not (root / name / MANIFEST).is_file():
+            raise CheckpointError(f"checkpoint {name}, which rank 0 resumes from, is not visible here ({root / name}): "
+                                  "is train.run_dir node-local or stale? put it on a filesystem every node shares")
+        return root / name
+
+    return on_every_rank(visible)
 
 
 def set_aside(ckpt: Path, is_main: bool) -> None:
@@ -510,9 +527,10 @@ def _describe_write_error(e: Exception) -> str:
 
 
 def _raise_if_any_failed(error: str | None, root: Path, tmp: Path, step: int) -> None:
-    """Collective: every rank learns whether any failed; the partial save is removed."""
+    """Collective: every rank learns whether any failed; the partial save is removed. On the long-wait
+    group: after a save, the other ranks wait here while rank 0 commits it (manifest, rename, rotation)."""
     errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    dist.all_gather_object(errors, error, group=long_wait_group())
     first = next((e for e in errors if e), None)
     if first is None:
         return

@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -81,11 +82,13 @@ def test_init_distributed_from_slurm_variables_alone(monkeypatch):
     monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: calls.append(("new_group", kw)))
     monkeypatch.setattr(distributed, "skip_deepspeed_shm_build", lambda: None)
     assert rank_environment() == (5, 16, 1)
-    info = distributed.init_distributed()
+    info = distributed.init_distributed(timeout_s=600, long_timeout_s=7200)
     assert (info.rank, info.world_size, info.local_rank, info.backend) == (5, 16, 1, "gloo")
-    assert calls == [(("gloo",), {"rank": 5, "world_size": 16, "device_id": None})]
+    assert calls == [(("gloo",), {"rank": 5, "world_size": 16, "device_id": None, "timeout": timedelta(seconds=600)}),
+                     ("new_group", {"backend": "gloo", "timeout": timedelta(seconds=7200)})]
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu007", str(PORT))
 
 
@@ -119,9 +122,10 @@ def test_script_lines(tmp_path, monkeypatch, capsys):
     assert shlex.split(command) == [
         "--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=0", "--wait=0",
         "torchrun", "--nnodes", "$SLURM_NNODES", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "$HEAD:$PORT", "--rdzv-id", "$SLURM_JOB_ID", "--shutdown-timeout", "150",
+        "--rdzv-endpoint", "$HEAD:$PORT", "--rdzv-id", "$SLURM_JOB_ID", "--max-restarts", "3", "--shutdown-timeout", "150",
         "-m", "strata.launcher.train", "--config", CONFIG, "train.run_dir=runs/my run", "train.max_steps=7"]
     assert "trap on_usr1 USR1" in text and "trap on_term TERM" in text
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text.splitlines()  # restarts in place work (restart_hazard)
     assert 'scancel --signal=TERM "$SLURM_JOB_ID"' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
@@ -143,6 +147,7 @@ def test_script_options(tmp_path, monkeypatch):
     (["--time", "2:00"], "error: --time 2:00 is not longer than --signal-seconds 180"),
     (["--time", "1:2:3:4"], "error: --time '1:2:3:4' is not a SLURM time limit"),
     (["--port", "70000"], "error: --port 70000 is not a TCP port"),
+    (["--max-restarts", "-1"], "error: --max-restarts -1 is negative"),
 ])
 def test_bad_config_or_flag_is_one_line_exit_2(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.chdir(tmp_path)
@@ -270,7 +275,8 @@ def test_finished_job_exits_0_and_is_not_requeued(slurm):
     assert proc.returncode == 0, out
     assert slurm.read("torchrun.argv").splitlines() == [
         "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"node1:{PORT}",
-        "--rdzv-id", str(JOB_ID), "--shutdown-timeout", "150", "-m", "strata.launcher.train", "--config", CONFIG,
+        "--rdzv-id", str(JOB_ID), "--max-restarts", "3", "--shutdown-timeout", "150", "-m", "strata.launcher.train",
+        "--config", CONFIG,
         "train.run_dir=runs/my run", "train.max_steps=7"]
     assert "--ntasks-per-node=1" in slurm.read("srun.args").split()
     assert slurm.read("scontrol.log") == "" and slurm.read("scancel.args") == ""

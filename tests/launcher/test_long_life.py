@@ -1,15 +1,21 @@
 """A job's whole life, end to end: preempted under torchrun, resumed on another number of ranks,
 killed in the middle of a save, resumed with another ZeRO stage, given a damaged shard, finished;
-the losses are the unbroken run's and every checkpoint it wrote exports and generates."""
+the losses are the unbroken run's and every checkpoint it wrote exports and generates. And a rank
+killed under torchrun --max-restarts: the job restarts itself and finishes as if unbroken."""
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from strata.launcher import export, generate
 from strata.parallel.checkpoint.files import complete_checkpoints, verify
-from tests.launcher.conftest import TINY, run_strata, train_losses
+from tests.launcher.conftest import REPO, TINY, run_strata, train_losses
 
 STEPS, EVERY = 24, 4
 PREEMPTED = 75
@@ -155,3 +161,43 @@ def test_ctrl_c_saves_where_the_run_stands_and_the_resume_is_exact(tmp_path, cor
     got = train_losses(run_dir)
     differ = {s: (got[s], unbroken[s]) for s in unbroken if got[s] != unbroken[s]}
     assert not differ, f"a same-layout resume is bitwise; stopped at {stopped}, differ at {differ}"
+
+
+def worker_of(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of `rank`, read from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher_pid}")
+
+
+def test_a_killed_rank_restarts_the_job_in_place_and_it_finishes_as_if_unbroken(tmp_path, corpus_overrides, unbroken):
+    """kill -9 of one rank of two under torchrun --max-restarts 1: the surviving rank says which rank left and
+    that the job restarts; torchrun starts both again, they resume from the newest checkpoint, and the job
+    ends by itself (exit 0) with the unbroken run's losses."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m", "strata.launcher.train",
+           *args(run_dir, corpus_overrides, "parallel.zero_stage=1")[1:]]
+    # a fresh rendezvous store per attempt, as strata launch slurm's script sets it (restart_hazard says why)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: max(logged_steps(run_dir), default=0) > 2 * EVERY + 1, proc, f"step {2 * EVERY + 1}")
+    os.kill(worker_of(proc.pid, 1), signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "strata: rank 0: rank 1 left the job" in err and "torchrun restarts it in place (restart 1 of 1)" in err, \
+        err[-3000:]
+    assert re.search(r"resumed from step_\d{8} at step \d+", out), out[-3000:]
+    assert "strata: warning" not in err
+    got = train_losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, want in unbroken.items():
+        assert got[step] == pytest.approx(want, rel=1e-6), f"step {step}: {got[step]} != {want}"
