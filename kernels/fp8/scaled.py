@@ -3,9 +3,9 @@ quantised with the current scales of its recipe (recipe.py) and run by torch._sc
 on CUDA (H100: FP8 tensor cores) and, in PyTorch 2.13 (the CPU build pyproject.toml pins), on CPU
 too: the tests run the same FP8 products as a GPU.
 
-Operands enter in the compute dtype (bf16 under autocast, else their own) and are kept that way
-for the backward, which quantises them again along its own contraction dimensions (rowwise needs
-other scales than the forward; torchao's float8 training keeps the high-precision operands too).
+Operands enter in the compute dtype (bf16 under autocast, else their own). Tensorwise keeps their
+float8 casts for the backward; rowwise keeps them in the compute dtype and quantises them again
+along the backward products' contraction dimensions (other scales than the forward's).
 Gradients leave in the operands' dtypes; bias, master weights and optimizer never see FP8.
 
 Tensor parallelism: a shard's absolute maxima are not the whole tensor's. With `group` (the TP
@@ -80,32 +80,59 @@ def as_column(scales: torch.Tensor) -> torch.Tensor:
 
 
 class FP8Linear(torch.autograd.Function):
-    """x (m, k) @ weight (n, k)^T in FP8; both already in the compute dtype."""
+    """x (m, k) @ weight (n, k)^T in FP8; both already in the compute dtype. Tensorwise keeps the
+    forward's float8 operands for the backward (their one scale serves every product: half the bytes
+    of bf16 and no second cast); rowwise keeps the compute-dtype operands and quantises them again
+    along the backward products' own contraction dimensions."""
 
     @staticmethod
     def forward(ctx, x, weight, recipe, group, split):
-        ctx.save_for_backward(x, weight)
-        ctx.recipe, ctx.group, ctx.split = recipe, group, split
+        ctx.recipe, ctx.group, ctx.split, ctx.dtypes = recipe, group, split, (x.dtype, weight.dtype)
         fwd, _ = operand_dtypes(recipe)
         xq, x_inv = quantise(x, fwd, recipe, 1, reduced_over(group, split, recipe, ("m", "k"), "k"))
         wq, w_inv = quantise(weight, fwd, recipe, 1, reduced_over(group, split, recipe, ("n", "k"), "k"))
+        if recipe == "tensorwise":
+            ctx.save_for_backward(xq, x_inv, wq, w_inv)
+        else:
+            ctx.save_for_backward(x, weight)
         return scaled_mm(xq, wq.t(), x_inv, as_row(w_inv), x.dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        recipe, group, split = ctx.recipe, ctx.group, ctx.split
-        fwd, grad = operand_dtypes(recipe)
+        x_dtype, w_dtype = ctx.dtypes
+        for_dx, for_dw = (backward_operands_tensorwise if ctx.recipe == "tensorwise" else backward_operands)(ctx, dy)
         dx = dw = None
         if ctx.needs_input_grad[0]:  # dy (m, n) @ W (n, k): contraction over n
-            dyq, dy_inv = quantise(dy, grad, recipe, 1, reduced_over(group, split, recipe, ("m", "n"), "n"))
-            wq, w_inv = quantise(weight, fwd, recipe, 0, reduced_over(group, split, recipe, ("n", "k"), "n"))
-            dx = scaled_mm(dyq, wq, dy_inv, w_inv, x.dtype)
+            dyq, dy_inv, wq, w_inv = for_dx
+            dx = scaled_mm(dyq, wq, dy_inv, w_inv, x_dtype)
         if ctx.needs_input_grad[1]:  # dy^T (n, m) @ x (m, k): contraction over the tokens m
-            dyq, dy_inv = quantise(dy, grad, recipe, 0, reduced_over(group, split, recipe, ("m", "n"), "m"))
-            xq, x_inv = quantise(x, fwd, recipe, 0, reduced_over(group, split, recipe, ("m", "k"), "m"))
-            dw = scaled_mm(dyq.t(), xq, as_column(dy_inv), x_inv, weight.dtype)
+            dyq, dy_inv, xq, x_inv = for_dw
+            dw = scaled_mm(dyq.t(), xq, as_column(dy_inv), x_inv, w_dtype)
         return dx, dw, None, None, None
+
+
+def backward_operands_tensorwise(ctx, dy: torch.Tensor) -> tuple[tuple, tuple]:
+    """(dy, 1 / its scale, W, 1 / its scale) and the same with x: dy cast once, the forward's casts."""
+    xq, x_inv, wq, w_inv = ctx.saved_tensors
+    _, grad = operand_dtypes(ctx.recipe)
+    dyq, dy_inv = quantise(dy, grad, ctx.recipe, None, reduced_over(ctx.group, ctx.split, ctx.recipe, ("m", "n"), "n"))
+    return (dyq, dy_inv, wq, w_inv), (dyq, dy_inv, xq, x_inv)
+
+
+def backward_operands(ctx, dy: torch.Tensor) -> tuple[tuple | None, tuple | None]:
+    """The backward products' operands, each quantised along its product's contraction dimension:
+    n for the input gradient, the tokens m for the weight gradient (None where none is needed)."""
+    x, weight = ctx.saved_tensors
+    recipe, group, split = ctx.recipe, ctx.group, ctx.split
+    fwd, grad = operand_dtypes(recipe)
+    for_dx = for_dw = None
+    if ctx.needs_input_grad[0]:
+        for_dx = (*quantise(dy, grad, recipe, 1, reduced_over(group, split, recipe, ("m", "n"), "n")),
+                  *quantise(weight, fwd, recipe, 0, reduced_over(group, split, recipe, ("n", "k"), "n")))
+    if ctx.needs_input_grad[1]:
+        for_dw = (*quantise(dy, grad, recipe, 0, reduced_over(group, split, recipe, ("m", "n"), "m")),
+                  *quantise(x, fwd, recipe, 0, reduced_over(group, split, recipe, ("m", "k"), "m")))
+    return for_dx, for_dw
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
