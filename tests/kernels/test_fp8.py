@@ -19,7 +19,8 @@ def operands(dtype=torch.float32, seed=0):
     """x (32, 48), weight (64, 48) and an output gradient, with a few values far out (maxima that
     set the scales, as outliers do in training) and a zero row (the EPS floor of its row scale)."""
     g = torch.Generator().manual_seed(seed)
-    x, w, dy = torch.randn(32, 48, generator=g), torch.randn(64, 48, generator=g) * 0.02, torch.randn(32, 64, generator=g)
+    x, w = torch.randn(32, 48, generator=g), torch.randn(64, 48, generator=g) * 0.02
+    dy = torch.randn(32, 64, generator=g)
     x[5, 7], w[3, 2], dy[9, 11] = 40.0, -0.5, 1e-3
     x[30] = 0.0
     return x.to(dtype), w.to(dtype), dy.to(dtype)
