@@ -32,6 +32,8 @@ from strata.kernels.conv.cpu import causal_conv1d_cpu
 from strata.kernels.conv.reference import causal_conv1d_ref, causal_conv1d_step_ref, conv_state_from_inputs
 from strata.kernels.cross_entropy.cpu import linear_cross_entropy_cpu
 from strata.kernels.cross_entropy.reference import linear_cross_entropy_ref, vocab_parallel_linear_cross_entropy_ref
+from strata.kernels.fp8.recipe import aligned
+from strata.kernels.fp8.scaled import fp8_linear
 from strata.kernels.linear import cpu as linear_on_cpu
 from strata.kernels.norm.cpu import rmsnorm_cpu
 from strata.kernels.norm.reference import rmsnorm_ref
@@ -181,12 +183,22 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, *, reductio
     return linear_cross_entropy_ref(hidden, weight, targets, ignore_index, reduction)
 
 
-def linear(x, weight, bias=None):
+def linear(x, weight, bias=None, fp8=None, fp8_group=None, fp8_split=None):
     """x @ weight.T + bias, as F.linear: oneDNN on CPU in fp32 for products large enough to pay
-    (kernels/linear/cpu.py), F.linear elsewhere."""
+    (kernels/linear/cpu.py), F.linear elsewhere. fp8 (a recipe of kernels/fp8/recipe.py, or None):
+    the product in float8 through torch._scaled_mm (kernels/fp8/scaled.py, on CUDA and CPU alike)
+    where its sizes allow (fp8_applies), else as without it. A tensor-parallel linear passes its
+    group and split (scaled.py: OUT, IN or TOKENS), so that its scales are the whole tensor's."""
+    if fp8 is not None and fp8_applies(x, weight):
+        return fp8_linear(x, weight, bias, fp8, fp8_group, fp8_split)
     if backend_for(x) == "cpu" and linear_on_cpu.usable(x, weight) and linear_on_cpu.worth_it(x, weight):
         return linear_on_cpu.linear_cpu(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def fp8_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether an FP8 product can take these sizes: tokens, inputs and outputs multiples of 16."""
+    return aligned(x.numel() // max(x.shape[-1], 1), *weight.shape)
 
 
 def blockdiag_matmul(x, w, shuffle=False):

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from strata.data.config import DataConfig
+from strata.kernels.fp8.recipe import RECIPES as FP8_RECIPES
 from strata.model.config import BLOCK_KINDS, BlockSpec, ModelConfig
 from strata.parallel.config import RECOMPUTE_MODES, CheckpointConfig, OptimizerConfig, ParallelConfig
 
@@ -130,6 +131,15 @@ class TrainConfig:
     recompute_kinds: dict[str, str] = field(default_factory=dict)
     """Per block kind, a recompute mode that overrides `recompute`, e.g. {M: full, '*': selective}
     or train.recompute_kinds.M=full ('M' Mamba2, '*' attention, '-' MLP)."""
+    fp8: str = "none"
+    """FP8 training of the big matmuls (Mamba2 in/out projections, attention q/k/v/o, MLP linears, the
+    dense factors of structured MLPs) through torch._scaled_mm with dynamic current scaling:
+    'none', 'tensorwise' (one scale per tensor, e5m2 gradients) or 'rowwise' (per-row scales, all
+    e4m3), torchao's recipes (kernels/fp8/recipe.py). Master weights, optimizer, SSD/conv/norm and
+    the LM head are unchanged; products whose sizes are not multiples of 16 stay bf16 (said at start)."""
+    fp8_keep_bf16: int = 1
+    """With fp8: this many first and as many last blocks stay bf16, as Nemotron-H's first and last
+    layers did (0: every block in FP8). The LM head (the fused cross-entropy) always stays bf16."""
 
     def validate(self) -> None:
         for name in ("max_steps", "seq_len", "global_batch_size"):
@@ -161,6 +171,10 @@ class TrainConfig:
             raise ValueError(f"preempt_signal: {self.preempt_signal!r} is not one of 'SIGUSR1', 'SIGUSR2', "
                              "'SIGHUP', 'SIGQUIT' or '' (SIGTERM and SIGINT always save)")
         self.validate_recompute()
+        if self.fp8 not in ("none", *FP8_RECIPES):
+            raise ValueError(f"fp8: {self.fp8!r} is not one of 'none', " + ", ".join(map(repr, FP8_RECIPES)))
+        if self.fp8_keep_bf16 < 0:
+            raise ValueError(f"fp8_keep_bf16: must be >= 0, got {self.fp8_keep_bf16}")
 
     def validate_recompute(self) -> None:
         modes = ", ".join(map(repr, RECOMPUTE_MODES))
@@ -189,6 +203,14 @@ class TrainConfig:
     def optimizer(self) -> OptimizerConfig:
         """What the engine reads of this section (parallel/engine/build.py), at its current values."""
         return OptimizerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerConfig)})
+
+    def block_fp8(self, n_blocks: int) -> list[str | None]:
+        """Each block's FP8 recipe (None: bf16; parallel/engine/parallelize.py applies it): fp8, except
+        the first and last fp8_keep_bf16 blocks."""
+        if self.fp8 == "none":
+            return [None] * n_blocks
+        keep = self.fp8_keep_bf16
+        return [None if i < keep or i >= n_blocks - keep else self.fp8 for i in range(n_blocks)]
 
     def block_recompute(self, blocks: list[BlockSpec]) -> list[str]:
         """Each block's recompute mode (one of RECOMPUTE_MODES; parallel/engine/parallelize.py applies it),

@@ -39,6 +39,7 @@ from strata.data.errors import DataError
 from strata.data.loader import TrainLoader, eval_batches
 from strata.data.prepare import ensure_prepared
 from strata.data.tokenizer import install_run_tokenizer
+from strata.kernels.fp8.scaled import unavailable as fp8_unavailable
 from strata.launcher.config import Config, ConfigError, dump_yaml, load_config
 from strata.launcher.errors import (CONFIG_EXIT, FAILURE_EXIT, PREEMPTED_EXIT, Diverged, describe_os_error,
                                     exit_code_of, leave_os_errors_to_the_main_thread, report_error_once)
@@ -57,7 +58,7 @@ from strata.parallel.checkpoint.resume import ResumePlan
 from strata.parallel.distributed import (DistInfo, a_rank_left, decided_by_rank0, init_distributed, on_every_rank,
                                          rank_environment, ranks_still_here, restart_hazard, shutdown)
 from strata.parallel.engine.build import build_engine, data_parallel_size, grad_accumulation_steps
-from strata.parallel.engine.parallelize import parallel_model
+from strata.parallel.engine.parallelize import describe_fp8, parallel_model
 from strata.parallel.engine.steps import eval_loss, train_micro_batches
 from strata.parallel.guard import SpikeGuard, parameters_finite
 from strata.parallel.layout import Layout, check_layout as check_parallel_layout
@@ -178,8 +179,10 @@ def setup(cfg: Config, info: DistInfo) -> Run:
         check_same_model(newest, cfg.model)
     plan = ResumePlan.decide(newest, cfg.model, layout_of(cfg, info))
     plan.prepare(model)
+    check_fp8(cfg, info.device)
+    fp8 = cfg.train.block_fp8(len(cfg.model.blocks()))
     model = parallel_model(model, topo, cfg.train.seq_len, cfg.parallel.sequence_parallel,
-                           cfg.train.block_recompute(cfg.model.blocks())).to(info.device)
+                           cfg.train.block_recompute(cfg.model.blocks()), fp8).to(info.device)
     guidance = start_guidance(cfg, model, newest if plan.continues_training else None, asked_steps)
     engine = build_engine(model, cfg.train.optimizer(), cfg.parallel, info.world_size, mpu=topo.engine_mpu,
                           autocast=autocast_dtype(cfg, info.device))
@@ -204,6 +207,8 @@ def setup(cfg: Config, info: DistInfo) -> Run:
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
                  f"tp={topo.tp} pp={topo.pp} | {plan.describe(step)}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
+    if cfg.train.fp8 != "none":
+        reporter.log(describe_fp8(fp8, model, cfg.parallel.micro_batch_size * cfg.train.seq_len))
     log_memory_plan(reporter, cfg, info.world_size, info.device, topo.pp_rank, step, rss_with_engine)  # and measured
     if describe_structure(cfg.model):
         reporter.log(describe_structure(cfg.model))
@@ -443,6 +448,15 @@ def check_layout(cfg: Config, world_size: int) -> None:
                              "use parallel.pp=1, or train.spike_skip=false to only log spikes")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_fp8(cfg: Config, device: torch.device) -> None:
+    """train.fp8 where its products cannot run (a PyTorch or GPU without FP8 GEMMs): one line."""
+    if cfg.train.fp8 != "none":
+        reason = fp8_unavailable(cfg.train.fp8, device)
+        if reason:
+            raise ConfigError(f"train.fp8: {cfg.train.fp8} cannot run on this {device.type}: {reason}; "
+                              "use train.fp8=none")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""nn.Linear whose product is kernels.ops.linear: oneDNN on CPU in fp32, F.linear elsewhere.
+"""nn.Linear whose product is kernels.ops.linear: oneDNN on CPU in fp32, F.linear elsewhere, FP8
+where its `fp8_recipe` says.
 The same parameters, names, init and state dict as nn.Linear (it is one).
 
 `Projections` is how a mixer builds its projections: the model's own are whole Linears; tensor
@@ -16,8 +17,12 @@ from strata.kernels import ops
 
 
 class Linear(nn.Linear):
+    fp8_recipe: str | None = None
+    """The FP8 recipe of this linear's product (kernels/fp8/recipe.py), None for none: set from
+    outside (parallel/engine/parallelize.py apply_fp8, from train.fp8)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias, fp8=self.fp8_recipe)
 
 
 class Projections:

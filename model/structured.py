@@ -42,6 +42,17 @@ class StructuredLinear(nn.Module):
         self.register_buffer("merged", None, persistent=False)
         self.merged_max_rows = 0
 
+    fp8_recipe: str | None = None
+    """The FP8 recipe of the dense products (factors and guide; not the block-diagonal ones), None
+    for none: set from outside (parallel/engine/parallelize.py apply_fp8, from train.fp8)."""
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight^T, one of this linear's dense products: in FP8 where fp8_recipe says, else
+        F.linear's as it always was (not ops.linear's oneDNN path: a structured run's numbers stay)."""
+        if self.fp8_recipe is None:
+            return F.linear(x, weight)
+        return ops.linear(x, weight, fp8=self.fp8_recipe)
+
     # -- the structure, per subclass --------------------------------------------------
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -116,7 +127,7 @@ class StructuredLinear(nn.Module):
         y = self.structured_forward(x)
         if self.guided():
             a = self.guide_alpha
-            y = a * F.linear(x, self.guide) + (1.0 - a) * y
+            y = a * self.product(x, self.guide) + (1.0 - a) * y
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -142,7 +153,7 @@ class LowRank(StructuredLinear):
         self.V.copy_(root[:, None] * vh[: self.rank])
 
     def structured_forward(self, x):
-        return F.linear(F.linear(x, self.V), self.U)
+        return self.product(self.product(x, self.V), self.U)
 
     @torch.no_grad()
     def dense_weight(self):
@@ -168,7 +179,7 @@ class BlockDense(StructuredLinear):
         self.U.copy_(orthonormal_like(self.U))
 
     def structured_forward(self, x):
-        return F.linear(ops.blockdiag_matmul(x, self.blocks), self.U)
+        return self.product(ops.blockdiag_matmul(x, self.blocks), self.U)
 
     @torch.no_grad()
     def dense_weight(self):

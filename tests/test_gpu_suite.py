@@ -33,6 +33,23 @@ def test_dry_run_passes_quickly(tmp_path, capsys):
     assert elapsed < 10, elapsed
 
 
+def test_dry_run_plans_fp8_twins_of_the_triton_run(tmp_path, capsys):
+    """--fp8: the FP8 runs beside the bf16 Triton run without recompute; a recipe strata lacks is one line."""
+    from strata.kernels.fp8.recipe import RECIPES
+
+    suite = load_suite()
+    assert suite.cli.FP8_RECIPES == RECIPES
+    code = suite.main(["--dry-run", "--wheels", str(tmp_path / "w"), "--work", str(tmp_path / "work"),
+                       "--parts", "train", "--recompute", "none", "--backends", "triton", "--no-packed",
+                       "--fp8", "tensorwise,rowwise", "--steps", "200"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for run in ("[train recompute=none triton]", "[train recompute=none triton fp8=tensorwise]",
+                "[train recompute=none triton fp8=rowwise]"):
+        assert run in out
+    assert "train.fp8=rowwise" in out
+
+
 def test_dry_run_fails_when_the_estimate_is_over_budget(tmp_path, capsys):
     code = load_suite().main(["--dry-run", "--wheels", str(tmp_path / "absent"), "--budget", "100"])
     out = capsys.readouterr().out
@@ -109,7 +126,11 @@ def test_table_from_results(tmp_path):
     bf16 = gs.TrainRun("none", "triton", 20, ["train.param_dtype=bf16"], planned_gib=32.0, bf16_params=True)
     bf16.result = {"status": "ok", "records": bf16_records, "wall_s": 40.0,
                    "summary": load_train_gpu().summary(bf16_records, 5)}
-    runs = [tri, packed, bf16, ref, skipped]
+    fp8_records = [{**r, "tokens_per_s": r["tokens_per_s"] * 1.1, "loss": r["loss"] * 1.003} for r in records]
+    fp8 = gs.TrainRun("none", "triton", 20, ["train.fp8=tensorwise"], planned_gib=40.0, fp8="tensorwise")
+    fp8.result = {"status": "ok", "records": fp8_records, "wall_s": 40.0,
+                  "summary": load_train_gpu().summary(fp8_records, 5)}
+    runs = [tri, packed, bf16, fp8, ref, skipped]
     for run in runs:
         suite.train_row(run, runs, 790.0, load_train_gpu().max_relative_difference)
     table = (tmp_path / "out" / "gpu_suite.md").read_text()
@@ -131,6 +152,10 @@ def test_table_from_results(tmp_path):
     assert "isolation under 5%: met" in packed_row and "loss vs recompute=none" not in packed_row
     bf16_row = next(line for line in lines if "bf16 parameters" in line)
     assert "bf16 parameters: 90% of the tokens/s and 85% of the memory of fp32 parameters" in bf16_row
+    fp8_row = next(line for line in lines if "FP8 tensorwise" in line)
+    assert "hybrid-1b3 recompute=none FP8 tensorwise micro-batch 4" in fp8_row
+    assert "FP8 tensorwise: 1.10x the tokens/s of bf16; loss vs bf16: largest rel. gap 3.0e-03, final +0.30%" in fp8_row
+    assert "FP8 >= 1.15x bf16: missed by 0.05x" in fp8_row and "final loss within 1% of bf16: met" in fp8_row
 
 
 def load_train_gpu():

@@ -15,6 +15,8 @@ from bench.gpu.runs import corpus_dir, plan_runs, train_runs
 from bench.gpu.suite import Suite
 
 PARTS = ("setup", "tests", "peak", "kernels", "train")
+FP8_RECIPES = ("tensorwise", "rowwise")
+"""train.fp8's recipes (strata.kernels.fp8.recipe.RECIPES; strata is importable only once the suite links it)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bf16-params", action="store_true",
                    help="add the Triton run without recompute with train.param_dtype=bf16 (DeepSpeed's bf16 mode): "
                         "its tokens/s and memory against fp32 parameters (about 55 s more than the 440 s budget)")
+    p.add_argument("--fp8", default="", help="train.fp8 recipes (tensorwise, rowwise) each run beside the Triton "
+                   "run without recompute: tokens/s and loss curves against it (default none)")
     p.add_argument("--kernel-ops", default="ssd,norm,ce", help=f"{KERNEL_BENCH} --ops (default ssd,norm,ce)")
     p.add_argument("--kernel-batch", type=int, default=8, help=f"{KERNEL_BENCH} --batch (default 8, x 4096)")
     p.add_argument("--wheels", default=".whl", help="the wheel folder ../shared/gpu/wheels.sh filled (default .whl)")
@@ -57,6 +61,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="config overrides for every training run")
     args = p.parse_args(argv)
     args.parts = [x for x in args.parts.split(",") if x]
+    args.fp8 = [x for x in args.fp8.split(",") if x]
+    for recipe in args.fp8:
+        if recipe not in FP8_RECIPES:
+            p.error(f"--fp8: {recipe!r} is not one of {', '.join(FP8_RECIPES)}")
     if (args.micro_batch * args.accumulation) % args.ref_micro_batch:
         p.error(f"--ref-micro-batch {args.ref_micro_batch} does not divide the global batch "
                 f"{args.micro_batch * args.accumulation} (--micro-batch x --accumulation)")

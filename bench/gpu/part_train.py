@@ -71,7 +71,8 @@ class TrainPart:
     def train_row(self, run: TrainRun, runs: list[TrainRun], peak_tflops: float, max_rel) -> None:
         s = run.result.get("summary")
         case = (f"{Path(self.args.config).stem} recompute={run.recompute}" + (" packed documents" if run.packed else "")
-                + (" bf16 parameters" if run.bf16_params else ""))
+                + (" bf16 parameters" if run.bf16_params else "") + (f" FP8 {run.fp8}" if run.fp8 else "")
+                + f" micro-batch {self.args.micro_batch if run.backend == 'triton' else self.args.ref_micro_batch}")
         impl = {"triton": "Strata (Triton)", "reference": "PyTorch reference"}.get(run.backend, run.backend)
         plan = "" if run.planned_gib is None else f"plan {run.planned_gib:.1f}"
         if not s:
@@ -95,7 +96,10 @@ class TrainPart:
         sheet = f"{s['MFU %']:.1f}% of the data sheet" if s["MFU %"] == s["MFU %"] else ""
         base = next((r for r in runs if r.recompute == "none" and r.backend == run.backend and r.twin_of(run) and
                      r.result.get("records")), None)
-        plain = plain_twin(run, runs) if run.packed or run.bf16_params else None
+        plain = plain_twin(run, runs) if run.packed or run.bf16_params or run.fp8 else None
+        if run.fp8 and plain is not None:
+            vs, fp8_goals = fp8_against_bf16(run, plain, Path(self.args.config).stem, max_rel)
+            goals += fp8_goals
         if run.bf16_params and plain is not None:
             other = plain.result["summary"]
             vs = (f"bf16 parameters: {100 * s['tokens/s'] / other['tokens/s']:.0f}% of the tokens/s and "
@@ -113,6 +117,30 @@ class TrainPart:
         self.row("train", case, impl, f"{s['step s']:.3f} s/step",
                  f"{s['tokens/s']:,.0f} tok/s, {s['TFLOP/s']:.0f} TFLOP/s", f"MFU {mfu:.1f}%", memory, vs,
                  "; ".join(goals), note)
+
+
+FP8_SPEEDUP_GOALS = {"hybrid-1b3": 1.15, "hybrid-8b-slice": 1.3}
+"""Issue 26's goals for FP8's tokens/s over bf16's, per config."""
+FP8_LOSS_GOAL = 0.01
+"""The final loss within 1% of bf16's."""
+
+
+def fp8_against_bf16(run: TrainRun, bf16: TrainRun, config: str, max_rel) -> tuple[str, list[str]]:
+    """An FP8 run beside its bf16 twin: the speed ratio and the loss curves' gaps (largest relative,
+    final), and its goals met or missed by how much."""
+    s, base = run.result["summary"], bf16.result["summary"]
+    speedup = s["tokens/s"] / base["tokens/s"]
+    final_gap = s["final loss"] / base["final loss"] - 1
+    vs = (f"FP8 {run.fp8}: {speedup:.2f}x the tokens/s of bf16; loss vs bf16: largest rel. gap "
+          f"{max_rel(bf16.result['records'], run.result['records']):.1e}, final {100 * final_gap:+.2f}% "
+          f"({min(len(bf16.result['records']), s['steps'])} steps)")
+    goals = []
+    if config in FP8_SPEEDUP_GOALS:
+        goal = FP8_SPEEDUP_GOALS[config]
+        goals.append(f"FP8 >= {goal}x bf16: " + ("met" if speedup >= goal else f"missed by {goal - speedup:.2f}x"))
+    goals.append("final loss within 1% of bf16: " + ("met" if abs(final_gap) <= FP8_LOSS_GOAL else
+                                                     f"missed by {100 * (abs(final_gap) - FP8_LOSS_GOAL):.2f} pts"))
+    return vs, goals
 
 
 def profile_summary(table: str) -> str:

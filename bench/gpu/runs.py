@@ -25,15 +25,18 @@ class TrainRun:
     """data.doc_boundaries=true: rows of several documents, none seeing another (seq_idx kernels)."""
     bf16_params: bool = False
     """train.param_dtype=bf16: bf16 parameters, fp32 masters in ZeRO's partitions."""
+    fp8: str = ""
+    """train.fp8's recipe ('' for none): the big matmuls in FP8 (kernels/fp8)."""
 
     @property
     def name(self) -> str:
         return (f"recompute={self.recompute} {self.backend}" + (" packed" if self.packed else "")
-                + (" bf16-params" if self.bf16_params else ""))
+                + (" bf16-params" if self.bf16_params else "") + (f" fp8={self.fp8}" if self.fp8 else ""))
 
     def twin_of(self, other: TrainRun) -> bool:
-        """Runs whose loss curves compare: the same data semantics and parameter dtype."""
-        return self is not other and (self.packed, self.bf16_params) == (other.packed, other.bf16_params)
+        """Runs whose loss curves compare: the same data semantics, parameter dtype and matmul precision."""
+        return self is not other and (self.packed, self.bf16_params, self.fp8) == (other.packed, other.bf16_params,
+                                                                                  other.fp8)
 
 
 def train_runs(args, corpus: str | None) -> list[TrainRun]:
@@ -56,13 +59,15 @@ def train_runs(args, corpus: str | None) -> list[TrainRun]:
             if args.bf16_params and recompute == "none" and backend == "triton":
                 runs.append(TrainRun(recompute, backend, steps, [*overrides, "train.param_dtype=bf16"],
                                      bf16_params=True))
+            for recipe in args.fp8 if recompute == "none" and backend == "triton" else []:
+                runs.append(TrainRun(recompute, backend, steps, [*overrides, f"train.fp8={recipe}"], fp8=recipe))
     return runs
 
 
 def plain_twin(run: TrainRun, runs: list[TrainRun]) -> TrainRun | None:
-    """The measured run of the same recompute and kernels on unpacked rows with fp32 parameters:
-    what a packed or bf16-parameter run is compared with."""
-    return next((r for r in runs if not r.packed and not r.bf16_params and r.recompute == run.recompute
+    """The measured run of the same recompute and kernels on unpacked rows with fp32 parameters in bf16
+    matmuls: what a packed, bf16-parameter or FP8 run is compared with."""
+    return next((r for r in runs if not r.packed and not r.bf16_params and not r.fp8 and r.recompute == run.recompute
                  and r.backend == run.backend and r.result.get("summary")), None)
 
 

@@ -17,6 +17,13 @@ Structured splits (d model width, f MLP width, R inner rank, B blocks, m = min(d
               row:    first-factor blocks split; the second factor keeps the columns fed by
               this rank's blocks, a partial sum reduced like a dense row-parallel linear.
 The self-guided dense path is split like a dense linear of the same side.
+
+FP8 (train.fp8; parallel/engine/parallelize.py apply_fp8 sets `fp8_recipe`): every dense product
+here goes through kernels.ops.linear with the TP group and how its operands are split (OUT, IN, or
+TOKENS for a replicated factor applied to this rank's tokens under SP), so that its scales are the
+ones one process computes for the whole tensors (kernels/fp8/scaled.py). The replicated k/v head
+(ReplicatedHead) has no FP8: each rank computes a slice of the whole projection, whose one scale
+it cannot know without the other heads' gradients.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from strata.kernels import ops
+from strata.kernels.fp8.scaled import IN, OUT, TOKENS
 from strata.model.structured import BlockDense, BlockShuffle, LowRank, StructuredLinear
 from strata.parallel.tensor.mappings import TPContext, reduce_gradient
 
@@ -38,19 +46,27 @@ class ColumnLinear(ColumnParallelLinear):
     """Megatron's ColumnParallelLinear reading an input that already entered the region
     (a block's column linears share one entry), returning the output alone."""
 
+    fp8_recipe: str | None = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: TPContext,
                  shared_weight: bool = False):
         super().__init__(in_features, out_features, config=ctx.megatron_config(), init_method=_no_init,
                          bias=bias, gather_output=False, disable_grad_reduce=True,
                          skip_weight_param_allocation=shared_weight, tp_group=ctx.group)
+        self.ctx = ctx
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x, weight)[0]
+        if self.fp8_recipe is None:
+            return super().forward(x, weight)[0]
+        weight = self.weight if weight is None else weight
+        return ops.linear(x, weight, self.bias, fp8=self.fp8_recipe, fp8_group=self.ctx.group, fp8_split=OUT)
 
 
 class RowLinear(RowParallelLinear):
     """Megatron's RowParallelLinear; its output leaves the region. Under sequence
     parallelism the reduction is our reduce-scatter (megatron's allocates on CUDA)."""
+
+    fp8_recipe: str | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: TPContext):
         super().__init__(in_features, out_features, config=ctx.megatron_config(), init_method=_no_init,
@@ -58,9 +74,10 @@ class RowLinear(RowParallelLinear):
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.ctx.sequence_parallel:
+        if not self.ctx.sequence_parallel and self.fp8_recipe is None:
             return super().forward(x)[0]
-        y = self.ctx.exit(F.linear(x, self.weight))
+        partial = ops.linear(x, self.weight, fp8=self.fp8_recipe, fp8_group=self.ctx.group, fp8_split=IN)
+        y = self.ctx.exit(partial)
         return y if self.bias is None else y + self.ctx.sequence_summed(self.bias)
 
 
@@ -94,6 +111,17 @@ class TPStructured(StructuredLinear):
         if full.guide is not None:
             self.guide = nn.Parameter(torch.empty(out_features, in_features))
 
+    def split_product(self, x: torch.Tensor, weight: torch.Tensor, split: str | None) -> torch.Tensor:
+        """One dense product of this shard (StructuredLinear.product), its operands split over the TP
+        group as `split` says (OUT, IN, TOKENS; None: replicated), so FP8 scales are the whole tensors'."""
+        if self.fp8_recipe is None:
+            return F.linear(x, weight)
+        return ops.linear(x, weight, fp8=self.fp8_recipe, fp8_group=self.ctx.group, fp8_split=split)
+
+    def sequence_split(self) -> str | None:
+        """How a replicated factor's operands are split: by tokens under SP, not at all without."""
+        return TOKENS if self.ctx.sequence_parallel else None
+
 
 class ColumnStructured(TPStructured):
     """Column side: x is the activation outside the region; the split decides where it enters."""
@@ -105,7 +133,7 @@ class ColumnStructured(TPStructured):
         y = self.column_forward(x)
         if self.guided():
             a = self.guide_alpha
-            y = a * F.linear(self.ctx.enter(x), self.guide) + (1.0 - a) * y
+            y = a * self.split_product(self.ctx.enter(x), self.guide, OUT) + (1.0 - a) * y
         return y if self.bias is None else y + self.bias
 
 
@@ -117,7 +145,8 @@ class ColumnLowRank(ColumnStructured):
         self.U = nn.Parameter(torch.empty(self.out_features, full.rank))
 
     def column_forward(self, x):
-        return F.linear(self.ctx.enter(F.linear(x, self.ctx.sequence_summed(self.V))), self.U)
+        r = self.split_product(x, self.ctx.sequence_summed(self.V), self.sequence_split())
+        return self.split_product(self.ctx.enter(r), self.U, OUT)
 
 
 class ColumnBlockDense(ColumnStructured):
@@ -128,7 +157,8 @@ class ColumnBlockDense(ColumnStructured):
         self.U = nn.Parameter(torch.empty(self.out_features, full.rank))
 
     def column_forward(self, x):
-        return F.linear(self.ctx.enter(ops.blockdiag_matmul(x, self.ctx.sequence_summed(self.blocks))), self.U)
+        r = ops.blockdiag_matmul(x, self.ctx.sequence_summed(self.blocks))
+        return self.split_product(self.ctx.enter(r), self.U, OUT)
 
 
 class ColumnBlockShuffle(ColumnStructured):
@@ -157,7 +187,7 @@ class RowStructured(TPStructured):
         partial = self.row_partial(h)
         if self.guided():
             a = self.guide_alpha
-            partial = a * F.linear(h, self.guide) + (1.0 - a) * partial
+            partial = a * self.split_product(h, self.guide, IN) + (1.0 - a) * partial
         return self.finish(self.ctx.exit(partial))
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
@@ -178,10 +208,11 @@ class RowLowRank(RowStructured):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # Leaves the region on R values; the guide (d outputs) needs its own reduction.
-        y = F.linear(self.ctx.exit(F.linear(h, self.V)), self.ctx.sequence_summed(self.U))
+        r = self.ctx.exit(self.split_product(h, self.V, IN))
+        y = self.split_product(r, self.ctx.sequence_summed(self.U), self.sequence_split())
         if self.guided():
             a = self.guide_alpha
-            y = a * self.ctx.exit(F.linear(h, self.guide)) + (1.0 - a) * y
+            y = a * self.ctx.exit(self.split_product(h, self.guide, IN)) + (1.0 - a) * y
         return self.finish(y)
 
 
@@ -194,7 +225,7 @@ class RowBlockDense(RowStructured):
         self.U = nn.Parameter(torch.empty(full.out_features, full.rank // ctx.size))
 
     def row_partial(self, h):
-        return F.linear(ops.blockdiag_matmul(h, self.blocks), self.U)
+        return self.split_product(ops.blockdiag_matmul(h, self.blocks), self.U, IN)
 
 
 class RowBlockShuffle(RowStructured):

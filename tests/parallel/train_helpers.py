@@ -65,9 +65,11 @@ def optimizer(params):
     return torch.optim.SGD(params, lr=LR, momentum=0.9)
 
 
-def reference_training(cfg: ModelConfig, steps: int, positions: bool = False) -> dict:
-    """One process, no DeepSpeed: the ground truth."""
-    model = build_model(cfg)
+def reference_training(cfg: ModelConfig, steps: int, positions: bool = False, fp8: list | None = None) -> dict:
+    """One process, no DeepSpeed: the ground truth (FP8 per block as `fp8` says: apply_fp8's)."""
+    from strata.parallel.engine.parallelize import apply_fp8
+
+    model = apply_fp8(build_model(cfg), fp8 or [])
     opt = optimizer(model.parameters())
     losses, first_grads = [], None
     for step in range(steps):
@@ -95,10 +97,10 @@ def deepspeed_config(gas: int, dp: int, zero_stage: int, sequence_parallel: bool
 
 def layout_training(cfg: ModelConfig, tp: int, pp: int, zero_stage: int, steps: int,
                     sequence_parallel: bool = False, positions: bool = False, recompute: list[str] | None = None,
-                    zero: dict | None = None) -> dict:
+                    zero: dict | None = None, fp8: list | None = None) -> dict:
     """The same steps on this rank's part of a TP x PP x DP layout (DeepSpeed engine), with
-    activation recompute per block as `recompute` says (parallel_model's) and `zero`'s settings
-    in DeepSpeed's zero_optimization section.
+    activation recompute and FP8 per block as `recompute` and `fp8` say (parallel_model's) and
+    `zero`'s settings in DeepSpeed's zero_optimization section.
     Returns step losses, the first step's clipped gradients (ZeRO 0) and the final
     parameters (gathered under ZeRO-3), both keyed by HybridLM names and holding this rank's shards."""
     import deepspeed
@@ -109,7 +111,7 @@ def layout_training(cfg: ModelConfig, tp: int, pp: int, zero_stage: int, steps: 
 
     topo = init_topology(tp, pp)
     model = build_model(cfg)
-    module = parallel_model(model, topo, SEQ, sequence_parallel, recompute)
+    module = parallel_model(model, topo, SEQ, sequence_parallel, recompute, fp8)
     if pp > 1:
         names = {p: model_parameter_name(n, len(cfg.pattern)) for n, p in module.named_parameters()}
     else:
