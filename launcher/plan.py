@@ -5,9 +5,9 @@
     strata plan --config configs/hybrid-1b3.yaml --gpus 8 --gpu-memory 80 parallel.tp=2   # one layout
 
 Without parallel.tp or parallel.pp on the command line, every layout that divides the model on
---gpus ranks (parallel/layout.py) is planned: a table of those that fit, fastest first by the
-estimated step time, one line for each that does not saying what is over (and what would make it
-fit), then the breakdown of the fastest. With either override, that one layout and its breakdown.
+--gpus ranks (parallel/layout.py), beside parallel.cp's context parallelism, is planned: a table of
+those that fit, fastest first by the estimated step time, one line for each that does not saying
+what is over (and what would make it fit), then the breakdown of the fastest. With either override, that one layout and its breakdown.
 The memory model is parallel/plan.py's (activations: model/memory.py); GPU runs use bf16 autocast
 and the Triton kernels unless train.precision=fp32 or STRATA_KERNELS=reference. No GPU is used.
 
@@ -61,7 +61,7 @@ def run_spec(cfg: Config, device_type: str = "cuda") -> RunSpec:
 def predicted_peak(cfg: Config, world_size: int, device_type: str, stage: int = 0) -> Plan:
     """The plan of a run's own layout for pipeline stage `stage` (launcher/train.py logs it)."""
     par = cfg.parallel
-    layout = Layout(par.tp, par.pp, world_size // (par.tp * par.pp), par.zero_stage)
+    layout = Layout(par.tp, par.pp, world_size // (par.tp * par.cp * par.pp), par.zero_stage, cp=par.cp)
     return plan_layout(run_spec(cfg, device_type), layout, cuda=device_type == "cuda", stage=stage)
 
 
@@ -194,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         spec = run_spec(cfg)
         one = any(o.split("=", 1)[0] in ("parallel.tp", "parallel.pp") for o in args.overrides)
+        par = cfg.parallel
         if one:
-            par = cfg.parallel
             layout = check_layout(cfg.model, par.tp, par.pp, args.gpus, par.zero_stage, par.sequence_parallel,
-                                  spec.seq_len, spec.vocab)
+                                  spec.seq_len, spec.vocab, par.cp)
             plans = [plan_layout(spec, layout, hardware)]
         else:
-            plans = plan_layouts(spec, args.gpus, hardware)
+            plans = plan_layouts(spec, args.gpus, hardware, cp=par.cp)
     except (ConfigError, LayoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,9 @@ import torch.distributed as dist
 SEQ_DIM = 1
 PIECES_PER_RANK = 2
 
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass(frozen=True)
 class CPContext:
@@ -86,16 +89,16 @@ class _GatherPieces(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, group, rank, size):
-        ctx.group, ctx.rank, ctx.size = group, rank, size
-        parts = [torch.empty_like(t) for _ in range(size)]
-        dist.all_gather(parts, t, group=group)
-        return torch.cat(parts)
+        ctx.group, ctx.size = group, size
+        out = t.new_empty((size * t.shape[0], *t.shape[1:]))
+        _all_gather(out, t, group=group)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.chunk(ctx.size)[ctx.rank], None, None, None
+        out = grad.new_empty((grad.shape[0] // ctx.size, *grad.shape[1:]))
+        _reduce_scatter(out, grad.contiguous(), group=ctx.group)
+        return out, None, None, None
 
 
 class _SumForAveragedGradients(torch.autograd.Function):

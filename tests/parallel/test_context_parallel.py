@@ -132,6 +132,34 @@ def test_pieces_balance_the_causal_work():
     assert len(set(work)) == 1
 
 
+@pytest.mark.parametrize("layout, message", [
+    (dict(tp=2, pp=1, world_size=4, cp=2), "cp=2 with tp=2 pp=1: context parallelism runs beside data parallelism "
+                                           "only so far; set parallel.tp=1 and parallel.pp=1"),
+    (dict(tp=1, pp=1, world_size=2, cp=2, seq_len=30), "train.seq_len=30 is not divisible by 2 x cp = 4"),
+    (dict(tp=1, pp=1, world_size=8, cp=4, seq_len=16), "pieces of 2 tokens with cp=4, fewer than the conv's 3"),
+    (dict(tp=1, pp=1, world_size=6, cp=4, seq_len=32), "world size 6 is not divisible by tp*cp*pp=4"),
+])
+def test_layouts_context_parallelism_cannot_run_fail_in_one_line(layout, message):
+    from strata.parallel.layout import LayoutError, check_layout
+
+    with pytest.raises(LayoutError) as e:
+        check_layout(tiny_config(), **layout)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_layout_record_knows_cp_and_a_cp_checkpoint_reloads_with_another_cp():
+    """CP shards no parameter: same TP, PP, ZeRO and world size reload DeepSpeed's files as written."""
+    from strata.parallel.layout import Layout, check_layout
+
+    checked = check_layout(tiny_config(), 1, 1, 4, seq_len=SEQ, cp=2)
+    assert (checked.dp, checked.cp, checked.world_size, str(checked)) == (2, 2, 4, "tp=1 cp=2 pp=1 dp=2")
+    layout = Layout(1, 1, 2, zero_stage=1, cp=2)
+    assert Layout.from_record(layout.record()) == layout
+    assert Layout.from_record({"world_size": 4, "tp": 1, "pp": 1}).cp == 1  # records before cp
+    assert Layout(1, 1, 4, 1).reloads_as_written(layout)
+    assert not Layout(1, 1, 2, 1).reloads_as_written(layout)
+
+
 def test_a_sequence_that_does_not_divide_into_pieces_is_refused():
     from strata.parallel.context.pieces import CPContext
 
@@ -193,3 +221,31 @@ def test_context_parallel_with_the_triton_kernels(triton_equivalence, key):
         for name, (pieces, whole) in results[key].items():
             assert whole < 1e-5, f"rank {rank} {key} {name}: one process's fp32 error {whole}"
             assert pieces < 2 * whole + 1e-6, f"rank {rank} {key} {name}: CP {pieces} vs one process {whole}"
+
+
+def test_the_plan_counts_a_ranks_pieces_the_gathered_kv_and_zero_over_cp():
+    """Under cp=4 a rank's Mamba2 and MLP activations are those of seq_len / 4 tokens; attention's add
+    the other ranks' K/V and SDPA's mask; ZeRO-3 partitions over dp x cp ranks."""
+    from strata.model.config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK
+    from strata.parallel.layout import Layout
+    from strata.parallel.plan import RunSpec, context_parallel_bytes, plan_layout
+
+    cfg = tiny_config()
+    spec = RunSpec(cfg, seq_len=SEQ, global_batch=8, micro_batch=1, zero_stage=3)
+    cp4 = plan_layout(spec, Layout(1, 1, 2, 3, cp=4))
+    quarter = plan_layout(RunSpec(cfg, seq_len=SEQ // 4, global_batch=8, micro_batch=1, zero_stage=3),
+                          Layout(1, 1, 8, 3))
+    assert cp4.layout.cp == 4 and not cp4.problems
+    for kind in (MAMBA_BLOCK, MLP_BLOCK):
+        assert cp4.activations_by_kind[kind] == quarter.activations_by_kind[kind]
+    head_dim, blocks = cfg.attention.resolved_head_dim(cfg.d_model), cfg.pattern.count(ATTENTION_BLOCK)
+    kv = 2 * (SEQ - SEQ // 4) * cfg.attention.n_heads * head_dim * spec.act_bytes
+    mask = SEQ // 4 * SEQ
+    extra = cp4.activations_by_kind[ATTENTION_BLOCK] - quarter.activations_by_kind[ATTENTION_BLOCK]
+    assert extra == blocks * (kv + mask)
+    assert cp4.terms["weights (fp32)"] == quarter.terms["weights (fp32)"]
+    sent = context_parallel_bytes(cfg, 1, SEQ, 4, 4)
+    m = cfg.mamba
+    state = m.nheads(cfg.d_model) * (m.headdim * m.d_state + 1) * 4
+    assert sent[MAMBA_BLOCK] == 3 * 2 * (state + (m.d_conv - 1) * m.conv_dim(cfg.d_model) * 4)
+    assert sent[ATTENTION_BLOCK] == 3 * SEQ // 4 * 2 * cfg.attention.n_kv_heads * head_dim * 4
