@@ -328,7 +328,7 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
         made.append(FP32 * layers[layer][0])
         block = blocks[i]
         terms = block_activations(model, block.kind, shape, dense_mlp=block.dense_mlp)
-        terms += context_parallel_terms(model, block.kind, spec, layout.cp)
+        terms += context_parallel_terms(model, block.kind, spec, layout.cp, tp)
         kept.append(kept_bytes(terms, spec.mode(i)))
         dropped.append(recompute_working_set(terms, spec.mode(i), core_input_bytes(model, block.kind, shape)))
         by_kind[block.kind] = by_kind.get(block.kind, 0.0) + kept[-1]
@@ -428,24 +428,25 @@ def step_time(spec: RunSpec, layout: Layout, stages: list[dict], accumulation: i
 
 
 def context_parallel_bytes(model: ModelConfig, micro_batch: int, seq_len: int, cp: int,
-                           act_bytes: int) -> dict[str, float]:
+                           act_bytes: int, tp: int = 1) -> dict[str, float]:
     """Bytes one rank sends per layer of each block kind in the forward, as parallel/context/ gathers
     (a ring all-gather sends cp - 1 times a rank's part; the backward's reduce-scatter as much again):
     attention its tokens' K and V; Mamba2 its two pieces' final states (fp32) and decays, and their
-    last d_conv - 1 conv inputs; an MLP nothing."""
+    last d_conv - 1 conv inputs; an MLP nothing. Under TP, of the rank's heads (and groups) only."""
     if cp == 1:
         return {}
     m, a = model.mamba, model.attention
     local = seq_len // cp
     head_dim = a.resolved_head_dim(model.d_model)
-    state = m.nheads(model.d_model) * (m.headdim * m.d_state + 1) * FP32
-    halo = (m.d_conv - 1) * m.conv_dim(model.d_model) * act_bytes
+    kv_heads = max(1, a.resolved_kv_heads() // tp)  # split, or the one replicated head a rank uses
+    state = m.nheads(model.d_model) // tp * (m.headdim * m.d_state + 1) * FP32
+    halo = (m.d_conv - 1) * m.conv_dim(model.d_model) // tp * act_bytes
     return {MAMBA_BLOCK: (cp - 1) * 2 * micro_batch * (state + halo),
-            ATTENTION_BLOCK: (cp - 1) * micro_batch * local * 2 * a.resolved_kv_heads() * head_dim * act_bytes,
+            ATTENTION_BLOCK: (cp - 1) * micro_batch * local * 2 * kv_heads * head_dim * act_bytes,
             MLP_BLOCK: 0.0}
 
 
-def context_parallel_terms(model: ModelConfig, kind: str, spec: RunSpec, cp: int) -> list[Saved]:
+def context_parallel_terms(model: ModelConfig, kind: str, spec: RunSpec, cp: int, tp: int = 1) -> list[Saved]:
     """What CP adds to an attention block's kept tensors: the gathered K and V of the other ranks'
     tokens, repeated to every query head, and SDPA's mask of this rank's queries against every key
     (per row with packed documents). Both are inside the core: recompute drops them."""
@@ -453,7 +454,7 @@ def context_parallel_terms(model: ModelConfig, kind: str, spec: RunSpec, cp: int
         return []
     a = model.attention
     local, others = spec.seq_len // cp, spec.seq_len - spec.seq_len // cp
-    kv = 2 * spec.micro_batch * others * a.n_heads * a.resolved_head_dim(model.d_model) * spec.act_bytes
+    kv = 2 * spec.micro_batch * others * a.n_heads // tp * a.resolved_head_dim(model.d_model) * spec.act_bytes
     mask = (spec.micro_batch if spec.documents else 1) * local * spec.seq_len
     return [Saved("context parallel: the other ranks' K and V (gathered, GQA-repeated)", kv, NONE),
             Saved("context parallel: SDPA's mask of the local queries against every key (bool)", mask, NONE)]
@@ -461,7 +462,7 @@ def context_parallel_terms(model: ModelConfig, kind: str, spec: RunSpec, cp: int
 
 def context_parallel_time(spec: RunSpec, layout: Layout, accumulation: int, hw: Hardware) -> float:
     """The CP gathers (forward) and reduce-scatters (backward) of a step, not overlapped."""
-    sent = context_parallel_bytes(spec.model, spec.micro_batch, spec.seq_len, layout.cp, spec.act_bytes)
+    sent = context_parallel_bytes(spec.model, spec.micro_batch, spec.seq_len, layout.cp, spec.act_bytes, layout.tp)
     if not sent:
         return 0.0
     per_micro_batch = sum(2 * sent[block.kind] for block in spec.model.blocks()) / layout.pp

@@ -19,16 +19,12 @@ from strata.parallel.topology import Topology
 
 def parallel_model(model: nn.Module, topo: Topology, seq_len: int, sequence_parallel: bool = False,
                    recompute: list[str] | None = None) -> nn.Module:
-    """The model itself (tp = cp = pp = 1), its context-parallel form (cp > 1, tp = pp = 1: the layout
-    checks refuse the rest), its tensor-parallel form (pp = 1) or this rank's pipeline stage,
-    TP-sharded when tp > 1 (pp > 1: DeepSpeed then builds its PipelineEngine), with activation
-    recompute per block as `recompute` says (see apply_recompute). `model` is a HybridLM built
-    with the same seed on every rank."""
-    if topo.cp > 1:
-        from strata.parallel.context.blocks import context_parallel
-
-        model = context_parallel(model, context_of(topo))
-    elif topo.pp > 1:
+    """The model itself (tp = cp = pp = 1), its tensor-parallel form (pp = 1) or this rank's
+    pipeline stage, TP-sharded when tp > 1 (pp > 1: DeepSpeed then builds its PipelineEngine);
+    with cp > 1 (pp = 1: the layout checks refuse a pipeline) the context-parallel form of the
+    model or of its TP form; with activation recompute per block as `recompute` says (see
+    apply_recompute). `model` is a HybridLM built with the same seed on every rank."""
+    if topo.pp > 1:
         from strata.parallel.pipeline.stages import pipeline_model
 
         model = pipeline_model(model, topo, seq_len, sequence_parallel)
@@ -37,6 +33,10 @@ def parallel_model(model: nn.Module, topo: Topology, seq_len: int, sequence_para
         from strata.parallel.tensor.mappings import TPContext
 
         model = tensor_parallel(model, TPContext.from_parallel_state(sequence_parallel))
+    if topo.cp > 1:
+        from strata.parallel.context.blocks import context_parallel
+
+        model = context_parallel(model, context_of(topo))
     return apply_recompute(model, recompute or [])
 
 

@@ -1,7 +1,7 @@
 """parallel.cp through the real entry point: a 2-rank cp=2 run trains with one process's losses
 and evaluation (each rank feeding its pieces of the same rows), and its checkpoint resumes with
 cp=1 (CP shards no parameter), continuing as the unbroken run; cp=2 x dp=2 with ZeRO-3 and
-selective recompute trains as one process too."""
+selective recompute, and cp=2 x tp=2 with sequence parallelism, train as one process too."""
 import shutil
 
 import pytest
@@ -9,7 +9,8 @@ import pytest
 from tests.launcher.conftest import TINY, run_strata, train_losses
 
 STEPS = 10
-COMMON = [f"train.max_steps={STEPS}", "train.eval_every=5", "checkpoint.every=5", "data.doc_boundaries=true"]
+COMMON = [f"train.max_steps={STEPS}", "train.eval_every=5", "checkpoint.every=5", "data.doc_boundaries=true",
+          "model.mamba.ngroups=2"]  # TP2 splits the groups
 
 
 def final_eval_loss(stdout: str) -> float:
@@ -54,3 +55,13 @@ def test_cp2_with_dp2_zero3_and_selective_recompute_trains_as_one_process(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world=4 dp=2 zero=3 tp=1 cp=2 pp=1" in proc.stdout
     assert_same_losses(train_losses(tmp_path), want)
+
+
+def test_cp2_with_tp2_and_sequence_parallelism_trains_as_one_process(tmp_path, corpus_overrides, one_process):
+    want, want_eval = one_process
+    proc = run_strata(["train", *TINY, *corpus_overrides, *COMMON, f"train.run_dir={tmp_path}", "parallel.cp=2",
+                       "parallel.tp=2", "parallel.sequence_parallel=true"], nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world=4 dp=1 zero=0 tp=2 cp=2 pp=1" in proc.stdout
+    assert_same_losses(train_losses(tmp_path), want)
+    assert final_eval_loss(proc.stdout) == pytest.approx(want_eval, rel=1e-6)

@@ -120,6 +120,60 @@ def test_context_parallel_matches_one_process(equivalence, key):
         assert max(errors.values()) < TOL, f"rank {rank} {key}: {errors}"
 
 
+def tensor_parallel_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """cp=2 x tp=2 (megatron's groups, ranks tp-cp), with and without sequence parallelism, against
+    the same TP model on whole sequences: logits, and each rank's TP shards of the gradients averaged
+    over its CP group. (The TP form itself differs from the fp64 model by ~7e-8 in a few gradients:
+    tests/parallel/test_tensor_parallel.py holds it to 1e-5 in fp32.)"""
+    from strata.parallel.context.blocks import context_parallel
+    from strata.parallel.context.pieces import CPContext
+    from strata.parallel.tensor.blocks import tensor_parallel
+    from strata.parallel.tensor.mappings import TPContext
+    from strata.parallel.topology import init_topology
+
+    topo = init_topology(2, 1, cp=2)
+    ctx = CPContext(topo.get_context_parallel_group(), topo.cp_rank, topo.cp)
+    results = {}
+    for sequence_parallel in (False, True):
+        tp = TPContext.from_parallel_state(sequence_parallel)
+        for name, (changes, packed) in CASES.items():
+            ids, labels, positions = batch(packed)
+            whole, model = (tensor_parallel(build_fp32(tiny_config(**changes)), tp).double() for _ in range(2))
+            model = context_parallel(model, ctx)
+            want_logits = whole(ids, position_ids=positions).detach()
+            whole(ids, labels=labels, position_ids=positions).backward()
+            want = dict(whole.named_parameters())
+            local = None if positions is None else ctx.shard(positions)
+            logits = ctx.whole_sequence(model(ctx.shard(ids), position_ids=local).detach())
+            model(ctx.shard(ids), labels=ctx.shard(labels), position_ids=local).backward()
+            grads = {n: p.grad for n, p in model.named_parameters()}
+            for g in grads.values():
+                dist.all_reduce(g, group=ctx.group)
+                g /= ctx.size
+            assert sorted(grads) == sorted(want)
+            results[f"{name}/cp2_tp2{'_sp' if sequence_parallel else ''}"] = {
+                "logits": rel_error(logits, want_logits),
+                "grads": max(rel_error(grads[n], want[n].grad) for n in want)}
+    write_result(out_dir, rank, results)
+
+
+def build_fp32(cfg: ModelConfig) -> HybridLM:
+    torch.manual_seed(0)
+    return HybridLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def with_tensor_parallelism(tmp_path_factory):
+    return spawned_results(tmp_path_factory, "cp_tp", tensor_parallel_worker, WORLD)
+
+
+@pytest.mark.parametrize("key", [f"{name}/cp2_tp2{sp}" for name in CASES for sp in ("", "_sp")])
+def test_context_parallel_with_tensor_parallelism_matches_one_process(with_tensor_parallelism, key):
+    for rank, results in enumerate(with_tensor_parallelism):
+        errors = results[key]
+        assert max(errors.values()) < TOL, f"rank {rank} {key}: {errors}"
+
+
 def test_pieces_balance_the_causal_work():
     """Rank r holds pieces r and 2CP-1-r: every rank's queries see the same number of keys."""
     from strata.parallel.context.pieces import CPContext
@@ -133,8 +187,10 @@ def test_pieces_balance_the_causal_work():
 
 
 @pytest.mark.parametrize("layout, message", [
-    (dict(tp=2, pp=1, world_size=4, cp=2), "cp=2 with tp=2 pp=1: context parallelism runs beside data parallelism "
-                                           "only so far; set parallel.tp=1 and parallel.pp=1"),
+    (dict(tp=1, pp=2, world_size=4, cp=2), "cp=2 with pp=2: context parallelism runs beside tensor and data "
+                                           "parallelism only so far; set parallel.pp=1"),
+    (dict(tp=4, pp=1, world_size=8, cp=2, seq_len=12, sequence_parallel=True),
+     "train.seq_len / cp=2 (sequence parallel)=6 is not divisible by tp=4"),
     (dict(tp=1, pp=1, world_size=2, cp=2, seq_len=30), "train.seq_len=30 is not divisible by 2 x cp = 4"),
     (dict(tp=1, pp=1, world_size=8, cp=4, seq_len=16), "pieces of 2 tokens with cp=4, fewer than the conv's 3"),
     (dict(tp=1, pp=1, world_size=6, cp=4, seq_len=32), "world size 6 is not divisible by tp*cp*pp=4"),
