@@ -119,15 +119,11 @@ def mlp_problems(model: ModelConfig, tp: int) -> list[str]:
     return problems
 
 
-def context_problems(model: ModelConfig, cp: int, tp: int, pp: int, seq_len: int) -> list[str]:
-    """What parallel/context/ needs: 2 x cp pieces of the sequence, each holding a conv's halo, and
-    (for now) no pipeline beside it."""
+def context_problems(model: ModelConfig, cp: int, seq_len: int) -> list[str]:
+    """What parallel/context/ needs: 2 x cp pieces of the sequence, each holding a conv's halo."""
     if cp == 1:
         return []
     problems = []
-    if pp > 1:
-        problems.append(f"cp={cp} with pp={pp}: context parallelism runs beside tensor and data parallelism only "
-                        "so far; set parallel.pp=1")
     if seq_len:
         pieces = 2 * cp
         if seq_len % pieces:
@@ -156,7 +152,7 @@ def layout_problems(model: ModelConfig, tp: int, pp: int, world_size: int, zero_
         if sequence_parallel and seq_len:  # SP splits the rank's seq_len / cp tokens
             what = "train.seq_len (sequence parallel)" if cp == 1 else f"train.seq_len / cp={cp} (sequence parallel)"
             problems += _divides(what, seq_len // cp, tp)
-    problems += context_problems(model, cp, tp, pp, seq_len)
+    problems += context_problems(model, cp, seq_len)
     if pp > model.n_blocks:
         problems.append(f"pp={pp} is more stages than the {model.n_blocks} blocks of the pattern")
     if pp > 1 and zero_stage > 1:

@@ -119,12 +119,14 @@ class Topology:
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        topo = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+        # The CP ranks are data-parallel ones to DeepSpeed (they reduce gradients together): its
+        # data axis is megatron's cp and dp, cp fastest, as the ranks are numbered.
+        topo = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp * self.cp)
         coord = topo.get_coord(self.rank)
-        if (coord.pipe, coord.data, coord.model) != (self.pp_rank, self.dp_rank, self.tp_rank):
+        if (coord.pipe, coord.data, coord.model) != (self.pp_rank, self.get_data_parallel_rank(), self.tp_rank):
             raise RuntimeError(f"rank {self.rank}: DeepSpeed's grid puts it at (pp, dp, tp)="
                                f"{(coord.pipe, coord.data, coord.model)}, megatron's order at "
-                               f"{(self.pp_rank, self.dp_rank, self.tp_rank)}")
+                               f"{(self.pp_rank, self.get_data_parallel_rank(), self.tp_rank)}")
         return topo
 
     def __repr__(self) -> str:

@@ -21,14 +21,14 @@ def parallel_model(model: nn.Module, topo: Topology, seq_len: int, sequence_para
                    recompute: list[str] | None = None) -> nn.Module:
     """The model itself (tp = cp = pp = 1), its tensor-parallel form (pp = 1) or this rank's
     pipeline stage, TP-sharded when tp > 1 (pp > 1: DeepSpeed then builds its PipelineEngine);
-    with cp > 1 (pp = 1: the layout checks refuse a pipeline) the context-parallel form of the
-    model or of its TP form; with activation recompute per block as `recompute` says (see
-    apply_recompute). `model` is a HybridLM built with the same seed on every rank."""
+    with cp > 1 each of them context-parallel; with activation recompute per block as `recompute`
+    says (see apply_recompute). `model` is a HybridLM built with the same seed on every rank."""
     if topo.pp > 1:
         from strata.parallel.pipeline.stages import pipeline_model
 
-        model = pipeline_model(model, topo, seq_len, sequence_parallel)
-    elif topo.tp > 1:
+        return apply_recompute(pipeline_model(model, topo, seq_len, sequence_parallel,
+                                              context_of(topo) if topo.cp > 1 else None), recompute or [])
+    if topo.tp > 1:
         from strata.parallel.tensor.blocks import tensor_parallel
         from strata.parallel.tensor.mappings import TPContext
 

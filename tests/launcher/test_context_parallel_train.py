@@ -1,7 +1,7 @@
 """parallel.cp through the real entry point: a 2-rank cp=2 run trains with one process's losses
 and evaluation (each rank feeding its pieces of the same rows), and its checkpoint resumes with
 cp=1 (CP shards no parameter), continuing as the unbroken run; cp=2 x dp=2 with ZeRO-3 and
-selective recompute, and cp=2 x tp=2 with sequence parallelism, train as one process too."""
+selective recompute, cp=2 x tp=2 with sequence parallelism, and cp=2 x pp=2 train as one process too."""
 import shutil
 
 import pytest
@@ -63,5 +63,15 @@ def test_cp2_with_tp2_and_sequence_parallelism_trains_as_one_process(tmp_path, c
                        "parallel.tp=2", "parallel.sequence_parallel=true"], nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world=4 dp=1 zero=0 tp=2 cp=2 pp=1" in proc.stdout
+    assert_same_losses(train_losses(tmp_path), want)
+    assert final_eval_loss(proc.stdout) == pytest.approx(want_eval, rel=1e-6)
+
+
+def test_cp2_with_pp2_trains_as_one_process(tmp_path, corpus_overrides, one_process):
+    want, want_eval = one_process
+    proc = run_strata(["train", *TINY, *corpus_overrides, *COMMON, f"train.run_dir={tmp_path}", "parallel.cp=2",
+                       "parallel.pp=2", "parallel.zero_stage=1"], nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world=4 dp=1 zero=1 tp=1 cp=2 pp=2" in proc.stdout
     assert_same_losses(train_losses(tmp_path), want)
     assert final_eval_loss(proc.stdout) == pytest.approx(want_eval, rel=1e-6)

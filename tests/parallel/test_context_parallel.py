@@ -187,8 +187,6 @@ def test_pieces_balance_the_causal_work():
 
 
 @pytest.mark.parametrize("layout, message", [
-    (dict(tp=1, pp=2, world_size=4, cp=2), "cp=2 with pp=2: context parallelism runs beside tensor and data "
-                                           "parallelism only so far; set parallel.pp=1"),
     (dict(tp=4, pp=1, world_size=8, cp=2, seq_len=12, sequence_parallel=True),
      "train.seq_len / cp=2 (sequence parallel)=6 is not divisible by tp=4"),
     (dict(tp=1, pp=1, world_size=2, cp=2, seq_len=30), "train.seq_len=30 is not divisible by 2 x cp = 4"),
