@@ -303,3 +303,23 @@ def test_the_plan_counts_a_ranks_pieces_the_gathered_kv_and_zero_over_cp():
     state = m.nheads(cfg.d_model) * (m.headdim * m.d_state + 1) * 4
     assert sent[MAMBA_BLOCK] == 3 * 2 * (state + (m.d_conv - 1) * m.conv_dim(cfg.d_model) * 4)
     assert sent[ATTENTION_BLOCK] == 3 * SEQ // 4 * 2 * cfg.attention.n_kv_heads * head_dim * 4
+
+
+def test_strata_plan_finds_the_longest_sequence_a_layout_fits():
+    """--longest-sequence's search: the length it reports fits, one step (1024 tokens here) more does not."""
+    import dataclasses
+
+    from strata.launcher.plan import longest_sequence
+    from strata.parallel.layout import Layout
+    from strata.parallel.plan import Hardware, RunSpec, plan_layout
+
+    spec = RunSpec(tiny_config(), seq_len=1024, global_batch=8, micro_batch=1)
+    layout = Layout(1, 1, 2, cp=2)
+    memory = 3 * plan_layout(spec, layout).peak
+    hardware = Hardware(gpu_memory=memory)
+    longest = longest_sequence(plan_layout(spec, layout, hardware), memory, hardware)
+
+    def peak(seq_len: int) -> float:
+        return plan_layout(dataclasses.replace(spec, seq_len=seq_len), layout, hardware).peak
+
+    assert longest > spec.seq_len and peak(longest) <= memory < peak(longest + 1024)
