@@ -2,8 +2,9 @@
 every parameter gradient (averaged over the CP ranks, as data parallelism averages them) to 1e-10
 in fp64, for Mamba2 (conv halo, SSD state passing), attention (gathered GQA K/V, RoPE at each
 piece's positions) and MLP blocks, with packed documents whose boundaries fall inside a piece,
-exactly at a piece boundary, inside a conv's halo, and a document spanning several pieces. One
-4-rank gloo job runs every case (cp=2 as two CP groups side by side)."""
+exactly at a piece boundary, inside a conv's halo, and a document spanning several pieces; with
+selective and full recompute. One 4-rank gloo job runs every case (cp=2 as two CP groups side by
+side); another cp=2 x tp=2, with and without sequence parallelism."""
 from __future__ import annotations
 
 import copy
@@ -45,6 +46,10 @@ CASES = {
 }
 
 
+RECOMPUTE = ("selective", "full")
+"""Recompute modes run under CP too: the collectives then run again in the backward."""
+
+
 def packed_positions() -> torch.Tensor:
     rows = []
     for restarts in RESTARTS:
@@ -67,13 +72,15 @@ def build_reference(cfg: ModelConfig) -> HybridLM:
     return HybridLM(cfg).double()
 
 
-def compare_case(cfg: ModelConfig, packed: bool, ctx) -> dict:
-    """Errors of this rank's CP model against the one-process model."""
+def compare_case(cfg: ModelConfig, packed: bool, ctx, recompute: str = "none") -> dict:
+    """Errors of this rank's CP model (its blocks recomputed as `recompute` says) against the
+    one-process model."""
     from strata.parallel.context.blocks import context_parallel
+    from strata.parallel.engine.parallelize import apply_recompute
 
     ids, labels, positions = batch(packed)
     ref = build_reference(cfg)
-    model = context_parallel(copy.deepcopy(ref), ctx)
+    model = apply_recompute(context_parallel(copy.deepcopy(ref), ctx), [recompute] * cfg.n_blocks)
     ref_logits = ref(ids, position_ids=positions).detach()
     ref_loss = ref(ids, labels=labels, position_ids=positions)
     ref_loss.backward()
@@ -105,6 +112,8 @@ def equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
         ctx = CPContext.of_group(group)
         for name, (changes, packed) in CASES.items():
             results[f"{name}/cp{cp}"] = compare_case(tiny_config(**changes), packed, ctx)
+        for mode in RECOMPUTE:
+            results[f"hybrid_packed_{mode}/cp{cp}"] = compare_case(tiny_config(), True, ctx, mode)
     write_result(out_dir, rank, results)
 
 
@@ -113,7 +122,8 @@ def equivalence(tmp_path_factory):
     return spawned_results(tmp_path_factory, "cp", equivalence_worker, WORLD)
 
 
-@pytest.mark.parametrize("key", [f"{name}/cp{cp}" for name in CASES for cp in (2, 4)])
+@pytest.mark.parametrize("key", [f"{name}/cp{cp}" for name in [*CASES, *(f"hybrid_packed_{m}" for m in RECOMPUTE)]
+                                 for cp in (2, 4)])
 def test_context_parallel_matches_one_process(equivalence, key):
     for rank, results in enumerate(equivalence):
         errors = results[key]
