@@ -17,6 +17,8 @@ gradient reaches the other ranks' S_j and a_j through the gather's backward.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from strata.kernels import ops
@@ -37,6 +39,21 @@ def documents_of(seq_idx: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     if start < 0:
         part = torch.cat([part[:, :1].expand(-1, -start), part], dim=1)
     return part - part[:, :1]
+
+
+@dataclass
+class PieceScan:
+    """One piece scanned from a zero state: what is gathered of it, and what its correction needs."""
+
+    y: torch.Tensor
+    """(b, l, h, p): the output from a zero entering state."""
+    C: torch.Tensor
+    final: torch.Tensor
+    """(b, h, p, n): the state after the piece (its last document's)."""
+    decay: torch.Tensor
+    """(b, h): how the state entering the piece decays across it; zero where a document starts inside."""
+    to_token: torch.Tensor
+    """(b, l, h): the decay from the piece's start to each token; zero from its first document start."""
 
 
 class ContextParallelMamba:
@@ -66,27 +83,25 @@ class ContextParallelMamba:
         local = [self.piece_scan(j, length, *parts, seq_idx)
                  for j, *parts in zip(self.cp.local_pieces(), *(t.chunk(PIECES_PER_RANK, dim=SEQ_DIM)
                                                                  for t in (x, dt, B, C)))]
-        finals = self.cp.gather_pieces(torch.stack([piece["final"] for piece in local]))
-        decays = self.cp.gather_pieces(torch.stack([piece["decay"] for piece in local]))
+        finals = self.cp.gather_pieces(torch.stack([piece.final for piece in local]))
+        decays = self.cp.gather_pieces(torch.stack([piece.decay for piece in local]))
         entering = states_entering(finals, decays)
         return torch.cat([self.corrected(piece, entering[j]) for j, piece in zip(self.cp.local_pieces(), local)],
                          dim=SEQ_DIM)
 
-    def piece_scan(self, j: int, length: int, x, dt, B, C, seq_idx) -> dict:
-        """Piece j (tokens [j L, (j + 1) L) of the whole sequence) scanned from a zero state: its
-        output, final state and decay, and what the correction needs."""
+    def piece_scan(self, j: int, length: int, x, dt, B, C, seq_idx) -> PieceScan:
+        """Piece j (tokens [j L, (j + 1) L) of the whole sequence) scanned from a zero state."""
         documents = None if seq_idx is None else documents_of(seq_idx, j * length, (j + 1) * length)
         y, final = self.ssd(x, dt, B, C, return_final_states=True, seq_idx=documents)
         log_decay = torch.cumsum(prepare_dt(dt, self.dt_bias, True, self.dt_limit) * self.decay_rate(), dim=1)
         continues = continues_document(seq_idx, j, length, x)
-        decay = torch.exp(log_decay[:, -1]) * continues[:, -1:]  # (b, h): zero where a document starts inside
-        return dict(y=y, C=C, final=final, decay=decay, to_token=torch.exp(log_decay) * continues[..., None])
+        return PieceScan(y, C, final, decay=torch.exp(log_decay[:, -1]) * continues[:, -1:],
+                         to_token=torch.exp(log_decay) * continues[..., None])
 
-    def corrected(self, piece: dict, state: torch.Tensor) -> torch.Tensor:
+    def corrected(self, piece: PieceScan, state: torch.Tensor) -> torch.Tensor:
         """y0_t + C_t . (decay from the piece's start to t) . state, for each token of the piece."""
-        y = piece["y"]
-        C = expand_groups(acc(piece["C"]), y.shape[2])
-        return (acc(y) + torch.einsum("blhn,bhpn,blh->blhp", C, state, piece["to_token"])).to(y.dtype)
+        C = expand_groups(acc(piece.C), piece.y.shape[2])
+        return (acc(piece.y) + torch.einsum("blhn,bhpn,blh->blhp", C, state, piece.to_token)).to(piece.y.dtype)
 
 
 def continues_document(seq_idx: torch.Tensor | None, j: int, length: int, like: torch.Tensor) -> torch.Tensor:
