@@ -40,8 +40,8 @@ class ParallelConfig:
     cp: int = 1
     """Context-parallel size: ranks that split each sequence, in 2 x cp load-balanced pieces
     (parallel/context/; docs/PARALLEL.md). They hold the same parameters and reduce gradients with
-    the data-parallel ranks; the world is tp x cp x pp x dp. Needs train.seq_len divisible by 2 x cp;
-    with tp = pp = 1 for now."""
+    the data-parallel ranks; the world is tp x cp x pp x dp. Needs train.seq_len divisible by 2 x cp
+    (and seq_len / cp by tp under sequence parallelism)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage over the data-parallel ranks: 0 none, 1 optimizer states,
     2 + gradients, 3 + parameters."""
