@@ -217,7 +217,7 @@ class LoggingConfig:
     name (H100/H200 989, A100 312) and leaves MFU out where it is unknown (e.g. on CPU)."""
     sample_prompt: str = "def "
     """After each evaluation, the greedy continuation of this prompt goes to the log and
-    TensorBoard's text tab (tp = pp = 1 and ZeRO <= 2: rank 0 holds the whole model); '' turns it off."""
+    TensorBoard's text tab (tp = cp = pp = 1 and ZeRO <= 2: rank 0 holds the whole model); '' turns it off."""
     sample_tokens: int = 32
     """Tokens in that continuation."""
 
