@@ -198,7 +198,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
         reporter.log(f"strata: {note}")
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
-                 f"tp={topo.tp} cp={topo.cp} pp={topo.pp} | {plan.describe(step)}")
+                 f"tp={topo.tp}{f' cp={topo.cp}' if topo.cp > 1 else ''} pp={topo.pp} | {plan.describe(step)}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
     log_memory_plan(reporter, cfg, info.world_size, info.device, topo.pp_rank, step)  # checked at every step
     if describe_structure(cfg.model):

@@ -45,7 +45,7 @@ def test_cp2_trains_as_one_process_and_resumes_with_cp1(tmp_path, corpus_overrid
     (tmp_path / "metrics.jsonl").unlink()  # only the resumed steps' losses are read back
     resumed = run_strata(base)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "cp=1 pp=1 | resumed from step_00000005" in resumed.stdout
+    assert "tp=1 pp=1 | resumed from step_00000005" in resumed.stdout
     assert_same_losses(train_losses(tmp_path), {step: want[step] for step in range(6, STEPS + 1)})
 
 
