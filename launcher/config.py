@@ -239,7 +239,7 @@ class LoggingConfig:
     name (H100/H200 989, A100 312) and leaves MFU out where it is unknown (e.g. on CPU)."""
     sample_prompt: str = "def "
     """After each evaluation, the greedy continuation of this prompt goes to the log and
-    TensorBoard's text tab (tp = pp = 1 and ZeRO <= 2: rank 0 holds the whole model); '' turns it off."""
+    TensorBoard's text tab (tp = cp = pp = 1 and ZeRO <= 2: rank 0 holds the whole model); '' turns it off."""
     sample_tokens: int = 32
     """Tokens in that continuation."""
 
@@ -282,6 +282,10 @@ class Config:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")
+        if self.train.fp8 != "none" and self.parallel.cp > 1:
+            raise ConfigError(f"train.fp8: {self.train.fp8} with parallel.cp={self.parallel.cp} is not supported yet: each "
+                              "context-parallel rank would scale its shard's activations by its own maximum, not the "
+                              "sequence's; use parallel.cp=1 or train.fp8=none")
 
     def planned_vocab_size(self) -> int:
         """model.vocab_size, else the vocabulary data.vocab_size will train when `strata prepare`

@@ -3,11 +3,14 @@
     strata plan --config configs/hybrid-8b.yaml --gpus 64 --gpu-memory 80
     strata plan --config configs/hybrid-8b.yaml --gpus 64 --gpu-memory 80 train.recompute=selective
     strata plan --config configs/hybrid-1b3.yaml --gpus 8 --gpu-memory 80 parallel.tp=2   # one layout
+    strata plan --config configs/hybrid-8b.yaml --gpus 64 --longest-sequence parallel.cp=8
 
 Without parallel.tp or parallel.pp on the command line, every layout that divides the model on
---gpus ranks (parallel/layout.py) is planned: a table of those that fit, fastest first by the
-estimated step time, one line for each that does not saying what is over (and what would make it
-fit), then the breakdown of the fastest. With either override, that one layout and its breakdown.
+--gpus ranks (parallel/layout.py), beside parallel.cp's context parallelism, is planned: a table of
+those that fit, fastest first by the estimated step time, one line for each that does not saying
+what is over (and what would make it fit), then the breakdown of the fastest. With either
+override, that one layout and its breakdown. --longest-sequence adds the longest train.seq_len
+each fitting layout still fits.
 The memory model is parallel/plan.py's (activations: model/memory.py); GPU runs use bf16 autocast
 and the Triton kernels unless train.precision=fp32 or STRATA_KERNELS=reference. No GPU is used.
 
@@ -16,6 +19,7 @@ Exit codes: 0 a layout fits (or the one asked for fits), 1 none does, 2 a bad co
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import replace
@@ -39,6 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8): TP beyond a node is slow")
     p.add_argument("--gpu-tflops", type=float, default=Hardware.tflops,
                    help=f"dense bf16 TFLOP/s of one GPU, for the step time (default {Hardware.tflops}, H100)")
+    p.add_argument("--longest-sequence", action="store_true",
+                   help="add a column: the longest train.seq_len at which each fitting layout still fits")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.recompute=selective parallel.tp=2")
     return p.parse_args(argv)
 
@@ -62,7 +68,7 @@ def run_spec(cfg: Config, device_type: str = "cuda") -> RunSpec:
 def predicted_peak(cfg: Config, world_size: int, device_type: str, stage: int = 0) -> Plan:
     """The plan of a run's own layout for pipeline stage `stage` (launcher/train.py logs it)."""
     par = cfg.parallel
-    layout = Layout(par.tp, par.pp, world_size // (par.tp * par.pp), par.zero_stage)
+    layout = Layout(par.tp, par.pp, world_size // (par.tp * par.cp * par.pp), par.zero_stage, cp=par.cp)
     return plan_layout(run_spec(cfg, device_type), layout, cuda=device_type == "cuda", stage=stage)
 
 
@@ -147,10 +153,37 @@ def largest_micro_batch(plan: Plan, memory: float, hardware: Hardware) -> int:
     return best
 
 
-def table(plans: list[Plan], memory: float, hardware: Hardware) -> list[str]:
+LONGEST_SEARCHED = 2**24
+"""The longest sequence --longest-sequence tries (16M tokens)."""
+
+
+def longest_sequence(plan: Plan, memory: float, hardware: Hardware) -> int:
+    """The longest train.seq_len at which the layout still fits (memory and the layout's divisibility;
+    model.max_seq_len aside), in steps of 1024 tokens x 2 cp x tp: doubling from the planned length,
+    then bisecting. Everything else of the run (batch, recompute, ZeRO) stays as planned."""
+    layout = plan.layout
+    granule = math.lcm(1024, 2 * layout.cp * layout.tp)
+
+    def fits(seq_len: int) -> bool:
+        return not plan_layout(replace(plan.spec, seq_len=seq_len), layout, hardware).over(memory)
+
+    low = plan.spec.seq_len
+    while low * 2 <= LONGEST_SEARCHED and fits(low * 2):
+        low *= 2
+    high = low * 2
+    while high - low > granule:
+        mid = (low + high) // 2 // granule * granule
+        if mid <= low:
+            break
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def table(plans: list[Plan], memory: float, hardware: Hardware, longest: bool = False) -> list[str]:
     lines = ["| layout | ZeRO | peak GiB/GPU | weights + grads + optimizer | activations | loss + transients | "
-             "micro-batches per step | est. step s | tokens/s/GPU | largest micro-batch that fits |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "micro-batches per step | est. step s | tokens/s/GPU | largest micro-batch that fits |"
+             + (" longest seq_len that fits |" if longest else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if longest else "")]
     for p in plans:
         act = sum(v for k, v in p.terms.items() if k.startswith(("activations", "a recomputed", "pipeline")))
         transient = sum(v for k, v in p.terms.items() if k.startswith(("loss", "transient")))
@@ -158,7 +191,8 @@ def table(plans: list[Plan], memory: float, hardware: Hardware) -> list[str]:
         tokens = p.spec.global_batch * p.spec.seq_len / p.step_time / p.layout.world_size
         lines.append(f"| {p.layout} | {p.layout.zero_stage} | {gib(p.peak)} | {gib(static)} | {gib(act)} | "
                      f"{gib(transient)} | {p.accumulation} | {p.step_time:.2f} | {tokens:,.0f} | "
-                     f"{largest_micro_batch(p, memory, hardware)} |")
+                     f"{largest_micro_batch(p, memory, hardware)} |"
+                     + (f" {longest_sequence(p, memory, hardware):,} |" if longest else ""))
     return lines
 
 
@@ -201,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         spec = run_spec(cfg)
         one = any(o.split("=", 1)[0] in ("parallel.tp", "parallel.pp") for o in args.overrides)
+        par = cfg.parallel
         if one:
-            par = cfg.parallel
             layout = check_layout(cfg.model, par.tp, par.pp, args.gpus, par.zero_stage, par.sequence_parallel,
-                                  spec.seq_len, spec.vocab)
+                                  spec.seq_len, spec.vocab, par.cp)
             plans = [plan_layout(spec, layout, hardware)]
         else:
-            plans = plan_layouts(spec, args.gpus, hardware)
+            plans = plan_layouts(spec, args.gpus, hardware, cp=par.cp)
     except (ConfigError, LayoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -220,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         out.append(f"{len(plans)} layouts divide the model; {len(fit)} fit")
     if fit:
         out += ["", f"fits, fastest first (step time estimated: compute at {ASSUMED_MFU:.0%} of "
-                f"{args.gpu_tflops:g} TFLOP/s, 1F1B bubble, TP/DP traffic not overlapped):", *table(fit, memory, hardware)]
+                f"{args.gpu_tflops:g} TFLOP/s, 1F1B bubble, TP/DP traffic not overlapped):",
+                *table(fit, memory, hardware, args.longest_sequence)]
     over = [p for p in plans if p.over(memory)]
     if over:
         out += ["", "does not fit:", *(over_line(p, memory, hardware) for p in over)]

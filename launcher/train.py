@@ -58,7 +58,7 @@ from strata.parallel.checkpoint.resume import ResumePlan
 from strata.parallel.distributed import (DistInfo, a_rank_left, decided_by_rank0, init_distributed, on_every_rank,
                                          rank_environment, ranks_still_here, restart_hazard, shutdown)
 from strata.parallel.engine.build import build_engine, data_parallel_size, grad_accumulation_steps
-from strata.parallel.engine.parallelize import describe_fp8, parallel_model
+from strata.parallel.engine.parallelize import describe_fp8, parallel_model, rank_batch
 from strata.parallel.engine.steps import eval_loss, train_micro_batches
 from strata.parallel.guard import SpikeGuard, parameters_finite
 from strata.parallel.layout import Layout, check_layout as check_parallel_layout
@@ -163,7 +163,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     run_dir = Path(cfg.train.run_dir)
     on_every_rank(lambda: check_run_dir(run_dir))
     check_shared_run_dir(run_dir, info.is_main)
-    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
+    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     dp, dp_rank = topo.dp, topo.dp_rank
     corpus = open_data(cfg, info)
     asked_steps = resolve_config(cfg, corpus.tokenizer.vocab_size)
@@ -205,7 +205,7 @@ def setup(cfg: Config, info: DistInfo) -> Run:
         reporter.log(f"strata: {note}")
     reporter.log(f"strata: {cfg.model.pattern} d_model={cfg.model.d_model} vocab={cfg.model.vocab_size} "
                  f"params={n_params / 1e6:.2f}M | world={info.world_size} dp={dp} zero={cfg.parallel.zero_stage} "
-                 f"tp={topo.tp} pp={topo.pp} | {plan.describe(step)}")
+                 f"tp={topo.tp}{f' cp={topo.cp}' if topo.cp > 1 else ''} pp={topo.pp} | {plan.describe(step)}")
     reporter.log(format_counts(cfg.model, cfg.train.seq_len))
     if cfg.train.fp8 != "none":
         reporter.log(describe_fp8(fp8, model, cfg.parallel.micro_batch_size * cfg.train.seq_len))
@@ -282,7 +282,7 @@ def micro_batches(run: Run, waits: list):
     """The step's micro-batches, on the device, as the engine draws them (the pipeline engine
     only on its first and last stages); each one's wait for data is appended to `waits`."""
     for _ in range(run.engine.gradient_accumulation_steps()):
-        batch = to_device(next(run.loader), run.dist.device)
+        batch = to_device(rank_batch(next(run.loader), run.topo), run.dist.device)
         waits.append(run.loader.last_wait_s)
         yield batch
 
@@ -293,7 +293,7 @@ def evaluate(run: Run) -> dict:
     run.engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=run.dist.device)
     for batch in run.eval_batches:
-        batch = to_device(batch, run.dist.device)
+        batch = to_device(rank_batch(batch, run.topo), run.dist.device)
         with autocast(run.cfg, run.dist.device):
             total[0] += eval_loss(run.engine, run.topo, batch).item()
         total[1] += 1
@@ -316,9 +316,10 @@ def report_eval(run: Run, result: dict) -> None:
 def report_sample(run: Run) -> None:
     """A short greedy continuation of logging.sample_prompt after each evaluation, in the log and
     TensorBoard's text tab: a user sees the model learn, not only a number. Rank 0 generates
-    alone, so it must hold the whole model (tp = pp = 1, ZeRO <= 2)."""
+    alone, so it must hold the whole model as one process runs it (tp = cp = pp = 1, ZeRO <= 2)."""
     prompt, tokenizer = run.cfg.logging.sample_prompt, run.tokenizer
-    if not prompt or not run.dist.is_main or run.topo.tp * run.topo.pp > 1 or run.cfg.parallel.zero_stage == 3:
+    if not prompt or not run.dist.is_main or run.topo.layout.world_size // run.topo.dp > 1 or \
+            run.cfg.parallel.zero_stage == 3:
         return
     sampling = Sampling(max_new_tokens=run.cfg.logging.sample_tokens, eos_id=tokenizer.eos_id)
     try:
@@ -333,7 +334,8 @@ def report_sample(run: Run) -> None:
 
 def layout_of(cfg: Config, info: DistInfo) -> Layout:
     par = cfg.parallel
-    return Layout(par.tp, par.pp, data_parallel_size(info.world_size, par), par.zero_stage, cfg.train.param_dtype)
+    return Layout(par.tp, par.pp, data_parallel_size(info.world_size, par), par.zero_stage, cfg.train.param_dtype,
+                  par.cp)
 
 
 def check_config_unchanged(run: Run) -> None:
@@ -441,7 +443,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
     par = cfg.parallel
     try:
         check_parallel_layout(cfg.model, par.tp, par.pp, world_size, par.zero_stage, par.sequence_parallel,
-                              cfg.train.seq_len, cfg.planned_vocab_size())
+                              cfg.train.seq_len, cfg.planned_vocab_size(), par.cp)
         grad_accumulation_steps(cfg.train.global_batch_size, par, data_parallel_size(world_size, par))
         if cfg.train.spike_skip and par.pp > 1:
             raise ValueError("train.spike_skip: the pipeline engine computes the loss inside its schedule; "

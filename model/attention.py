@@ -88,19 +88,13 @@ class Attention(nn.Module):
         head_dim). Memory-heavy and FLOP-light: selective recompute redoes it in the backward."""
         b, _, l, _ = q.shape
         start = cache.length if cache is not None else 0
-        if self.cfg.rope:
-            if position_ids is None:
-                position_ids = torch.arange(start, start + l, device=q.device)
-            cos, sin = rope_tables(position_ids, self.head_dim, self.cfg.rope_theta, self.rotary_dim)
-            q, k = apply_rope(q, cos, sin, self.rotary_dim), apply_rope(k, cos, sin, self.rotary_dim)
+        q, k = self.rotate(q, k, position_ids, start)
         if cache is not None:
             cache.k[:, :, start:start + l] = k
             cache.v[:, :, start:start + l] = v
             cache.length = start + l
             k, v = cache.k[:, :, :cache.length], cache.v[:, :, :cache.length]
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v = self.repeat_kv(k), self.repeat_kv(v)
         # A single new token attends to everything cached; a block of new tokens is causal
         # among itself, which SDPA's is_causal expresses only when nothing precedes it.
         if seq_idx is not None:
@@ -113,6 +107,21 @@ class Attention(nn.Module):
             mask = torch.ones(l, start + l, dtype=torch.bool, device=q.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None, start: int = 0):
+        """q and k with RoPE at position_ids (default: start, start + 1, ...); unchanged without RoPE."""
+        if not self.cfg.rope:
+            return q, k
+        if position_ids is None:
+            position_ids = torch.arange(start, start + q.shape[2], device=q.device)
+        cos, sin = rope_tables(position_ids, self.head_dim, self.cfg.rope_theta, self.rotary_dim)
+        return apply_rope(q, cos, sin, self.rotary_dim), apply_rope(k, cos, sin, self.rotary_dim)
+
+    def repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """GQA: each KV head repeated for the query heads that share it."""
+        if self.n_kv_heads == self.n_heads:
+            return t
+        return t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
 
     def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)

@@ -150,9 +150,13 @@ class HybridLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
+    def documents(self, position_ids, batch_size: int):
+        """seq_idx of the rows (document_index); a parallel form that holds part of each row overrides it."""
+        return document_index(position_ids, batch_size)
+
     def hidden_states(self, input_ids, position_ids=None, caches=None):
         x = self.embed(input_ids)
-        seq_idx = document_index(position_ids, input_ids.shape[0])
+        seq_idx = self.documents(position_ids, input_ids.shape[0])
         for i, block in enumerate(self.blocks):
             x = block(x, position_ids=position_ids, cache=None if caches is None else caches[i], seq_idx=seq_idx)
         return self.final_norm(x).to(self.final_norm.weight.dtype)  # an fp32 residual back to the weights' dtype
@@ -161,8 +165,16 @@ class HybridLM(nn.Module):
         """Returns the mean loss over labels != -100 when labels are given, else the logits (b, l, vocab)."""
         h = self.hidden_states(input_ids, position_ids, caches)
         if labels is None:
-            return torch.nn.functional.linear(h, self.head_weight)
-        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, labels.reshape(-1))
+            return self.logits(h)
+        return self.loss(h, labels)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(h, self.head_weight)
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The cross-entropy over labels != -100 (mean or sum), through the fused LM-head loss."""
+        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, labels.reshape(-1),
+                                        reduction=reduction)
 
     def allocate_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
         """Per-block decoding state: conv + SSM state for 'M', a KV cache for '*', None for '-'."""

@@ -121,23 +121,36 @@ class Mamba2Mixer(nn.Module):
         z, xbc_in, dt = self.split_projection(zxbcdt)
         xbc = self.conv(xbc_in, cache, seq_idx)
         x, B, C = self.split_xbc(xbc)
-        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
-        y = ops.ssd_chunked(x, dt, A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
-                            dt_softplus=True, initial_states=None if cache is None else cache.ssm_state,
-                            return_final_states=cache is not None, dt_limit=self.dt_limit, seq_idx=seq_idx)
-        if cache is not None:
-            y, final_state = y
-            cache.ssm_state.copy_(final_state)
+        y = self.scan(x, dt, B, C, cache, seq_idx)
         y = y.reshape(*y.shape[:2], self.d_inner)
         return self.norm(y, z)
+
+    def scan(self, x, dt, B, C, cache: MambaCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The SSD scan over the sequence, continuing the cache's state (and leaving it the state after)."""
+        if cache is None:
+            return self.ssd(x, dt, B, C, seq_idx=seq_idx)
+        y, final_state = self.ssd(x, dt, B, C, initial_states=cache.ssm_state, return_final_states=True,
+                                  seq_idx=seq_idx)
+        cache.ssm_state.copy_(final_state)
+        return y
+
+    def ssd(self, x, dt, B, C, initial_states=None, return_final_states=False, seq_idx=None):
+        """The one call of the SSD op with this mixer's A, D, dt_bias and dt_limit (kernels/ops.py's
+        ssd_chunked: y, and the final state when asked)."""
+        return ops.ssd_chunked(x, dt, self.decay_rate(), B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                               dt_softplus=True, initial_states=initial_states,
+                               return_final_states=return_final_states, dt_limit=self.dt_limit, seq_idx=seq_idx)
+
+    def decay_rate(self) -> torch.Tensor:
+        """A = -exp(A_log) per head, in fp32 at least: the state decays by exp(dt * A) per token."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
 
     def step(self, u: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         z, xbc_in, dt = self.split_projection(self.in_proj(u[:, 0]))
         xbc, cache.conv_state = ops.causal_conv1d_step(xbc_in, cache.conv_state, self.conv_weight,
                                                        self.conv1d.bias, activation="silu")
         x, B, C = self.split_xbc(xbc)
-        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
-        y, cache.ssm_state = ops.ssd_step(cache.ssm_state, x, dt, A, B, C, D=self.D,
+        y, cache.ssm_state = ops.ssd_step(cache.ssm_state, x, dt, self.decay_rate(), B, C, D=self.D,
                                           dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         y = y.reshape(y.shape[0], 1, self.d_inner)
         return self.out_proj(self.norm(y, z[:, None]))

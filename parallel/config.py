@@ -37,6 +37,11 @@ class ParallelConfig:
     """Tensor-parallel size: ranks that split each layer's heads / channels."""
     pp: int = 1
     """Pipeline-parallel size: ranks that split the blocks into stages."""
+    cp: int = 1
+    """Context-parallel size: ranks that split each sequence, in 2 x cp load-balanced pieces
+    (parallel/context/; docs/PARALLEL.md). They hold the same parameters and reduce gradients with
+    the data-parallel ranks; the world is tp x cp x pp x dp. Needs train.seq_len divisible by 2 x cp
+    (and seq_len / cp by tp under sequence parallelism)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage over the data-parallel ranks: 0 none, 1 optimizer states,
     2 + gradients, 3 + parameters."""
@@ -58,7 +63,7 @@ class ParallelConfig:
     for rank 0 to prepare the corpus, and for rank 0 to commit a checkpoint (rename, rotation)."""
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "micro_batch_size", "timeout_s", "long_timeout_s"):
+        for name in ("tp", "pp", "cp", "micro_batch_size", "timeout_s", "long_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1, 2, 3):

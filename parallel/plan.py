@@ -34,6 +34,12 @@ model/memory.py. What a rank holds (fp32 weights, torch AdamW, DeepSpeed 0.19's 
 The peak is the higher of the backward and the optimizer step (weights, all gradients, optimizer
 states and AdamW's temporaries).
 
+Context parallelism (layout.cp > 1, parallel/context/): a rank's activations are those of its
+seq_len / cp tokens, plus per attention block the K and V of the other ranks' tokens that it
+gathers (kept for the backward, GQA-repeated as SDPA reads them) and SDPA's boolean mask of its
+queries against every key; the CP ranks reduce gradients with the data-parallel ones.
+`context_parallel_bytes` is what a rank sends per layer and block kind (bench/ and the step time).
+
 Step time is an estimate for ranking layouts, not a promise: compute at ASSUMED_MFU of the GPU's
 peak, the 1F1B bubble, and the TP all-reduces, DP gradient reduction and ZeRO-3 gathers at ring
 bandwidth, none of it overlapped.
@@ -44,9 +50,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from strata.model.config import ModelConfig
+from strata.model.config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, ModelConfig
 from strata.model.counting import block_core_flops, block_forward_flops, count_parameters, training_flops_per_token
-from strata.model.memory import (FP32, LossMemory, Shape, block_activations, core_input_bytes, kept_bytes,
+from strata.model.memory import (FP32, NONE, LossMemory, Saved, Shape, block_activations, core_input_bytes, kept_bytes,
                                  loss_activations, recompute_working_set)
 from strata.parallel.layout import Layout, layout_problems, valid_layouts
 
@@ -251,7 +257,8 @@ def optimizer_terms(info: dict, spec: RunSpec, layout: Layout, cuda: bool, gathe
                     accumulation: int) -> tuple[dict[str, float], dict[str, float], float]:
     """(held through the step, gradients at the backward's peak, extra at the optimizer step) for a
     stage `info` (stage_parameters); `gathered`: parameters of the largest block (ZeRO-3 gathers it)."""
-    z, dp, params = spec.zero_stage, layout.dp, info["params"]
+    z, params = spec.zero_stage, info["params"]
+    dp = layout.dp * layout.cp  # ZeRO partitions over the context-parallel ranks too
     part = params / dp
     if z == 3:  # small parameters stay whole (stage3_param_persistence_threshold)
         weights = info["persistent"] + (params - info["persistent"]) / dp
@@ -324,8 +331,8 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
     accumulation = max(1, spec.global_batch // (spec.micro_batch * dp))
     in_flight = min(pp - stage, accumulation) if pp > 1 else 1
     residual = FP32 if spec.param_bytes == FP32 or model.residual_in_fp32 else spec.param_bytes
-    shape = Shape(spec.micro_batch, spec.seq_len, tp, spec.sequence_parallel, spec.kernels, spec.act_bytes,
-                  spec.documents, spec.param_bytes, residual)
+    shape = Shape(spec.micro_batch, spec.seq_len // layout.cp, tp, spec.sequence_parallel, spec.kernels,
+                  spec.act_bytes, spec.documents, spec.param_bytes, residual)
     n_blocks = model.n_blocks
     blocks = model.blocks()
     by_kind: dict[str, float] = {}
@@ -338,6 +345,7 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
         made.append(FP32 * layers[layer][0])
         block = blocks[i]
         terms = block_activations(model, block.kind, shape, dense_mlp=block.dense_mlp)
+        terms += context_parallel_terms(model, block.kind, spec, layout.cp, tp)
         kept.append(kept_bytes(terms, spec.mode(i)))
         dropped.append(recompute_working_set(terms, spec.mode(i), core_input_bytes(model, block.kind, shape)))
         by_kind[block.kind] = by_kind.get(block.kind, 0.0) + kept[-1]
@@ -369,7 +377,7 @@ def plan_layout(spec: RunSpec, layout: Layout, hardware: Hardware = Hardware(), 
                 stage: int | None = None) -> Plan:
     """The plan of the layout's fullest stage (or of `stage`), with FLOPs and step time."""
     model = spec.resolved_model()
-    layout = Layout(layout.tp, layout.pp, layout.dp, spec.zero_stage)
+    layout = Layout(layout.tp, layout.pp, layout.dp, spec.zero_stage, cp=layout.cp)
     stages = stage_parameters(model, layout.tp, layout.pp, spec.seq_len)
     candidates = [plan_stage(spec, layout, s, stages, cuda) for s in (range(layout.pp) if stage is None else [stage])]
     plan = max(candidates, key=lambda p: p.peak)
@@ -382,16 +390,16 @@ def plan_layout(spec: RunSpec, layout: Layout, hardware: Hardware = Hardware(), 
 def run_problems(spec: RunSpec, layout: Layout) -> list[str]:
     per_step = spec.micro_batch * layout.dp
     problems = layout_problems(spec.model, layout.tp, layout.pp, layout.world_size, spec.zero_stage,
-                               spec.sequence_parallel, spec.seq_len, spec.vocab)
+                               spec.sequence_parallel, spec.seq_len, spec.vocab, layout.cp)
     if spec.global_batch % per_step:
         problems.append(f"train.global_batch_size={spec.global_batch} is not a multiple of micro-batch "
                         f"{spec.micro_batch} x dp {layout.dp}")
     return problems
 
 
-def plan_layouts(spec: RunSpec, world_size: int, hardware: Hardware = Hardware()) -> list[Plan]:
-    """A plan for every layout parallel/layout.py accepts on world_size ranks, in its order."""
-    layouts = valid_layouts(spec.model, world_size, zero_stage=spec.zero_stage,
+def plan_layouts(spec: RunSpec, world_size: int, hardware: Hardware = Hardware(), cp: int = 1) -> list[Plan]:
+    """A plan for every layout parallel/layout.py accepts on world_size ranks beside `cp`, in its order."""
+    layouts = valid_layouts(spec.model, world_size, cp=cp, zero_stage=spec.zero_stage,
                             sequence_parallel=spec.sequence_parallel, seq_len=spec.seq_len, vocab_size=spec.vocab)
     return [plan_layout(spec, layout, hardware) for layout in layouts]
 
@@ -431,9 +439,52 @@ def step_time(spec: RunSpec, layout: Layout, stages: list[dict], accumulation: i
     reruns = sum(1 for i in range(spec.model.n_blocks) if spec.mode(i) == "full") / max(1, pp)
     tp_comm = accumulation * (2 * blocks + reruns) * _ring(micro, tp, tp_bw)
     params = max(s["params"] for s in stages)
-    dp_comm = _ring(FP32 * params, dp, dp_bw) * (2.5 if spec.zero_stage == 3 else 1.0)
+    dp_comm = _ring(FP32 * params, dp * layout.cp, dp_bw) * (2.5 if spec.zero_stage == 3 else 1.0)
     pp_comm = 2 * accumulation * micro / (tp_bw * 1e9) if pp > 1 else 0.0
-    return compute + tp_comm + dp_comm + pp_comm
+    return compute + tp_comm + dp_comm + pp_comm + context_parallel_time(spec, layout, accumulation, hw)
+
+
+def context_parallel_bytes(model: ModelConfig, micro_batch: int, seq_len: int, cp: int,
+                           act_bytes: int, tp: int = 1) -> dict[str, float]:
+    """Bytes one rank sends per layer of each block kind in the forward, as parallel/context/ gathers
+    (a ring all-gather sends cp - 1 times a rank's part; the backward's reduce-scatter as much again):
+    attention its tokens' K and V; Mamba2 its two pieces' final states (fp32) and decays, and their
+    last d_conv - 1 conv inputs; an MLP nothing. Under TP, of the rank's heads (and groups) only."""
+    if cp == 1:
+        return {}
+    m, a = model.mamba, model.attention
+    local = seq_len // cp
+    head_dim = a.resolved_head_dim(model.d_model)
+    kv_heads = max(1, a.resolved_kv_heads() // tp)  # split, or the one replicated head a rank uses
+    state = m.nheads(model.d_model) // tp * (m.headdim * m.d_state + 1) * FP32
+    halo = (m.d_conv - 1) * m.conv_dim(model.d_model) // tp * act_bytes
+    return {MAMBA_BLOCK: (cp - 1) * 2 * micro_batch * (state + halo),
+            ATTENTION_BLOCK: (cp - 1) * micro_batch * local * 2 * kv_heads * head_dim * act_bytes,
+            MLP_BLOCK: 0.0}
+
+
+def context_parallel_terms(model: ModelConfig, kind: str, spec: RunSpec, cp: int, tp: int = 1) -> list[Saved]:
+    """What CP adds to an attention block's kept tensors: the gathered K and V of the other ranks'
+    tokens, repeated to every query head, and SDPA's mask of this rank's queries against every key
+    (per row with packed documents). Both are inside the core: recompute drops them."""
+    if cp == 1 or kind != ATTENTION_BLOCK:
+        return []
+    a = model.attention
+    local, others = spec.seq_len // cp, spec.seq_len - spec.seq_len // cp
+    kv = 2 * spec.micro_batch * others * a.n_heads // tp * a.resolved_head_dim(model.d_model) * spec.act_bytes
+    mask = (spec.micro_batch if spec.documents else 1) * local * spec.seq_len
+    return [Saved("context parallel: the other ranks' K and V (gathered, GQA-repeated)", kv, NONE),
+            Saved("context parallel: SDPA's mask of the local queries against every key (bool)", mask, NONE)]
+
+
+def context_parallel_time(spec: RunSpec, layout: Layout, accumulation: int, hw: Hardware) -> float:
+    """The CP gathers (forward) and reduce-scatters (backward) of a step, not overlapped."""
+    sent = context_parallel_bytes(spec.model, spec.micro_batch, spec.seq_len, layout.cp, spec.act_bytes, layout.tp)
+    if not sent:
+        return 0.0
+    per_micro_batch = sum(2 * sent[block.kind] for block in spec.model.blocks()) / layout.pp
+    bandwidth = hw.intra_node_gbps if layout.tp * layout.cp <= hw.gpus_per_node else hw.inter_node_gbps
+    return accumulation * per_micro_batch / (bandwidth * 1e9)
 
 
 def total_parameters(spec: RunSpec) -> int:

@@ -18,9 +18,10 @@ FOLDER_DEPENDS = {
 }
 
 # parallel/'s parts, lowest first: the foundation modules, then the sub-packages in the order they build on
-# each other (plan reads the TP split rules; the engine builds the TP and pipeline forms; checkpoints
-# rebuild and restore engines).
-LAYERS = ["config", "layout", "distributed", "topology", "guard", "tensor", "pipeline", "plan", "engine", "checkpoint"]
+# each other (context may compose with the TP forms; plan reads the TP split rules; the engine builds the TP,
+# CP and pipeline forms; checkpoints rebuild and restore engines).
+LAYERS = ["config", "layout", "distributed", "topology", "guard", "tensor", "context", "pipeline", "plan", "engine",
+          "checkpoint"]
 
 
 def module_name(path: Path) -> str:

@@ -15,7 +15,8 @@ from strata.parallel.plan import REDUCE_BUCKET_ELEMENTS, reduce_bucket_elements
 
 
 def data_parallel_size(world_size: int, par: ParallelConfig) -> int:
-    return world_size // (par.tp * par.pp)
+    """The ranks that draw different samples (context-parallel ranks share theirs)."""
+    return world_size // (par.tp * par.cp * par.pp)
 
 
 def grad_accumulation_steps(global_batch: int, par: ParallelConfig, dp: int) -> int:
@@ -51,7 +52,9 @@ def deepspeed_config(optim: OptimizerConfig, par: ParallelConfig, dp: int,
     gas = grad_accumulation_steps(optim.global_batch_size, par, dp)
     pipeline = {"pipeline": deepspeed_pipeline_section(par.sequence_parallel)} if par.pp > 1 else {}
     return {
-        "train_batch_size": optim.global_batch_size,
+        # DeepSpeed counts context-parallel ranks as data-parallel ones (they average gradients
+        # together), each with micro_batch_size rows of its pieces: its batch is cp times ours.
+        "train_batch_size": optim.global_batch_size * par.cp,
         "train_micro_batch_size_per_gpu": par.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": zero0_clip_threshold(optim.grad_clip) if par.zero_stage == 0 else optim.grad_clip,

@@ -1,11 +1,12 @@
 """The model as a layout trains it, torchtitan's parallelize step: what the training loop
 imports (cheaply: megatron-core and DeepSpeed's pipeline load only when a layout needs them).
 
-    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp)
+    topo = init_topology(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     module = parallel_model(HybridLM(cfg.model), topo, seq_len, sequence_parallel,
                             recompute=cfg.train.block_recompute(cfg.model.blocks()),
                             fp8=cfg.train.block_fp8(len(cfg.model.blocks())))
     engine = build_engine(module, ..., mpu=topo.engine_mpu)
+    batch = rank_batch(loader_batch, topo)      # cp > 1: this rank's pieces of the rows
     pp > 1:  loss = engine.train_batch(pipeline_item(batch) for batch in micro_batches)
 """
 from __future__ import annotations
@@ -20,20 +21,25 @@ from strata.parallel.topology import Topology
 
 def parallel_model(model: nn.Module, topo: Topology, seq_len: int, sequence_parallel: bool = False,
                    recompute: list[str] | None = None, fp8: list[str | None] | None = None) -> nn.Module:
-    """The model itself (tp = pp = 1), its tensor-parallel form (pp = 1) or this rank's
-    pipeline stage, TP-sharded when tp > 1 (pp > 1: DeepSpeed then builds its PipelineEngine),
-    with activation recompute and FP8 per block as `recompute` and `fp8` say (apply_recompute,
-    apply_fp8).
+    """The model itself (tp = cp = pp = 1), its tensor-parallel form (pp = 1) or this rank's
+    pipeline stage, TP-sharded when tp > 1 (pp > 1: DeepSpeed then builds its PipelineEngine);
+    with cp > 1 each of them context-parallel; with activation recompute and FP8 per block as
+    `recompute` and `fp8` say (apply_recompute, apply_fp8).
     `model` is a HybridLM built with the same seed on every rank."""
     if topo.pp > 1:
         from strata.parallel.pipeline.stages import pipeline_model
 
-        model = pipeline_model(model, topo, seq_len, sequence_parallel)
-    elif topo.tp > 1:
+        model = pipeline_model(model, topo, seq_len, sequence_parallel, context_of(topo) if topo.cp > 1 else None)
+        return apply_fp8(apply_recompute(model, recompute or []), fp8 or [])
+    if topo.tp > 1:
         from strata.parallel.tensor.blocks import tensor_parallel
         from strata.parallel.tensor.mappings import TPContext
 
         model = tensor_parallel(model, TPContext.from_parallel_state(sequence_parallel))
+    if topo.cp > 1:
+        from strata.parallel.context.blocks import context_parallel
+
+        model = context_parallel(model, context_of(topo))
     return apply_fp8(apply_recompute(model, recompute or []), fp8 or [])
 
 
@@ -107,6 +113,22 @@ def apply_recompute(module: nn.Module, recompute: list[str]) -> nn.Module:
             block.recompute = mode == "full"
             block.mixer.recompute_core = mode == "selective"
     return module
+
+
+def context_of(topo: Topology):
+    from strata.parallel.context.pieces import CPContext
+
+    return CPContext(topo.get_context_parallel_group(), topo.cp_rank, topo.cp)
+
+
+def rank_batch(batch: dict, topo: Topology) -> dict:
+    """What this rank feeds the model of a loader batch: the rows themselves, or under context
+    parallelism this rank's two pieces of every row (input ids, labels, position ids); every CP rank
+    of a data-parallel rank reads the same rows (the loader is given the data-parallel rank)."""
+    if topo.cp == 1:
+        return batch
+    ctx = context_of(topo)
+    return {key: None if t is None else ctx.shard(t) for key, t in batch.items()}
 
 
 def pipeline_item(batch: dict) -> tuple:

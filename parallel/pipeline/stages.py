@@ -27,6 +27,8 @@ from strata.kernels import ops
 from strata.model.config import ModelConfig
 from strata.model.counting import block_forward_flops
 from strata.model.hybrid import Block, HybridLM, document_index
+from strata.parallel.context.blocks import IGNORE_INDEX, make_context_parallel
+from strata.parallel.context.pieces import CPContext
 from strata.parallel.guard import poison_non_finite
 from strata.parallel.tensor.blocks import Sharder, vocab_parallel_loss
 from strata.parallel.tensor.mappings import TPContext
@@ -74,29 +76,29 @@ class BlockStage(Block):
     hands x alone to the final norm. Built by Block's own constructor from an existing block's
     spec and parts (its parameter names stay the block's). The documents of
     packed rows (seq_idx) are derived from the position ids once per micro-batch and stage:
-    every block of a stage receives the same position_ids tensor."""
+    every block of a stage receives the same position_ids tensor. Under context parallelism
+    (`cp`) the position ids are this rank's pieces', and the documents the whole sequence's."""
 
     _documents: tuple = (None, -1, None)
     """(position_ids, their version, their seq_idx): the last derivation, shared by the blocks
     of a stage (held by reference, so no other tensor can take that identity)."""
 
-    def __init__(self, block: Block, cfg: ModelConfig, last: bool):
+    def __init__(self, block: Block, cfg: ModelConfig, last: bool, cp: CPContext | None = None):
         super().__init__(block.spec, cfg, norm=block.norm, mixer=block.mixer)
-        self.last = last
+        self.last, self.cp = last, cp
 
     def forward(self, inputs):
         x, position_ids = inputs if isinstance(inputs, tuple) else (inputs, None)
         x = super().forward(x, position_ids=position_ids, seq_idx=self.documents(position_ids, x.shape[0]))
         return x if position_ids is None or self.last else (x, position_ids)
 
-
-    @staticmethod
-    def documents(position_ids, batch_size: int):
+    def documents(self, position_ids, batch_size: int):
         if position_ids is None:
             return None
         seen, version, seq_idx = BlockStage._documents
         if seen is not position_ids or version != position_ids._version:
-            seq_idx = document_index(position_ids, batch_size)
+            whole = position_ids if self.cp is None else self.cp.whole_sequence(position_ids, dim=-1)
+            seq_idx = document_index(whole, batch_size)
             BlockStage._documents = (position_ids, position_ids._version, seq_idx)
         return seq_idx
 
@@ -118,17 +120,24 @@ class HeadStage(nn.Module):
 
 class PipelineLoss:
     """Mean cross-entropy over labels != -100 from (hidden states, head weight): the fused
-    head + loss of kernels.ops, vocab-parallel under TP."""
+    head + loss of kernels.ops, vocab-parallel under TP; under CP the whole sequence's, as
+    parallel/context/blocks.py's sequence_loss."""
 
-    def __init__(self, ctx: TPContext | None):
-        self.ctx = ctx
+    def __init__(self, ctx: TPContext | None, cp: CPContext | None = None):
+        self.ctx, self.cp = ctx, cp
 
     def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         h, weight = outputs
+        reduction = "mean" if self.cp is None else "sum"
         if self.ctx is None:
-            loss = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1))
+            loss = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1),
+                                            reduction=reduction)
         else:
-            loss = vocab_parallel_loss(self.ctx, h, weight, labels)
+            loss = vocab_parallel_loss(self.ctx, h, weight, labels, reduction)
+        if self.cp is not None:
+            counted = (labels != IGNORE_INDEX).sum().to(loss.dtype)
+            torch.distributed.all_reduce(counted, group=self.cp.group)
+            loss = self.cp.sum_over_ranks(loss) / counted
         return poison_non_finite(loss)  # the step is then skipped (parallel/guard.py)
 
 
@@ -146,9 +155,11 @@ class CostBalancedPipeline(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
-def pipeline_model(model: HybridLM, topo: Topology, seq_len: int, sequence_parallel: bool = False) -> PipelineModule:
+def pipeline_model(model: HybridLM, topo: Topology, seq_len: int, sequence_parallel: bool = False,
+                   cp: CPContext | None = None) -> PipelineModule:
     """This rank's pipeline stage of `model` (identical on every rank), its blocks
-    tensor-parallel when topo.tp > 1. Layers of other stages are never converted or kept."""
+    tensor-parallel when topo.tp > 1 and context-parallel with `cp`. Layers of other stages are
+    never converted or kept."""
     cfg, n = model.cfg, len(model.blocks)
     bounds = stage_bounds(cfg, seq_len, topo.pp)
     local = range(bounds[topo.pp_rank], bounds[topo.pp_rank + 1])
@@ -159,7 +170,9 @@ def pipeline_model(model: HybridLM, topo: Topology, seq_len: int, sequence_paral
     for i in local:
         if 1 <= i <= n:
             block = shard.block(model.blocks[i - 1], i - 1) if shard else model.blocks[i - 1]
-            layers[i] = BlockStage(block, cfg, last=i == n)
+            if cp is not None:
+                make_context_parallel(block.mixer, cp)
+            layers[i] = BlockStage(block, cfg, last=i == n, cp=cp)
         elif i == n + 1:
             layers[i] = shard.final_norm(model.final_norm) if shard else model.final_norm
         elif i == n + 2 and not tied:
@@ -172,7 +185,7 @@ def pipeline_model(model: HybridLM, topo: Topology, seq_len: int, sequence_paral
                                       tied_weight_attr="embed.weight")
     elif 0 in local:
         layers[0] = EmbeddingStage(embed)
-    pipe = CostBalancedPipeline(layers, bounds, topology=topo.deepspeed_topology(), loss_fn=PipelineLoss(ctx),
+    pipe = CostBalancedPipeline(layers, bounds, topology=topo.deepspeed_topology(), loss_fn=PipelineLoss(ctx, cp),
                                 partition_method="strata-cost")
     count_once_in_zero0_clipping(pipe, topo)
     return pipe

@@ -161,9 +161,13 @@ class TensorParallelLM(nn.Module):
         """This rank's rows of the LM head (the embedding's when tied)."""
         return self.embed.weight if self.lm_head.weight is None else self.lm_head.weight
 
+    def documents(self, position_ids, batch_size: int):
+        """seq_idx of the rows, the full sequence's: SP gathers the sequence for the mixers."""
+        return document_index(position_ids, batch_size)
+
     def hidden_states(self, input_ids, position_ids=None, caches=None):
         x = self.embed(input_ids)
-        seq_idx = document_index(position_ids, input_ids.shape[0])  # the full sequence's: SP gathers it for the mixers
+        seq_idx = self.documents(position_ids, input_ids.shape[0])
         for i, block in enumerate(self.blocks):
             x = block(x, position_ids=position_ids, cache=None if caches is None else caches[i], seq_idx=seq_idx)
         return self.final_norm(x)
@@ -175,20 +179,28 @@ class TensorParallelLM(nn.Module):
     def forward(self, input_ids, labels=None, position_ids=None, caches=None):
         h = self.hidden_states(input_ids, position_ids, caches)
         if labels is None:
-            return self.ctx.gather_last_dim(self.vocab_logits(h))
-        return vocab_parallel_loss(self.ctx, h, self.head_weight, labels)
+            return self.logits(h)
+        return self.loss(h, labels)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The whole vocabulary's logits of every token (gathered over the TP ranks)."""
+        return self.ctx.gather_last_dim(self.vocab_logits(h))
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return vocab_parallel_loss(self.ctx, h, self.head_weight, labels, reduction)
 
     def allocate_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
         return [b.allocate_cache(batch_size, max_len, device, dtype) for b in self.blocks]
 
 
-def vocab_parallel_loss(ctx: TPContext, h: torch.Tensor, head_shard: torch.Tensor, labels: torch.Tensor):
-    """Mean cross-entropy over labels != -100 (as HybridLM's) with the head's vocabulary rows
+def vocab_parallel_loss(ctx: TPContext, h: torch.Tensor, head_shard: torch.Tensor, labels: torch.Tensor,
+                        reduction: str = "mean"):
+    """Mean (or summed) cross-entropy over labels != -100 (as HybridLM's) with the head's vocabulary rows
     split over TP: kernels.ops' fused head + loss (chunked Triton on GPU, never holding all
     logits), which sums the hidden states' gradient over the group itself."""
     h = ctx.full_sequence(h)
     return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), head_shard, labels.reshape(-1),
-                                    process_group=ctx.group)
+                                    reduction=reduction, process_group=ctx.group)
 
 
 def _no_cache_with_sequence_parallel(ctx: TPContext, cache) -> None:

@@ -71,3 +71,12 @@ def test_fp8_run_says_so_counts_model_flops_and_resumes_bit_for_bit(tmp_path, co
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step_00000002" in resumed.stdout
     assert train_losses(fp8) == unbroken
+
+
+def test_fp8_with_context_parallelism_is_refused_in_one_line():
+    """A shard's activations would be scaled by its own maximum, not the sequence's: not one process's run."""
+    from strata.launcher.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^train.fp8: tensorwise with parallel.cp=2 is not supported yet: .*"
+                                          r"use parallel.cp=1 or train.fp8=none$"):
+        load_config(None, ["train.fp8=tensorwise", "parallel.cp=2"])
