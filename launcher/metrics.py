@@ -42,12 +42,17 @@ def hardware_metrics(tokens_per_s_per_rank: float, flops_per_token: float, peak:
 
 
 def process_rss_bytes(device: torch.device) -> float:
-    """On CPU, the peak RSS so far (interpreter, torch, DeepSpeed, the corpus's maps, what the model holds):
-    the measured peak (ru_maxrss) holds it all, the memory plan only the training state. 0 on GPU, where
-    torch's own allocations are measured."""
+    """On CPU, the resident size now (interpreter, torch, DeepSpeed, the corpus's maps, what the model
+    holds): the measured peak (ru_maxrss) holds it all, the memory plan only the training state. Now,
+    not the peak so far: a transient before it (large buffers, returned to the system when freed) is
+    not under the training's peak. 0 on GPU, where torch's own allocations are measured."""
     if device.type == "cuda":
         return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    try:
+        with open("/proc/self/statm") as f:  # Linux
+            return float(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # elsewhere the peak so far is the nearest (in KiB, as hardware_metrics reads it)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
 def cut_metrics(path: Path, start_step: int) -> None:

@@ -235,10 +235,10 @@ def _as_raised_by(rank: int, outcome: tuple[type, str]) -> Exception:
 def decided_by_rank0(decide: Callable[[], T]) -> T:
     """Collective: rank 0's decide() (picklable) on every rank; the other ranks wait for it on the
     long-wait group however long it takes, and rank 0's error is every rank's (on_every_rank)."""
-    value = on_every_rank(decide if dist.get_rank() == 0 or long_wait_group() is None else (lambda: None))
     group = long_wait_group()
-    if group is None:
-        return value
+    if group is None:  # one process: it is rank 0
+        return decide()
+    value = on_every_rank(decide if dist.get_rank() == 0 else (lambda: None))
     box = [value]
     dist.broadcast_object_list(box, src=0, group=group)
     return box[0]

@@ -317,7 +317,7 @@ def checkpoint_to_resume(root: Path, on_corrupt: str, is_main: bool) -> tuple[Pa
             raise CheckpointError(damaged_message(ckpt, problems, newest_verified_before(ckpt, verify_collective),
                                                   "on_corrupt"))
         if ckpt.name in set_aside_names:  # renamed by the main rank, yet rank 0 still sees it
-            raise CheckpointError(f"checkpoint {ckpt.name} was set aside but is still in {root}; "
+            raise CheckpointError(f"checkpoint {ckpt.name} was set aside by rank 0 but is still in {root} here; "
                                   "put the run directory on a filesystem every node shares")
         notes.append(f"checkpoint {ckpt.name} is damaged ({problems[0]}): set aside as "
                      f"{ckpt.name}{DAMAGED_SUFFIX}; trying the one before it")
