@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,12 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, worker, world_size: int, port: int, args: tuple) -> None:
+def _entry(rank: int, worker, world_size: int, port: int, args: tuple, timeout_s: float | None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # several ranks share two cores
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     skip_deepspeed_shm_build()  # as every training process does (parallel/distributed.py)
     try:
         worker(rank, world_size, *args)
@@ -54,8 +56,10 @@ def leave_process() -> None:
     os._exit(0)
 
 
-def spawn(worker, world_size: int, *args) -> None:
-    mp.spawn(_entry, args=(worker, world_size, free_port(), args), nprocs=world_size, join=True)
+def spawn(worker, world_size: int, *args, timeout_s: float | None = None) -> None:
+    """worker(rank, world_size, *args) on world_size gloo ranks; timeout_s bounds each collective's wait (gloo's
+    default is 30 minutes), for a test whose ranks are meant to disagree."""
+    mp.spawn(_entry, args=(worker, world_size, free_port(), args, timeout_s), nprocs=world_size, join=True)
 
 
 def write_result(out_dir, rank: int, result) -> None:
