@@ -1,6 +1,7 @@
 """What checksums cost a checkpoint: save and load time with and without them, and the hash's
-GB/s against the write's, on one process (ZeRO 0, fp32 weights and AdamW states). Prints a
-markdown table (docs/BENCHMARKS.md).
+GB/s against the write's, on one process (ZeRO 0, fp32 weights and AdamW states); and what a save
+blocks the training step for with checkpoint.async against the synchronous save. Prints markdown
+tables (docs/BENCHMARKS.md).
 
     python bench/checkpoint.py                                # configs/hybrid-200m.yaml, 189M
     python bench/checkpoint.py --config configs/tiny.yaml --repeats 3 --dir /dev/shm
@@ -12,6 +13,10 @@ same torch.save into a plain Python file (no checksums: what hashing adds is the
 DeepSpeed's own torch engine (torch.save to a path, as before checksums existed). Loads are
 timed as a resume meets them, the files cold: without checksums, load_checkpoint alone; with
 them, verify() (which reads every file) and then load_checkpoint.
+
+checkpoint.async (parallel/checkpoint/background.py), after the same os.sync() and emptied cache:
+what the step blocks for (BackgroundSaves.start: the copy into host memory), the next training step
+while the write runs against one without a write, and the time until the save is committed.
 """
 from __future__ import annotations
 
@@ -46,10 +51,14 @@ def engine_for(config: str):
     model = HybridLM(cfg.model)
     engine = build_engine(model, cfg.train.optimizer(), cfg.parallel, 1)
     ids = torch.randint(0, cfg.model.vocab_size, (1, 33))
-    engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]))  # one step: AdamW's states exist
-    engine.step()
+
+    def train_step():
+        engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]))
+        engine.step()
+
+    train_step()  # AdamW's states exist
     assert engine.global_steps == 1 and engine.skipped_steps == 0
-    return engine, sum(p.numel() for p in model.parameters())
+    return engine, sum(p.numel() for p in model.parameters()), train_step
 
 
 def timed(fn) -> float:
@@ -92,7 +101,7 @@ def main() -> None:
                "plain Python file, no checksums": plain_file_save,
                "DeepSpeed's torch engine (to a path), no checksums": TorchCheckpointEngine.save}
     one_rank_group()
-    engine, n_params = engine_for(args.config)
+    engine, n_params, train_step = engine_for(args.config)
     saves = {name: [] for name in writers}
     plain_loads, verifies, warm_loads = [], [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -105,6 +114,7 @@ def main() -> None:
                 cold()
                 saves[name].append(timed(lambda: ckpt.save_checkpoint(engine, root, step, {"step": step}, keep_last=1)))
         ckpt.StrataCheckpointEngine.save = writers[STRATA]
+        background = time_async_saves(engine, root, train_step, args.repeats, first_step=len(sum(saves.values(), [])) + 1)
         final = ckpt.newest_checkpoint(root)
         size = sum(f.stat().st_size for f in final.iterdir() if f.name != ckpt.MANIFEST)
         for _ in range(args.repeats):  # a resume: the files are cold; verify reads them first
@@ -128,6 +138,38 @@ def main() -> None:
     with_sums = med(verifies) + med(warm_loads)
     print(f"\nchecksums add {100 * (hashed - bare) / bare:+.1f}% to a save and "
           f"{100 * (with_sums - med(plain_loads)) / med(plain_loads):+.1f}% to a load")
+    print_async_table(background, hashed)
+
+
+def time_async_saves(engine, root: Path, train_step, repeats: int, first_step: int) -> dict[str, list[float]]:
+    """checkpoint.async's saves, each started from a cold cache: the start (what the step waits for),
+    the training step taken while the write runs, a step without a write, and start to commit."""
+    from strata.parallel.checkpoint.background import BackgroundSaves
+
+    times = {"blocking": [], "step while writing": [], "step alone": [], "until committed": []}
+    for r in range(repeats):
+        times["step alone"].append(timed(train_step))
+        saves, step = BackgroundSaves(), first_step + r
+        cold()
+        started = time.perf_counter()
+        times["blocking"].append(timed(lambda: saves.start(engine, root, step, {"step": step}, keep_last=1)))
+        times["step while writing"].append(timed(train_step))
+        saves.finish()
+        times["until committed"].append(time.perf_counter() - started)
+    return times
+
+
+def print_async_table(times: dict[str, list[float]], synchronous: float) -> None:
+    med = statistics.median
+    blocking, alone, during = med(times["blocking"]), med(times["step alone"]), med(times["step while writing"])
+    print("\n| checkpoint.async | seconds | of the synchronous save |")
+    print("| --- | --- | --- |")
+    print(f"| synchronous save (Strata, above): the step waits for all of it | {synchronous:.2f} | 100% |")
+    print(f"| async: the step waits for the copy into host memory | {blocking:.2f} | {100 * blocking / synchronous:.1f}% |")
+    print(f"| async: the next training step, while the write runs (alone: {alone:.2f} s) | {during:.2f} | "
+          f"{100 * (during - alone) / synchronous:+.1f}% (its slowdown) |")
+    print(f"| async: start to commit (written, hashed, renamed in the background) | "
+          f"{med(times['until committed']):.2f} | |")
 
 
 if __name__ == "__main__":

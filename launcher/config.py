@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import keyword
 import textwrap
 import types
 import typing
@@ -382,14 +383,21 @@ def apply_override(raw: dict, item: str) -> None:
 def build(cls, raw, prefix: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {key_name(f.name): f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
             raise ConfigError(f"unknown key {prefix}{key}{suggest(key, fields, prefix)}")
-        kwargs[key] = coerce(hints[key], value, f"{prefix}{key}")
+        kwargs[fields[key]] = coerce(hints[fields[key]], value, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def key_name(field_name: str) -> str:
+    """The key of a field: its name, except that a Python keyword, which no field can be named,
+    is spelt with a trailing underscore in the dataclass (checkpoint.async is CheckpointConfig.async_)."""
+    stem = field_name.removesuffix("_")
+    return stem if stem != field_name and keyword.iskeyword(stem) else field_name
 
 
 def suggest(key: str, fields, prefix: str) -> str:
@@ -465,7 +473,13 @@ def plain(value):
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    return _named_by_key(dataclasses.asdict(cfg))
+
+
+def _named_by_key(value):
+    if isinstance(value, dict):
+        return {key_name(k) if isinstance(k, str) else k: _named_by_key(v) for k, v in value.items()}
+    return value
 
 
 def dump_yaml(cfg) -> str:
@@ -509,7 +523,7 @@ def sections(cls=Config, prefix: str = "", doc: str = "") -> list[tuple[str, str
             nested += sections(hint, f"{prefix}{f.name}.", docs.get(f.name, ""))
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        own.append(Key(prefix + f.name, type_name(hint), default, docs.get(f.name, "")))
+        own.append(Key(prefix + key_name(f.name), type_name(hint), default, docs.get(f.name, "")))
     return ([(prefix.rstrip("."), doc, own)] if own else []) + nested
 
 

@@ -62,7 +62,7 @@ def run_spec(cfg: Config, device_type: str = "cuda") -> RunSpec:
     recompute = tuple(cfg.train.block_recompute(cfg.model.blocks()))  # train.recompute, recompute_kinds, _every
     return RunSpec(cfg.model, cfg.train.seq_len, cfg.train.global_batch_size, cfg.parallel.micro_batch_size,
                    cfg.parallel.zero_stage, cfg.parallel.sequence_parallel, recompute, kernels, 2 if bf16 else 4,
-                   vocab, cfg.data.doc_boundaries, 2 if cfg.train.param_dtype == "bf16" else 4)
+                   vocab, cfg.data.doc_boundaries, 2 if cfg.train.param_dtype == "bf16" else 4, cfg.checkpoint.async_)
 
 
 def predicted_peak(cfg: Config, world_size: int, device_type: str, stage: int = 0) -> Plan:
@@ -93,7 +93,14 @@ def log_memory_plan(reporter, cfg: Config, world_size: int, device, stage: int, 
                 "the process's peak RSS (bench/memory.py counts torch's allocations alone)")
     reporter.log(f"memory: predicted peak {size(plan.peak + baseline)} per rank (stage {plan.stage}: {top}); "
                  f"measured: {measured}")
+    if plan.host_snapshot:
+        reporter.log(f"memory: {snapshot_line(plan, device.type == 'cuda')}")
     reporter.expect_peak_memory(step, (plan.peak + baseline) / GIB)
+
+
+def snapshot_line(plan: Plan, cuda: bool) -> str:
+    where = "pinned host memory, beside the GPU's" if cuda else "counted in the peak"
+    return f"checkpoint.async holds a host snapshot of {size(plan.host_snapshot)} per rank during a save ({where})"
 
 
 def human(n: float) -> str:
@@ -203,6 +210,8 @@ def breakdown(plan: Plan) -> list[str]:
     width = max(map(len, plan.terms))
     lines += [f"  {name:<{width}}  {gib(v):>7} GiB" for name, v in plan.terms.items()]
     lines.append(f"  {'peak':<{width}}  {gib(plan.peak):>7} GiB")
+    if plan.host_snapshot:
+        lines.append(f"  and {snapshot_line(plan, cuda=True)}")
     if plan.activations_by_kind:
         kinds = ", ".join(f"{KIND_NAMES[k]} {gib(v)} GiB" for k, v in plan.activations_by_kind.items())
         lines.append(f"  activations of one micro-batch ({spec.micro_batch} x {spec.seq_len} tokens) on this stage by "

@@ -53,6 +53,7 @@ from strata.model.guidance import SelfGuidance, equal_flops_extra_steps, split_g
 from strata.model.hybrid import HybridLM
 from strata.model.mlp import describe_structure
 from strata.parallel.checkpoint import files as ckpt
+from strata.parallel.checkpoint.background import BackgroundSaves
 from strata.parallel.checkpoint.rebuild import rebuild_engine, supports_rebuild
 from strata.parallel.checkpoint.resume import ResumePlan
 from strata.parallel.distributed import (DistInfo, a_rank_left, decided_by_rank0, init_distributed, on_every_rank,
@@ -95,6 +96,8 @@ class Run:
     spikes: SpikeGuard | None = None
     skipped_in_a_row: int = 0
     last_saved: Path | None = None
+    background: BackgroundSaves | None = None
+    """checkpoint.async: the save being written in the background, if any."""
     tokenizer: object = None
     resolved_config: str = ""
     """The config as resolve_config left it (config.yaml): nothing may change it afterwards
@@ -215,7 +218,8 @@ def setup(cfg: Config, info: DistInfo) -> Run:
     flops, guide_flops = split_guide_flops(cfg.model, cfg.train.seq_len, training_flops_per_token)
     return Run(cfg, info, engine, loader, evals, reporter, run_dir, flops,
                peak_tflops(cfg.logging.peak_tflops, info.device), step, guidance, topo, guide_flops,
-               last_saved=newest, tokenizer=corpus.tokenizer, resolved_config=resolved,
+               last_saved=newest, background=BackgroundSaves() if cfg.checkpoint.async_ else None,
+               tokenizer=corpus.tokenizer, resolved_config=resolved,
                spikes=SpikeGuard(cfg.train.spike_zscore, cfg.train.spike_window, cfg.train.spike_skip))
 
 
@@ -350,9 +354,10 @@ def check_config_unchanged(run: Run) -> None:
                            "only launcher.train.resolve_config may write it")
 
 
-def save(run: Run) -> None:
+def save(run: Run, busy: str | None = None) -> None:
     """Collective. Only weights that are finite are ever written: a checkpoint is what a
-    diverged run falls back to."""
+    diverged run falls back to. With checkpoint.async the save is started, not finished (`busy`:
+    what to do if one is still in flight, checkpoint.async_busy unless given)."""
     check_config_unchanged(run)
     if not parameters_finite(run.engine):
         raise Diverged(f"the weights became non-finite at step {run.step} after a step whose loss was finite "
@@ -360,8 +365,31 @@ def save(run: Run) -> None:
     state = {"step": run.step, "data": run.loader.state_dict(), "layout": layout_of(run.cfg, run.dist).record()}
     if run.guidance is not None:
         state["self_guided"] = run.guidance.state_dict()
-    run.last_saved = ckpt.save_checkpoint(run.engine, run.run_dir / "checkpoints", run.step, state,
-                                          run.cfg.checkpoint.keep_last)
+    if run.background is None:
+        run.last_saved = ckpt.save_checkpoint(run.engine, run.run_dir / "checkpoints", run.step, state,
+                                              run.cfg.checkpoint.keep_last)
+        return
+    if run.background.in_flight is not None:
+        busy = busy or run.cfg.checkpoint.async_busy
+        what = "waiting for it" if busy == "wait" else "this save skipped (checkpoint.async_busy=skip)"
+        run.reporter.log(f"step {run.step:6d} | checkpoint {run.background.in_flight.name} is still being written: {what}")
+        if busy == "skip":
+            return
+        finish_background_save(run)
+    run.background.start(run.engine, run.run_dir / "checkpoints", run.step, state, run.cfg.checkpoint.keep_last)
+
+
+def finish_background_save(run: Run) -> None:
+    """Collective: wait for the save in flight (checkpoint.async), if any, and commit it."""
+    if run.background is not None and run.background.in_flight is not None:
+        run.last_saved = run.background.finish()
+
+
+def commit_written_save(run: Run) -> None:
+    """Collective, at each step boundary while a save is in flight: commit it once every rank has
+    written its files (one small all-reduce), so that a checkpoint counts as soon as it can."""
+    if run.background is not None and run.background.written_everywhere(run.dist.device):
+        run.last_saved = run.background.finish()
 
 
 def last_good(run: Run) -> str:
@@ -389,10 +417,12 @@ def check_divergence(run: Run, metrics: dict) -> None:
 
 def stop_for_preemption(run: Run) -> None:
     """Every rank agreed to stop: save where the run stands (unless that step was skipped, or is
-    saved already) and leave with the preempted code."""
+    saved already) and leave with the preempted code. A save in flight is finished first."""
+    finish_background_save(run)
     saved_now = run.last_saved is not None and run.last_saved.name == ckpt.step_name(run.step)
     if run.skipped_in_a_row == 0 and not saved_now:
         save(run)
+        finish_background_save(run)
     where = f"checkpoint {run.last_saved}" if run.last_saved is not None else "no checkpoint (none was due yet)"
     raise Preempted(f"stopped by {run.stop.signal or 'a signal on another rank'} at step {run.step}: "
                     f"{where}; run the same command again to resume")
@@ -412,6 +442,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
             alpha = run.guidance.update(run.step) if run.guidance is not None else None
             metrics, stop_now = train_step(run)
             run.step += 1
+            commit_written_save(run)
             run.reporter.step_done(run.step, metrics if alpha is None else {**metrics, "self_guided_alpha": alpha})
             check_divergence(run, metrics)
             end_guided_phase_if_due(run)
@@ -425,8 +456,9 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
                     stop_for_preemption(run)
             save_pending = save_pending or due(run.step, cfg.checkpoint.every, last)
             if save_pending and run.skipped_in_a_row == 0:  # never from a step that was skipped
-                save(run)
+                save(run, busy="wait" if run.step == last else None)
                 save_pending = False
+        finish_background_save(run)
     if result is None:  # resumed at the end: report the final model's eval loss all the same
         result = evaluate(run)
     final = f"{result['loss']:.4f}" if result else "n/a (no held-out data)"

@@ -84,8 +84,18 @@ class CheckpointConfig:
     """When the newest checkpoint fails verification (a file missing, truncated or damaged):
     'fail' stops in one line naming the file and the newest earlier checkpoint that verifies;
     'previous' sets the damaged one aside (renamed step_XXXXXXXX.damaged) and resumes from that one."""
+    async_: bool = False
+    """The step waits only for a copy of each rank's state in host memory (pinned on
+    GPU; as much host memory as the rank's checkpoint files); a thread writes, hashes and commits it
+    while training goes on, with the guarantees of a synchronous save. A kill during the write leaves
+    the previous checkpoint the newest complete one; a stop signal and the end of training wait for it."""
+    async_busy: str = "wait"
+    """With checkpoint.async, a save due while the previous one is still being written: 'wait' for it
+    (the step blocks until it is written), or 'skip' this save (the final and preemption saves always wait)."""
 
     def validate(self) -> None:
+        if self.async_busy not in ("wait", "skip"):
+            raise ValueError(f"async_busy: {self.async_busy!r} is not one of 'wait', 'skip'")
         if self.every < 0:
             raise ValueError(f"every: must be >= 0, got {self.every}")
         if self.keep_last < 1:

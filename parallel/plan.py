@@ -28,6 +28,9 @@ model/memory.py. What a rank holds (fp32 weights, torch AdamW, DeepSpeed 0.19's 
   pipe buffers (each micro-batch's output until its backward, the gradient received).
 - activations: model/memory.py's tensors of this stage's blocks for one micro-batch, times the
   micro-batches in flight (1F1B: pp - stage on stage `stage`, at most the accumulation steps).
+- checkpoint.async's snapshot: a copy of what the rank's checkpoint files hold (its weights and
+  optimizer states) in host memory, from a save until its background write ends: a term of the peak
+  on CPU, and on GPU pinned host memory beside it (Plan.host_snapshot).
 - the backward's high point (backward_moments): at the loss (the final norm's and loss's tensors and
   its transient buffers), or inside a recomputed block's backward (its activations are back).
 
@@ -63,6 +66,7 @@ BUCKET = "ZeRO reduce bucket (reduce_bucket_size x fp32)"
 BASELINE = "process baseline (CPU: interpreter, libraries, data, DeepSpeed's set-up)"
 AT_ENGINE_START = ("weights", "optimizer: fp32 master partition", "ZeRO-3 gradient partition")
 """The plan's terms a rank already holds once its engine is built (AdamW's moments come at the first step)."""
+SNAPSHOT = "checkpoint.async host snapshot (weights + optimizer states)"
 ZERO3_PERSISTENCE_THRESHOLD = 100_000
 """DeepSpeed's stage3_param_persistence_threshold: smaller parameters stay whole on every rank."""
 ASSUMED_MFU = 0.45
@@ -103,6 +107,8 @@ class RunSpec:
     param_bytes: int = 4
     """4: fp32 parameters (under autocast with act_bytes 2); 2: bf16 parameters with fp32 masters in
     ZeRO's partitions (train.param_dtype=bf16, DeepSpeed's bf16 mode)."""
+    async_snapshot: bool = False
+    """checkpoint.async: a save keeps a copy of the rank's checkpoint shard in host memory."""
 
     @property
     def vocab(self) -> int:
@@ -134,6 +140,8 @@ class Plan:
     step_time: float = 0.0
     problems: list[str] = field(default_factory=list)
     """Why the layout cannot run at all (e.g. the batch does not divide); empty when it can."""
+    host_snapshot: float = 0.0
+    """checkpoint.async: host memory of the snapshot a save makes, bytes per rank (on CPU also a term)."""
 
     def over(self, memory: float) -> bool:
         return bool(self.problems) or self.peak > memory
@@ -369,8 +377,17 @@ def plan_stage(spec: RunSpec, layout: Layout, stage: int, stages: list[dict], cu
     if step > backward:
         terms = {**held, **grads, "gradients and AdamW temporaries at the step": step_extra}
     terms = {name: v for name, v in terms.items() if v}
-    return Plan(spec, layout, stage, terms, max(backward, step), "backward" if backward >= step else "optimizer step",
-                accumulation, in_flight, by_kind)
+    snapshot = host_snapshot_bytes(held) if spec.async_snapshot else 0.0
+    if snapshot and not cuda:  # the same memory as the step's: held through it while the write runs
+        terms[SNAPSHOT] = snapshot
+    return Plan(spec, layout, stage, terms, max(backward, step) + (0.0 if cuda else snapshot),
+                "backward" if backward >= step else "optimizer step", accumulation, in_flight, by_kind,
+                host_snapshot=snapshot)
+
+
+def host_snapshot_bytes(held: dict[str, float]) -> float:
+    """What a rank's checkpoint files hold, copied by checkpoint.async: its weights and optimizer states."""
+    return sum(v for name, v in held.items() if name.startswith(("weights", "optimizer:")))
 
 
 def plan_layout(spec: RunSpec, layout: Layout, hardware: Hardware = Hardware(), cuda: bool = True,

@@ -466,27 +466,50 @@ def use_strata_format(engine) -> None:
 def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final directory. A failure on any rank
     (a full disk, an I/O error) is a CheckpointError on every rank, the partial save removed and
-    the previous checkpoints untouched."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    final, tmp = root / step_name(step), root / (step_name(step) + ".tmp")
+    the previous checkpoints untouched. (parallel/checkpoint/background.py writes the same files in
+    the background: begin_save, write_rank_files and commit_save are the steps both take.)"""
     use_strata_format(engine)
     writer = engine.checkpoint_engine
     writer.digests = {}
-    if rank == 0:
+    tmp = begin_save(root, step)
+    error = write_rank_files(engine, writer, root, tmp)
+    raise_if_any_failed(error, root, tmp, step)
+    return commit_save(root, step, trainer_state, keep_last, writer.digests)
+
+
+def begin_save(root: Path, step: int) -> Path:
+    """Collective: the step's .tmp directory, emptied by rank 0 before any rank writes in it."""
+    tmp = root / (step_name(step) + ".tmp")
+    if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
+    return tmp
+
+
+def write_rank_files(engine, writer: StrataCheckpointEngine, root: Path, tmp: Path) -> str | None:
+    """Collective (DeepSpeed's save): this rank's files through `writer` (the engine's checkpoint
+    engine); None, or one line saying why this rank's write failed."""
     error = _try_write(lambda: engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False),
                        deepspeed_save=True)
-    error = error or _try_write(lambda: writer.save({**rng_state(), "optimizer_param_names": optimizer_param_names(engine)},
-                                                    str(tmp / RANK_FILE.format(rank=rank))))
-    _raise_if_any_failed(error, root, tmp, step)
+    rank_file = str(tmp / RANK_FILE.format(rank=dist.get_rank()))
+    return error or _try_write(lambda: writer.save({**rng_state(), "optimizer_param_names": optimizer_param_names(engine)},
+                                                   rank_file))
+
+
+def commit_save(root: Path, step: int, trainer_state: dict, keep_last: int, digests: dict[str, dict]) -> Path:
+    """Collective, once every rank has written its files (`digests`, as hashed while written): rank 0
+    writes the manifest, renames the .tmp directory to its final name, updates `latest` and deletes
+    what keep_last no longer keeps."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final, tmp = root / step_name(step), root / (step_name(step) + ".tmp")
     parts = [None] * world
-    dist.all_gather_object(parts, writer.digests)
+    dist.all_gather_object(parts, digests)
+    error = None
     if rank == 0:
         error = _try_write(lambda: _commit(root, tmp, final, {**trainer_state, "format": FORMAT_VERSION,
                                                               "files": _every_file(tmp, parts)}, keep_last))
-    _raise_if_any_failed(error if rank == 0 else None, root, tmp, step)
+    raise_if_any_failed(error if rank == 0 else None, root, tmp, step)
     return final
 
 
@@ -517,16 +540,16 @@ def _try_write(write: Callable[[], object], deepspeed_save: bool = False) -> str
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos")
         if deepspeed_save and dist.is_initialized():
             dist.barrier()  # the barrier DeepSpeed ends its save with, which this rank did not reach
-        return _describe_write_error(e)
+        return describe_write_error(e)
 
 
-def _describe_write_error(e: Exception) -> str:
+def describe_write_error(e: Exception) -> str:
     text = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
     full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e)
     return "no space left on device" if full else text
 
 
-def _raise_if_any_failed(error: str | None, root: Path, tmp: Path, step: int) -> None:
+def raise_if_any_failed(error: str | None, root: Path, tmp: Path, step: int) -> None:
     """Collective: every rank learns whether any failed; the partial save is removed. On the long-wait
     group: after a save, the other ranks wait here while rank 0 commits it (manifest, rename, rotation)."""
     errors = [None] * dist.get_world_size()

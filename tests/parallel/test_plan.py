@@ -139,3 +139,18 @@ def test_planning_needs_no_gpu_and_no_process_group():
     assert not torch.distributed.is_initialized()
     plan_layouts(run_spec(load_config(CONFIG_DIR / "hybrid-8b.yaml")), 512)
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
+def test_checkpoint_async_adds_the_host_snapshot_of_the_ranks_weights_and_optimizer_states(zero):
+    """checkpoint.async copies what the rank's files hold (weights, moments, ZeRO's masters) into host
+    memory: a term of the peak on CPU, beside the GPU's memory on GPU."""
+    layout = Layout(1, 1, 2)
+    for cuda in (False, True):
+        sync, snap = (plan_layout(spec(zero, async_snapshot=a), layout, cuda=cuda) for a in (False, True))
+        held = sum(v for name, v in sync.terms.items() if name.startswith(("weights", "optimizer:")))
+        assert snap.host_snapshot == held > 0 and sync.host_snapshot == 0
+        assert snap.peak == sync.peak + (0 if cuda else held)
+        assert ("checkpoint.async host snapshot (weights + optimizer states)" in snap.terms) == (not cuda)
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", ["model.vocab_size=512", "checkpoint.async=true"])
+    assert run_spec(cfg).async_snapshot
