@@ -78,6 +78,17 @@ def spawned_results(tmp_path_factory, name: str, worker, world_size: int) -> lis
     return read_results(out, world_size)
 
 
+def with_changes(cfg, changes: dict):
+    """A test's model config with `changes` applied: `mamba__headdim=32` sets cfg.mamba.headdim, `pattern=...`
+    cfg.pattern; then validated."""
+    for path, value in changes.items():
+        obj, *rest = path.split("__")
+        target = getattr(cfg, obj) if rest else cfg
+        setattr(target, rest[0] if rest else obj, value)
+    cfg.validate()
+    return cfg
+
+
 def rel_error(got: torch.Tensor, want: torch.Tensor, whole: torch.Tensor | None = None) -> float:
     """max |got - want| / max |want|: one number per tensor, scale-free. A shard is measured against its
     whole tensor's scale (`whole`): a shard that happens to hold only small values would otherwise turn

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from strata.model.config import ModelConfig
 from strata.model.hybrid import HybridLM
-from tests.parallel.dist_helpers import rel_error, spawned_results, write_result
+from tests.parallel.dist_helpers import rel_error, spawned_results, with_changes, write_result
 
 TOL = 1e-10
 WORLD = 4
@@ -31,12 +31,7 @@ def tiny_config(**changes) -> ModelConfig:
     cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.ngroups, cfg.mamba.chunk_size = 16, 8, 2, 4
     cfg.attention.n_heads, cfg.attention.n_kv_heads = 4, 2
     cfg.mlp.d_ff, cfg.mlp.dense_first_layer = 64, False
-    for path, value in changes.items():
-        obj, *rest = path.split("__")
-        target = getattr(cfg, obj) if rest else cfg
-        setattr(target, rest[0] if rest else obj, value)
-    cfg.validate()
-    return cfg
+    return with_changes(cfg, changes)
 
 
 CASES = {

@@ -12,7 +12,7 @@ from strata.model.config import ModelConfig
 from strata.model.hybrid import HybridLM
 from strata.model.structured import structured_linears
 from strata.parallel.tensor.splits import gather_state_dicts, parameter_splits, shard_state_dict
-from tests.parallel.dist_helpers import rel_error, spawned_results, write_result
+from tests.parallel.dist_helpers import rel_error, spawned_results, with_changes, write_result
 
 TOL = 1e-5
 WORLD = 4
@@ -25,12 +25,7 @@ def tiny_config(**changes) -> ModelConfig:
     cfg.mamba.headdim, cfg.mamba.d_state, cfg.mamba.ngroups, cfg.mamba.chunk_size = 16, 16, 4, 8
     cfg.attention.n_heads, cfg.attention.n_kv_heads = 8, 4
     cfg.mlp.d_ff, cfg.mlp.dense_first_layer = 128, False
-    for path, value in changes.items():
-        obj, *rest = path.split("__")
-        target = getattr(cfg, obj) if rest else cfg
-        setattr(target, rest[0] if rest else obj, value)
-    cfg.validate()
-    return cfg
+    return with_changes(cfg, changes)
 
 
 CASES = {
