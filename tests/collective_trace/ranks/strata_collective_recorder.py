@@ -139,7 +139,10 @@ def rank_device(c10d) -> str:
 # (the gather list, present on the root only; objects; all_to_all's uneven splits) is left out.
 
 def tensor_sig(t) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+    """dtype and shape, dimensions of size 1 left out: DeepSpeed's pipeline broadcasts its loss from a 0-d tensor
+    into a [1] one on the other stages (runtime/pipe/engine.py _bcast_pipe_scalar), the same element in every
+    backend; a real disagreement changes the element count or the layout of the dimensions that hold data."""
+    return f"{str(t.dtype).removeprefix('torch.')}{[d for d in t.shape if d != 1]}"
 
 
 def tensors_sig(ts) -> list[str]:
