@@ -69,6 +69,7 @@ def leave_os_errors_to_the_main_thread(args) -> None:
 def describe_os_error(e: OSError) -> str:
     where = f" ({e.filename})" if e.filename else ""
     if e.errno == errno.ENOSPC:
-        return (f"no space left on device{where}: free disk space (or lower checkpoint.keep_last), then run the "
+        return (f"no space left on device{where}: free disk space (a lower checkpoint.keep_last frees nothing "
+                "before the next checkpoint is complete), then run the "
                 "same command again; complete checkpoints are intact")
     return f"{e.strerror or e}{where}: check the path, its permissions and the file system"

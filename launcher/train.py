@@ -57,7 +57,8 @@ from strata.parallel.checkpoint.background import BackgroundSaves
 from strata.parallel.checkpoint.rebuild import rebuild_engine, supports_rebuild
 from strata.parallel.checkpoint.resume import ResumePlan
 from strata.parallel.distributed import (DistInfo, a_rank_left, decided_by_rank0, init_distributed, on_every_rank,
-                                         rank_environment, ranks_still_here, restart_hazard, shutdown)
+                                         rank_environment, ranks_still_here, restart_hazard, shutdown,
+                                         torchrun_restarts)
 from strata.parallel.engine.build import build_engine, data_parallel_size, grad_accumulation_steps
 from strata.parallel.engine.parallelize import describe_fp8, parallel_model, rank_batch
 from strata.parallel.engine.steps import eval_loss, train_micro_batches
@@ -495,10 +496,11 @@ def check_fp8(cfg: Config, device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    is_main = rank_environment()[0] == 0
+    rank, world_size, _ = rank_environment()
+    is_main = rank == 0
     try:
         cfg = load_config(args.config, args.overrides)
-        check_layout(cfg, rank_environment()[1])
+        check_layout(cfg, world_size)
     except ConfigError as e:
         report_error_once(str(e), is_main, every_rank_has_it=True)  # the same config and world size
         return CONFIG_EXIT
@@ -519,8 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_main:
                 print(f"strata: {e}", file=sys.stderr, flush=True)
             return PREEMPTED_EXIT
-        report_error_once(describe_os_error(e) if isinstance(e, OSError) else str(e), is_main,
-                          rank_environment()[0])
+        report_error_once(describe_os_error(e) if isinstance(e, OSError) else str(e), is_main, rank)
         return exit_code_of(e)
     except RuntimeError as e:  # a collective's error: another rank went away, or a bug (its traceback)
         if not a_rank_left(e):
@@ -556,8 +557,7 @@ def report_rank_left(cfg: Config, stop: StopRequest) -> None:
 
 def restart_advice() -> str:
     """What happens next: torchrun --max-restarts starts the job again by itself while restarts are left."""
-    allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    done = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    done, allowed = torchrun_restarts()
     if done < allowed:
         return f"torchrun restarts it in place (restart {done + 1} of {allowed})"
     if allowed:

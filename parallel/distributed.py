@@ -128,14 +128,19 @@ _LONG_WAIT: dist.ProcessGroup | None = None
 """Every rank, on gloo, with parallel.long_timeout_s: for the waits that are meant to be long (init_distributed)."""
 
 
+def torchrun_restarts() -> tuple[int, int]:
+    """(restarts done, restarts allowed) of this torchrun job (--max-restarts); (0, 0) outside torchrun."""
+    env = os.environ
+    return int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0), int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+
+
 def restart_hazard() -> str | None:
     """Under torchrun --max-restarts N the restarted ranks read the rendezvous store the launcher shares
     with the job (TORCHELASTIC_USE_AGENT_STORE), where the previous attempt's process-group addresses still
     stand: they connect to dead ranks and hang (pytorch/pytorch#135712, #167288; reproduced with torch 2.13
     and gloo). torchrun's own switch, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, gives every attempt a fresh
     store; it must be set where torchrun starts, so a rank can only say so."""
-    env = os.environ
-    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if torchrun_restarts()[1] > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return ("torchrun --max-restarts shares its rendezvous store with the job, and a restarted job would hang "
                 "connecting to the dead ranks' addresses (pytorch/pytorch#135712): export "
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (strata launch slurm's script does)")
