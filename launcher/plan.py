@@ -76,8 +76,8 @@ def log_memory_plan(reporter, cfg: Config, world_size: int, device, stage: int, 
                     rss_with_engine: float = 0.0) -> None:
     """A run's start (launcher/train.py): the plan's predicted peak for this rank's layout and pipeline
     stage, in the log and as memory/predicted_peak_gib; the reporter then records the measured peak
-    beside it at every step, so every run checks the plan. `rss_with_engine`: on CPU, the process's peak
-    RSS once the engine was built (launcher.metrics.process_rss_bytes); less what the plan counts of that
+    beside it at every step, so every run checks the plan. `rss_with_engine`: on CPU, the process's resident
+    size once the engine was built (launcher.metrics.process_rss_bytes); less what the plan counts of that
     moment (the weights, ZeRO's partitions), it is the process's baseline (interpreter, torch, DeepSpeed's
     set-up, the corpus), which the measured peak RSS holds too. On GPU torch's allocations alone are
     measured: 0."""
